@@ -1,0 +1,40 @@
+//! The `ember` command line: clap definitions, one file per subcommand.
+
+pub mod run;
+mod signals;
+mod terminal;
+
+use clap::{Parser, Subcommand};
+use log::LevelFilter;
+
+/// A microVM monitor for Linux/KVM.
+#[derive(Debug, Parser)]
+#[command(name = "ember", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log level for messages on stderr: off, error, warn, info, debug or trace.
+    #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
+    pub log_level: LevelFilter,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a kernel in a new microVM, its serial console on this terminal.
+    Run(run::RunArgs),
+}
+
+/// Exit codes, documented in the README.
+pub mod exit_code {
+    /// The guest reset or powered off.
+    pub const SUCCESS: i32 = 0;
+    /// ember could not start or run the VM (bad input, no KVM, ...).
+    pub const ERROR: i32 = 1;
+    /// The guest failed: triple fault, KVM internal error, crash.
+    pub const GUEST_FAILURE: i32 = 3;
+    /// Stopped by signal N: 128 + N.
+    pub const SIGNAL_BASE: i32 = 128;
+}

@@ -1,0 +1,144 @@
+//! `ember run`: boot a kernel with its console on this terminal.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+use super::exit_code;
+use super::signals::SignalGuard;
+use super::terminal::RawTerminal;
+use ember::{BootProtocol, ConsoleConfig, DEFAULT_CMDLINE, ExitReason, Vm, VmConfig};
+
+/// `ember run` options.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Kernel to boot: an ELF vmlinux (PVH entry if it has the note) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+
+    /// Initial ramdisk (cpio, compressed or not).
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub cpus: u8,
+
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = ember::config::DEFAULT_MEMORY_MIB, value_name = "MIB")]
+    pub memory: u64,
+
+    /// Serial console: stdio, none, or file=PATH.
+    #[arg(long, default_value = "stdio", value_parser = parse_serial, value_name = "WHERE")]
+    pub serial: ConsoleConfig,
+
+    /// Entry protocol: auto (PVH if the kernel has the note), linux (64-bit boot protocol) or pvh.
+    #[arg(long, value_enum, default_value_t = Protocol::Auto, value_name = "PROTOCOL")]
+    pub boot_protocol: Protocol,
+}
+
+/// `--boot-protocol` values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Protocol {
+    /// PVH if the ELF has the note, else the 64-bit Linux boot protocol.
+    Auto,
+    /// The 64-bit Linux boot protocol.
+    Linux,
+    /// PVH.
+    Pvh,
+}
+
+fn parse_serial(value: &str) -> Result<ConsoleConfig, String> {
+    match value {
+        "stdio" => Ok(ConsoleConfig::Stdio),
+        "none" => Ok(ConsoleConfig::None),
+        _ => match value.strip_prefix("file=") {
+            Some(path) if !path.is_empty() => Ok(ConsoleConfig::File(PathBuf::from(path))),
+            _ => Err("expected stdio, none or file=PATH".into()),
+        },
+    }
+}
+
+impl RunArgs {
+    /// The library configuration these options describe.
+    pub fn to_config(&self) -> VmConfig {
+        let mut config = VmConfig::new(&self.kernel);
+        config.initrd = self.initrd.clone();
+        config.cmdline = self.cmdline.clone();
+        config.vcpus = self.cpus;
+        config.memory_mib = self.memory;
+        config.console = self.serial.clone();
+        config.boot_protocol = match self.boot_protocol {
+            Protocol::Auto => BootProtocol::Auto,
+            Protocol::Linux => BootProtocol::Linux,
+            Protocol::Pvh => BootProtocol::Pvh,
+        };
+        config
+    }
+}
+
+/// Runs the VM to its end; returns the process exit code.
+pub fn run(args: &RunArgs) -> Result<i32, ember::StartError> {
+    let config = args.to_config();
+    let mut vm = Vm::start(&config)?;
+    let signals = vm.stop_trigger().and_then(SignalGuard::install);
+    if let Err(e) = &signals {
+        log::warn!("Ctrl-C/SIGTERM will not stop the VM cleanly: {e}");
+    }
+    let raw = (config.console == ConsoleConfig::Stdio)
+        .then(RawTerminal::enable)
+        .flatten();
+    let reason = vm.wait();
+    drop(raw);
+    drop(signals);
+    Ok(report(&reason))
+}
+
+/// Prints what ended the VM (one line, when it is news) and picks the exit code.
+fn report(reason: &ExitReason) -> i32 {
+    if let Some(rip) = reason.rip() {
+        log::debug!("guest RIP at exit: {rip:#x}");
+    }
+    match reason {
+        ExitReason::Reset | ExitReason::PowerOff => {
+            log::info!("{reason}");
+            exit_code::SUCCESS
+        }
+        ExitReason::Stopped => match SignalGuard::received() {
+            Some(signal) => {
+                log::info!("stopped by signal {signal}");
+                exit_code::SIGNAL_BASE + signal
+            }
+            None => exit_code::SUCCESS,
+        },
+        ExitReason::VmmError(_) => {
+            eprintln!("ember: {reason}");
+            exit_code::ERROR
+        }
+        _ => {
+            eprintln!("ember: {reason}");
+            exit_code::GUEST_FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_values_parse() {
+        assert_eq!(parse_serial("stdio"), Ok(ConsoleConfig::Stdio));
+        assert_eq!(parse_serial("none"), Ok(ConsoleConfig::None));
+        assert_eq!(
+            parse_serial("file=/tmp/x"),
+            Ok(ConsoleConfig::File("/tmp/x".into()))
+        );
+        assert!(parse_serial("file=").is_err());
+        assert!(parse_serial("tty").is_err());
+    }
+}

@@ -1,0 +1,225 @@
+//! What a VM is made of: plain data, checked by [`VmConfig::validate`] before anything is built.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
+
+/// The kernel command line used when none is given: the serial console, reset on reboot through
+/// the i8042 (which ends the VM), reboot on panic, and no probing for hardware a microVM lacks.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+/// Default guest memory, MiB.
+pub const DEFAULT_MEMORY_MIB: u64 = 128;
+/// Smallest guest memory ember accepts, MiB: the boot structures and a kernel at 1 MiB.
+pub const MIN_MEMORY_MIB: u64 = 2;
+
+/// How the boot vCPU enters the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BootProtocol {
+    /// PVH when the ELF kernel carries the PVH note, else the 64-bit Linux boot protocol.
+    #[default]
+    Auto,
+    /// Always the 64-bit Linux boot protocol.
+    Linux,
+    /// Always PVH (the kernel must carry the note).
+    Pvh,
+}
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ConsoleConfig {
+    /// Output to the process's stdout, input from its stdin.
+    #[default]
+    Stdio,
+    /// Discard output, no input.
+    None,
+    /// Output to a file (created or truncated), no input.
+    File(PathBuf),
+    /// Pipes the embedding program reads and writes: see `VmHandle::take_console`. Output that
+    /// the program does not read in time is dropped (and counted), never blocking the guest.
+    Pipe,
+}
+
+/// A VM to start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// ELF vmlinux or bzImage.
+    pub kernel: PathBuf,
+    /// Initial ramdisk, if any.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Serial console.
+    pub console: ConsoleConfig,
+    /// Entry protocol.
+    pub boot_protocol: BootProtocol,
+    /// The KVM device (normally `/dev/kvm`).
+    pub kvm_device: PathBuf,
+}
+
+impl VmConfig {
+    /// A config for `kernel` with every other setting at its default.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_owned(),
+            vcpus: 1,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            console: ConsoleConfig::default(),
+            boot_protocol: BootProtocol::default(),
+            kvm_device: PathBuf::from("/dev/kvm"),
+        }
+    }
+
+    /// Checks everything that can be checked before touching KVM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 {
+            return Err(ConfigError::NoVcpus);
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(self.memory_mib));
+        }
+        if self.cmdline.len() >= CMDLINE_MAX_SIZE {
+            return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
+        }
+        check_readable_file("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            check_readable_file("initrd", initrd)?;
+        }
+        Ok(())
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Zero vCPUs.
+    #[error("a VM needs at least 1 vCPU (--cpus 1 or more)")]
+    NoVcpus,
+    /// More vCPUs than KVM or the MP table allow.
+    #[error("{requested} vCPUs is more than this host allows ({max}): lower --cpus")]
+    TooManyVcpus {
+        /// Asked for.
+        requested: u8,
+        /// The limit.
+        max: u8,
+    },
+    /// Not enough memory.
+    #[error("{0} MiB of guest memory is too little: use --memory {MIN_MEMORY_MIB} or more")]
+    MemoryTooSmall(u64),
+    /// Command line over the kernel's limit.
+    #[error("the kernel command line is {0} bytes; the limit is {max} bytes", max = CMDLINE_MAX_SIZE - 1)]
+    CmdlineTooLong(usize),
+    /// A file that does not exist.
+    #[error("{what} file {} does not exist: check the path", .path.display())]
+    Missing {
+        /// "kernel" or "initrd".
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+    },
+    /// A directory where a file was expected.
+    #[error("{what} {} is a directory: give the path of the {what} file", .path.display())]
+    Directory {
+        /// "kernel" or "initrd".
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+    },
+    /// A file that cannot be read.
+    #[error("cannot read {what} file {}", .path.display())]
+    Unreadable {
+        /// "kernel" or "initrd".
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn check_readable_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => ConfigError::Missing {
+            what,
+            path: path.to_owned(),
+        },
+        _ => ConfigError::Unreadable {
+            what,
+            path: path.to_owned(),
+            source,
+        },
+    })?;
+    if meta.is_dir() {
+        return Err(ConfigError::Directory {
+            what,
+            path: path.to_owned(),
+        });
+    }
+    File::open(path)
+        .map(drop)
+        .map_err(|source| ConfigError::Unreadable {
+            what,
+            path: path.to_owned(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        // Any readable file passes validation; loading decides whether it is a kernel.
+        VmConfig::new("/proc/self/exe")
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = config();
+        assert_eq!((c.vcpus, c.memory_mib), (1, DEFAULT_MEMORY_MIB));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn zero_cpus_and_memory_are_refused() {
+        let mut c = config();
+        c.vcpus = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::NoVcpus)));
+        let mut c = config();
+        c.memory_mib = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::MemoryTooSmall(0))));
+    }
+
+    #[test]
+    fn missing_kernel_and_directory_initrd_are_named() {
+        let mut c = config();
+        c.kernel = PathBuf::from("/nonexistent/vmlinux");
+        let err = c.validate().unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Missing { what: "kernel", .. }),
+            "{err}"
+        );
+        let mut c = config();
+        c.initrd = Some(PathBuf::from("/tmp"));
+        let err = c.validate().unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Directory { what: "initrd", .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn overlong_cmdline_is_refused() {
+        let mut c = config();
+        c.cmdline = "x".repeat(CMDLINE_MAX_SIZE);
+        assert!(matches!(c.validate(), Err(ConfigError::CmdlineTooLong(_))));
+    }
+}

@@ -1,0 +1,33 @@
+//! ember: a microVM monitor for Linux/KVM, as a library.
+//!
+//! Build a [`VmConfig`], start it with [`Vm::start`], then read its console, wait for it or
+//! stop it through the [`VmHandle`]:
+//!
+//! ```no_run
+//! use ember::{ConsoleConfig, Vm, VmConfig};
+//!
+//! let mut config = VmConfig::new("vmlinux");
+//! config.vcpus = 2;
+//! config.console = ConsoleConfig::Pipe;
+//! let mut vm = Vm::start(&config)?;
+//! let console = vm.take_console().expect("a pipe console");
+//! // ... read console.output, write console.input ...
+//! let reason = vm.wait();
+//! println!("{reason}");
+//! # Ok::<(), ember::StartError>(())
+//! ```
+
+pub mod arch;
+pub mod config;
+pub mod devices;
+pub mod exit;
+pub mod loader;
+pub mod vmm;
+pub mod vstate;
+
+pub use config::{BootProtocol, ConfigError, ConsoleConfig, DEFAULT_CMDLINE, VmConfig};
+pub use exit::ExitReason;
+pub use vmm::{Console, StartError, StopTrigger, VmHandle};
+
+/// The embedding API's entry point: `Vm::start(&config)`.
+pub type Vm = VmHandle;

@@ -1,0 +1,38 @@
+//! The `ember` binary: parse the command line, set up logging, run, map the outcome to an exit
+//! code. Errors print as one line: the error and its causes, joined by ": ".
+
+mod cli;
+
+use std::error::Error;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cli::{Cli, Command, exit_code};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .filter_level(cli.log_level)
+        .format_timestamp_micros()
+        .init();
+    let code = match &cli.command {
+        Command::Run(args) => cli::run::run(args).unwrap_or_else(|e| {
+            eprintln!("ember: {}", error_chain(&e));
+            exit_code::ERROR
+        }),
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// "error: cause: cause".
+fn error_chain(error: &dyn Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}

@@ -1,0 +1,168 @@
+//! The boot sequence, in order: KVM -> memory -> VM (irqchip, PIT) -> kernel and boot tables ->
+//! devices -> vCPUs -> threads.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use linux_loader::cmdline::Cmdline;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::console::{self, Console};
+use super::event_loop::{self, ConsoleInput, Subscriber};
+use super::exit::ExitState;
+use super::{StartError, VmHandle};
+use crate::arch::x86_64::boot_params::{self, E820Entry};
+use crate::arch::x86_64::layout::{
+    CMDLINE_MAX_SIZE, CMDLINE_START, COM1_IRQ, COM1_PORT, I8042_DATA_PORT,
+};
+use crate::arch::x86_64::regs::EntryMode;
+use crate::arch::x86_64::{low_memory_end, memory_ranges, mptable};
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::legacy::{I8042, SerialDevice};
+use crate::exit::ExitReason;
+use crate::loader::{self, LoadedKernel};
+use crate::vstate::kvm::KvmContext;
+use crate::vstate::memory::create_guest_memory;
+use crate::vstate::vcpu::{self, BootEntry, Buses, Vcpu};
+use crate::vstate::vm::Vm;
+
+/// Builds and starts the VM described by `config`.
+pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
+    config.validate()?;
+    let kvm = KvmContext::open(&config.kvm_device)?;
+    if config.vcpus > kvm.max_vcpus() {
+        return Err(ConfigError::TooManyVcpus {
+            requested: config.vcpus,
+            max: kvm.max_vcpus(),
+        }
+        .into());
+    }
+    let memory = create_guest_memory(config.memory_mib)?;
+    let vm = Vm::new(&kvm)?;
+    vm.register_memory(&memory)?;
+
+    let kernel = load_kernel_and_tables(config, &memory)?;
+    log::debug!("kernel entry {:#x} via {:?}", kernel.entry.0, kernel.mode);
+
+    let exit = Arc::new(ExitState::new().map_err(StartError::Eventfd)?);
+    let (buses, subscribers, console) = create_devices(config, &vm, &exit)?;
+
+    vcpu::install_kick_handler()?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for index in 0..config.vcpus {
+        let vcpu = Vcpu::new(index, vm.create_vcpu(index)?);
+        let boot = (index == 0).then_some(BootEntry {
+            entry: kernel.entry,
+            mode: kernel.mode,
+        });
+        vcpu.configure(&kvm, config.vcpus, &memory, boot)?;
+        vcpus.push(vcpu);
+    }
+
+    let events = event_loop::start(subscribers)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let buses = Arc::new(buses);
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for mut vcpu in vcpus {
+        let (buses, stop, exit) = (buses.clone(), stop.clone(), exit.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("ember-vcpu{}", vcpu.index()))
+            .spawn(move || {
+                let reason = vcpu.run(&buses, &stop);
+                if reason != ExitReason::Stopped {
+                    exit.report(reason);
+                }
+            })
+            .map_err(StartError::Thread)?;
+        threads.push(thread);
+    }
+    Ok(VmHandle::new(super::Running {
+        vm,
+        memory,
+        exit,
+        stop,
+        vcpu_threads: threads,
+        events,
+        console,
+    }))
+}
+
+/// Loads the kernel and initrd, and writes the command line, boot parameters and MP table.
+fn load_kernel_and_tables(
+    config: &VmConfig,
+    memory: &GuestMemoryMmap,
+) -> Result<LoadedKernel, StartError> {
+    let mem_bytes = config.memory_mib << 20;
+    let low_end = low_memory_end(mem_bytes);
+    let kernel = loader::load_kernel(memory, &config.kernel, config.boot_protocol, low_end)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(loader::load_initrd(memory, path, &kernel, low_end)?),
+        None => None,
+    };
+
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(StartError::Cmdline)?;
+    if !config.cmdline.trim().is_empty() {
+        cmdline
+            .insert_str(config.cmdline.trim())
+            .map_err(StartError::Cmdline)?;
+    }
+    let cmdline = cmdline.as_cstring().map_err(StartError::Cmdline)?;
+    let cmdline_bytes = cmdline.as_bytes_with_nul();
+    memory
+        .write_slice(cmdline_bytes, GuestAddress(CMDLINE_START))
+        .map_err(|_| StartError::GuestMemory("command line"))?;
+
+    let e820: Vec<E820Entry> = boot_params::e820_map(&memory_ranges(mem_bytes));
+    match kernel.mode {
+        EntryMode::Linux64 => boot_params::write_zero_page(
+            memory,
+            kernel.setup_header,
+            cmdline_bytes.len(),
+            initrd,
+            &e820,
+        )?,
+        EntryMode::Pvh => boot_params::write_pvh_start_info(memory, initrd, &e820)?,
+    }
+    mptable::setup_mptable(memory, config.vcpus)?;
+    Ok(kernel)
+}
+
+/// COM1 and the i8042 on the port bus, and the event-loop subscribers that serve them.
+fn create_devices(
+    config: &VmConfig,
+    vm: &Vm,
+    exit: &Arc<ExitState>,
+) -> Result<(Buses, Vec<Subscriber>, Option<Console>), StartError> {
+    let mut buses = Buses::default();
+    let mut subscribers: Vec<Subscriber> = Vec::new();
+    let ends = console::open(&config.console)?;
+
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::Eventfd)?;
+    vm.register_irqfd(&irq, COM1_IRQ)?;
+    let rx_space = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::Eventfd)?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        irq,
+        rx_space.try_clone().map_err(StartError::Eventfd)?,
+        ends.output,
+    )));
+    buses.pio.insert(
+        u64::from(COM1_PORT),
+        SerialDevice::PORT_RANGE,
+        serial.clone(),
+    )?;
+    if let Some(input) = ends.input {
+        subscribers.push(Arc::new(Mutex::new(ConsoleInput::new(
+            input, serial, rx_space,
+        ))));
+    }
+
+    let reset_exit = exit.clone();
+    let i8042 = I8042::new(move || reset_exit.report(ExitReason::Reset));
+    buses.pio.insert(
+        u64::from(I8042_DATA_PORT),
+        I8042::PORT_RANGE,
+        Arc::new(Mutex::new(i8042)),
+    )?;
+    Ok((buses, subscribers, ends.embedder))
+}

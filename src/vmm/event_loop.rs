@@ -1,0 +1,199 @@
+//! The one event-loop thread (`ember-events`): console input today, device queues later.
+//!
+//! It is the only thread that does device I/O. It stops when its stop event fires.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::legacy::SerialDevice;
+
+/// A subscriber shared with the event manager.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Host input to the UART, with flow control: reading pauses while the receive FIFO is full.
+pub struct ConsoleInput {
+    input: File,
+    serial: Arc<Mutex<SerialDevice>>,
+    rx_space: EventFd,
+    paused: bool,
+}
+
+impl ConsoleInput {
+    /// Feeds `input` into `serial`; `rx_space` fires when the guest drains the FIFO.
+    pub fn new(input: File, serial: Arc<Mutex<SerialDevice>>, rx_space: EventFd) -> Self {
+        ConsoleInput {
+            input,
+            serial,
+            rx_space,
+            paused: false,
+        }
+    }
+
+    fn pump(&mut self, ops: &mut EventOps) {
+        let serial = self.serial.clone();
+        let mut serial = serial.lock().unwrap_or_else(PoisonError::into_inner);
+        let room = serial.rx_capacity();
+        if room == 0 {
+            // Wait for rx_space instead of spinning on a readable fd.
+            self.set_paused(ops, true);
+            return;
+        }
+        let mut buf = [0u8; 64];
+        let len = room.min(buf.len());
+        match self.input.read(&mut buf[..len]) {
+            Ok(0) => {
+                // End of input: nothing more will come.
+                let _ = ops.remove(Events::new(&self.input, EventSet::IN));
+                self.paused = true;
+            }
+            Ok(n) => {
+                serial.enqueue_input(&buf[..n]);
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+            Err(e) => {
+                log::warn!("console input closed: {e}");
+                let _ = ops.remove(Events::new(&self.input, EventSet::IN));
+                self.paused = true;
+            }
+        }
+    }
+
+    fn set_paused(&mut self, ops: &mut EventOps, paused: bool) {
+        if self.paused == paused {
+            return;
+        }
+        let events = Events::new(&self.input, EventSet::IN);
+        let result = if paused {
+            ops.remove(events)
+        } else {
+            ops.add(events)
+        };
+        match result {
+            Ok(()) => self.paused = paused,
+            Err(e) => log::warn!(
+                "cannot {} console input: {e:?}",
+                if paused { "pause" } else { "resume" }
+            ),
+        }
+    }
+}
+
+impl MutEventSubscriber for ConsoleInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        for events in [
+            Events::new(&self.input, EventSet::IN),
+            Events::new(&self.rx_space, EventSet::IN),
+        ] {
+            if let Err(e) = ops.add(events) {
+                log::warn!("console input unavailable: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        use std::os::fd::AsRawFd;
+        if events.fd() == self.rx_space.as_raw_fd() {
+            let _ = self.rx_space.read();
+            // Only resume a paused, not finished, input: EOF also sets `paused`, so check the
+            // FIFO really has room and let `pump` find EOF again at worst once.
+            if self.paused
+                && self
+                    .serial
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .rx_capacity()
+                    > 0
+            {
+                self.set_paused(ops, false);
+            }
+        } else if events
+            .event_set()
+            .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
+        {
+            self.pump(ops);
+        }
+    }
+}
+
+/// Wakes the loop so it can see the stop flag.
+struct StopListener {
+    evt: EventFd,
+}
+
+impl MutEventSubscriber for StopListener {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            log::error!("event loop cannot watch its stop event: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.evt.read();
+    }
+}
+
+/// Starting the event loop failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLoopError {
+    /// epoll or eventfd creation.
+    #[error("cannot create the event loop")]
+    Create(#[source] std::io::Error),
+    /// Thread creation.
+    #[error("cannot start the event-loop thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// The running loop: stop it with [`EventLoopHandle::stop`].
+pub struct EventLoopHandle {
+    stop: Arc<AtomicBool>,
+    stop_evt: EventFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EventLoopHandle {
+    /// Stops the loop and waits for its thread.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.stop_evt.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Starts the `ember-events` thread serving `subscribers`.
+pub fn start(subscribers: Vec<Subscriber>) -> Result<EventLoopHandle, EventLoopError> {
+    let mut manager = EventManager::<Subscriber>::new()
+        .map_err(|e| EventLoopError::Create(std::io::Error::other(format!("{e:?}"))))?;
+    let stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::Create)?;
+    let listener = StopListener {
+        evt: stop_evt.try_clone().map_err(EventLoopError::Create)?,
+    };
+    manager.add_subscriber(Arc::new(Mutex::new(listener)));
+    for subscriber in subscribers {
+        manager.add_subscriber(subscriber);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread_stop = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("ember-events".into())
+        .spawn(move || {
+            while !thread_stop.load(Ordering::Acquire) {
+                if let Err(e) = manager.run() {
+                    log::error!("event loop failed: {e:?}");
+                    break;
+                }
+            }
+        })
+        .map_err(EventLoopError::Spawn)?;
+    Ok(EventLoopHandle {
+        stop,
+        stop_evt,
+        thread: Some(thread),
+    })
+}

@@ -1,0 +1,73 @@
+//! Where the first exit reason is recorded and the waiter woken.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::exit::ExitReason;
+
+/// The first reason reported wins; later ones (another vCPU, the stop) are only logged.
+pub struct ExitState {
+    reason: Mutex<Option<ExitReason>>,
+    evt: EventFd,
+}
+
+impl ExitState {
+    /// No exit yet.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(ExitState {
+            reason: Mutex::new(None),
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Records `reason` unless one is already recorded, and wakes the waiter.
+    pub fn report(&self, reason: ExitReason) {
+        let mut slot = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*slot {
+            None => *slot = Some(reason),
+            Some(first) => log::debug!("exit after {first}: {reason}"),
+        }
+        let _ = self.evt.write(1);
+    }
+
+    /// The recorded reason, if any.
+    pub fn reason(&self) -> Option<ExitReason> {
+        self.reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The descriptor that becomes readable on an exit or a stop request.
+    pub fn wake_fd(&self) -> RawFd {
+        self.evt.as_raw_fd()
+    }
+
+    /// A second handle on the wake-up event, for stop requests.
+    pub fn wake_event(&self) -> std::io::Result<EventFd> {
+        self.evt.try_clone()
+    }
+
+    /// Waits until something reports or requests a stop; `None` waits forever. True if woken.
+    pub fn wait(&self, timeout: Option<Duration>) -> bool {
+        let timeout_ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
+        let mut pollfd = libc::pollfd {
+            fd: self.wake_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one valid pollfd for a descriptor we own; the result is checked.
+            let ret = unsafe { libc::poll(&mut pollfd, 1, timeout_ms) };
+            if ret >= 0 {
+                return ret > 0;
+            }
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return false;
+            }
+        }
+    }
+}

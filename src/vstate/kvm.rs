@@ -1,0 +1,125 @@
+//! `/dev/kvm`: opening it with an error a user can act on, the capabilities ember relies on, and
+//! what the host supports (CPUID, vCPU count).
+
+use std::path::{Path, PathBuf};
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm};
+
+use crate::arch::x86_64::mptable::MAX_SUPPORTED_CPUS;
+
+/// The KVM API version every Linux since 2.6.22 reports.
+const KVM_API_VERSION: i32 = 12;
+
+/// Capabilities ember cannot run without.
+const REQUIRED_CAPS: [(Cap, &str); 8] = [
+    (Cap::Irqchip, "in-kernel irqchip"),
+    (Cap::UserMemory, "user memory regions"),
+    (Cap::SetTssAddr, "TSS address"),
+    (Cap::Pit2, "in-kernel PIT"),
+    (Cap::Irqfd, "irqfd"),
+    (Cap::Ioeventfd, "ioeventfd"),
+    (Cap::ExtCpuid, "extended CPUID"),
+    (Cap::ImmediateExit, "immediate exit"),
+];
+
+/// KVM missing or unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// The device node is missing.
+    #[error("{} does not exist: KVM is not available (load kvm_intel or kvm_amd, and enable virtualization in the firmware)", .path.display())]
+    Missing {
+        /// The device path.
+        path: PathBuf,
+    },
+    /// No permission on the device node.
+    #[error("no permission to open {}: add your user to the kvm group (sudo usermod -aG kvm $USER, then log in again) or run as root", .path.display())]
+    Permission {
+        /// The device path.
+        path: PathBuf,
+    },
+    /// Any other failure to open it.
+    #[error("cannot open {}", .path.display())]
+    Open {
+        /// The device path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// An unexpected API version.
+    #[error("KVM API version {0} is not supported (expected {KVM_API_VERSION})")]
+    ApiVersion(i32),
+    /// A capability ember needs.
+    #[error("this host's KVM lacks the {0} capability")]
+    MissingCapability(&'static str),
+    /// KVM_GET_SUPPORTED_CPUID failed.
+    #[error("cannot read the CPUID that KVM supports")]
+    SupportedCpuid(#[source] kvm_ioctls::Error),
+}
+
+/// An open, checked `/dev/kvm`.
+pub struct KvmContext {
+    kvm: Kvm,
+    supported_cpuid: CpuId,
+    max_vcpus: u8,
+}
+
+impl KvmContext {
+    /// Opens and checks the KVM device at `path` (normally `/dev/kvm`).
+    pub fn open(path: &Path) -> Result<Self, KvmError> {
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+            KvmError::Missing {
+                path: path.to_owned(),
+            }
+        })?;
+        let kvm = Kvm::new_with_path(c_path).map_err(|e| match e.errno() {
+            libc::ENOENT => KvmError::Missing {
+                path: path.to_owned(),
+            },
+            libc::EACCES | libc::EPERM => KvmError::Permission {
+                path: path.to_owned(),
+            },
+            _ => KvmError::Open {
+                path: path.to_owned(),
+                source: e,
+            },
+        })?;
+        let version = kvm.get_api_version();
+        if version != KVM_API_VERSION {
+            return Err(KvmError::ApiVersion(version));
+        }
+        if let Some((_, name)) = REQUIRED_CAPS
+            .iter()
+            .find(|(cap, _)| !kvm.check_extension(*cap))
+        {
+            return Err(KvmError::MissingCapability(name));
+        }
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(KvmError::SupportedCpuid)?;
+        let max_vcpus = u8::try_from(kvm.get_max_vcpus())
+            .unwrap_or(u8::MAX)
+            .min(MAX_SUPPORTED_CPUS);
+        Ok(KvmContext {
+            kvm,
+            supported_cpuid,
+            max_vcpus,
+        })
+    }
+
+    /// The KVM handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// CPUID entries the host supports, before per-vCPU normalisation.
+    pub fn supported_cpuid(&self) -> &CpuId {
+        &self.supported_cpuid
+    }
+
+    /// The most vCPUs a VM may have on this host.
+    pub fn max_vcpus(&self) -> u8 {
+        self.max_vcpus
+    }
+}
