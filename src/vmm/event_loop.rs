@@ -85,13 +85,17 @@ impl ConsoleInput {
 
 impl MutEventSubscriber for ConsoleInput {
     fn init(&mut self, ops: &mut EventOps) {
-        for events in [
-            Events::new(&self.input, EventSet::IN),
-            Events::new(&self.rx_space, EventSet::IN),
-        ] {
-            if let Err(e) = ops.add(events) {
-                log::warn!("console input unavailable: {e:?}");
+        if let Err(e) = ops.add(Events::new(&self.rx_space, EventSet::IN)) {
+            log::warn!("console input unavailable: {e:?}");
+        }
+        match ops.add(Events::new(&self.input, EventSet::IN)) {
+            Ok(()) => {}
+            // epoll refuses regular files and /dev/null: there is nothing to wait for.
+            Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EPERM => {
+                log::debug!("console input is not pollable (a file or /dev/null): ignored");
+                self.paused = true;
             }
+            Err(e) => log::warn!("console input unavailable: {e:?}"),
         }
     }
 
