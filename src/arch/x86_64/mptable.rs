@@ -152,7 +152,7 @@ mod tests {
         assert_eq!(&t[0..4], b"_MP_");
         assert_eq!(sum(&t[..16]), 0);
         let phys = u32::from_le_bytes(t[4..8].try_into().unwrap()) as u64;
-        let config = &t[(phys - MPTABLE_START) as usize..];
+        let config = &t[usize::try_from(phys - MPTABLE_START).unwrap()..];
         assert_eq!(&config[0..4], b"PCMP");
         let len = u16::from_le_bytes([config[4], config[5]]) as usize;
         assert_eq!(len, config.len());
