@@ -152,9 +152,12 @@ fn create_devices(
         serial.clone(),
     )?;
     if let Some(input) = ends.input {
-        subscribers.push(Arc::new(Mutex::new(ConsoleInput::new(
-            input, serial, rx_space,
-        ))));
+        let mut console_input = ConsoleInput::new(input, serial, rx_space);
+        if ends.escape {
+            let quit = exit.wake_event().map_err(StartError::Eventfd)?;
+            console_input = console_input.with_escape(quit);
+        }
+        subscribers.push(Arc::new(Mutex::new(console_input)));
     }
 
     let reset_exit = exit.clone();

@@ -37,6 +37,8 @@ pub struct ConsoleEnds {
     pub input: Option<File>,
     /// The embedder's ends, for `Pipe`.
     pub embedder: Option<Console>,
+    /// Whether Ctrl-A x on the input stops the VM (an interactive terminal).
+    pub escape: bool,
 }
 
 /// Opens the host side of `config`.
@@ -57,17 +59,21 @@ pub fn open(config: &ConsoleConfig) -> Result<ConsoleEnds, ConsoleError> {
                 output: Box::new(File::from(out)),
                 input: Some(File::from(input)),
                 embedder: None,
+                // SAFETY: isatty only inspects the descriptor.
+                escape: unsafe { libc::isatty(libc::STDIN_FILENO) } == 1,
             }
         }
         ConsoleConfig::None => ConsoleEnds {
             output: Box::new(std::io::sink()),
             input: None,
             embedder: None,
+            escape: false,
         },
         ConsoleConfig::File(path) => ConsoleEnds {
             output: Box::new(File::create(path).map_err(|e| ConsoleError::File(path.clone(), e))?),
             input: None,
             embedder: None,
+            escape: false,
         },
         ConsoleConfig::Pipe => {
             let (out_read, out_write) = pipe(libc::O_NONBLOCK).map_err(ConsoleError::Pipe)?;
@@ -75,6 +81,7 @@ pub fn open(config: &ConsoleConfig) -> Result<ConsoleEnds, ConsoleError> {
             ConsoleEnds {
                 output: Box::new(File::from(out_write)),
                 input: Some(File::from(in_read)),
+                escape: false,
                 embedder: Some(Console {
                     output: File::from(out_read),
                     input: File::from(in_write),
@@ -82,6 +89,41 @@ pub fn open(config: &ConsoleConfig) -> Result<ConsoleEnds, ConsoleError> {
             }
         }
     })
+}
+
+/// Ctrl-A, the escape prefix (as in QEMU's `-nographic`).
+const ESCAPE_PREFIX: u8 = 0x01;
+
+/// Filters interactive input for the escape sequence: Ctrl-A x quits, Ctrl-A Ctrl-A sends one
+/// Ctrl-A, Ctrl-A followed by anything else sends both.
+#[derive(Debug, Default)]
+pub struct EscapeFilter {
+    pending: bool,
+}
+
+impl EscapeFilter {
+    /// True while a Ctrl-A waits for the next byte (which may add one byte to the output).
+    pub fn is_pending(&self) -> bool {
+        self.pending
+    }
+
+    /// Appends to `out` what the guest should get from `input`; true if the user asked to quit.
+    pub fn filter(&mut self, input: &[u8], out: &mut Vec<u8>) -> bool {
+        for &byte in input {
+            if std::mem::take(&mut self.pending) {
+                match byte {
+                    b'x' | b'X' => return true,
+                    ESCAPE_PREFIX => out.push(ESCAPE_PREFIX),
+                    _ => out.extend_from_slice(&[ESCAPE_PREFIX, byte]),
+                }
+            } else if byte == ESCAPE_PREFIX {
+                self.pending = true;
+            } else {
+                out.push(byte);
+            }
+        }
+        false
+    }
 }
 
 /// A pipe whose write end carries `write_flags` (e.g. `O_NONBLOCK`); both ends close on exec.
@@ -108,6 +150,21 @@ fn pipe(write_flags: libc::c_int) -> std::io::Result<(OwnedFd, OwnedFd)> {
 mod tests {
     use super::*;
     use std::io::Read;
+
+    #[test]
+    fn escape_filter_quits_on_ctrl_a_x_and_passes_everything_else() {
+        let mut f = EscapeFilter::default();
+        let mut out = Vec::new();
+        assert!(!f.filter(b"ab\x03\x01", &mut out));
+        assert_eq!(out, b"ab\x03");
+        assert!(f.is_pending());
+        assert!(!f.filter(b"\x01c\x01d", &mut out));
+        assert_eq!(out, b"ab\x03\x01c\x01d");
+        assert!(f.filter(b"\x01x", &mut out));
+        let mut f = EscapeFilter::default();
+        assert!(!f.filter(b"\x01", &mut out));
+        assert!(f.filter(b"X", &mut out));
+    }
 
     #[test]
     fn pipe_console_carries_output_and_never_blocks_the_writer() {

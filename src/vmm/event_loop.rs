@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::console::EscapeFilter;
 use crate::devices::legacy::SerialDevice;
 
 /// A subscriber shared with the event manager.
@@ -21,6 +22,10 @@ pub struct ConsoleInput {
     serial: Arc<Mutex<SerialDevice>>,
     rx_space: EventFd,
     paused: bool,
+    /// End of input (or a read error): never watched again.
+    finished: bool,
+    /// Ctrl-A x handling and the event that stops the VM, for an interactive terminal.
+    escape: Option<(EscapeFilter, EventFd)>,
 }
 
 impl ConsoleInput {
@@ -31,13 +36,23 @@ impl ConsoleInput {
             serial,
             rx_space,
             paused: false,
+            finished: false,
+            escape: None,
         }
+    }
+
+    /// Makes Ctrl-A x signal `quit` (the VM's stop event) instead of reaching the guest.
+    pub fn with_escape(mut self, quit: EventFd) -> Self {
+        self.escape = Some((EscapeFilter::default(), quit));
+        self
     }
 
     fn pump(&mut self, ops: &mut EventOps) {
         let serial = self.serial.clone();
         let mut serial = serial.lock().unwrap_or_else(PoisonError::into_inner);
-        let room = serial.rx_capacity();
+        // A pending Ctrl-A may turn into two bytes: keep one byte of room for it.
+        let pending = self.escape.as_ref().is_some_and(|(f, _)| f.is_pending());
+        let room = serial.rx_capacity().saturating_sub(usize::from(pending));
         if room == 0 {
             // Wait for rx_space instead of spinning on a readable fd.
             self.set_paused(ops, true);
@@ -46,21 +61,35 @@ impl ConsoleInput {
         let mut buf = [0u8; 64];
         let len = room.min(buf.len());
         match self.input.read(&mut buf[..len]) {
-            Ok(0) => {
-                // End of input: nothing more will come.
-                let _ = ops.remove(Events::new(&self.input, EventSet::IN));
-                self.paused = true;
-            }
-            Ok(n) => {
-                serial.enqueue_input(&buf[..n]);
-            }
+            Ok(0) => self.finish(ops),
+            Ok(n) => match &mut self.escape {
+                None => {
+                    serial.enqueue_input(&buf[..n]);
+                }
+                Some((filter, quit)) => {
+                    let mut bytes = Vec::with_capacity(n + 1);
+                    if filter.filter(&buf[..n], &mut bytes) {
+                        log::info!("Ctrl-A x: stopping the VM");
+                        let _ = quit.write(1);
+                    }
+                    serial.enqueue_input(&bytes);
+                }
+            },
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
             Err(e) => {
                 log::warn!("console input closed: {e}");
-                let _ = ops.remove(Events::new(&self.input, EventSet::IN));
-                self.paused = true;
+                self.finish(ops);
             }
         }
+    }
+
+    /// Input ended: stop watching it for good.
+    fn finish(&mut self, ops: &mut EventOps) {
+        if !self.paused {
+            let _ = ops.remove(Events::new(&self.input, EventSet::IN));
+        }
+        self.paused = true;
+        self.finished = true;
     }
 
     fn set_paused(&mut self, ops: &mut EventOps, paused: bool) {
@@ -94,6 +123,7 @@ impl MutEventSubscriber for ConsoleInput {
             Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EPERM => {
                 log::debug!("console input is not pollable (a file or /dev/null): ignored");
                 self.paused = true;
+                self.finished = true;
             }
             Err(e) => log::warn!("console input unavailable: {e:?}"),
         }
@@ -103,16 +133,8 @@ impl MutEventSubscriber for ConsoleInput {
         use std::os::fd::AsRawFd;
         if events.fd() == self.rx_space.as_raw_fd() {
             let _ = self.rx_space.read();
-            // Only resume a paused, not finished, input: EOF also sets `paused`, so check the
-            // FIFO really has room and let `pump` find EOF again at worst once.
-            if self.paused
-                && self
-                    .serial
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .rx_capacity()
-                    > 0
-            {
+            // The guest drained the FIFO: resume reading if flow control had paused it.
+            if self.paused && !self.finished {
                 self.set_paused(ops, false);
             }
         } else if events

@@ -1,0 +1,218 @@
+//! Bad input: one clear line on stderr naming the problem and the fix, exit code 1, no panic.
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{ember, kvm_available, test_guest};
+
+struct Failure {
+    code: Option<i32>,
+    stderr: String,
+}
+
+fn ember_run(args: &[&str]) -> Failure {
+    let out = Command::new(ember())
+        .arg("run")
+        .args(args)
+        .output()
+        .unwrap();
+    Failure {
+        code: out.status.code(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Exit 1, exactly one line, starting "ember: ", containing every `needle`, no panic.
+fn assert_one_line_error(f: &Failure, needles: &[&str]) {
+    assert_eq!(f.code, Some(1), "stderr: {}", f.stderr);
+    assert_eq!(
+        f.stderr.lines().count(),
+        1,
+        "one line expected: {}",
+        f.stderr
+    );
+    assert!(f.stderr.starts_with("ember: "), "{}", f.stderr);
+    assert!(
+        !f.stderr.contains("panicked") && !f.stderr.contains("backtrace"),
+        "{}",
+        f.stderr
+    );
+    for needle in needles {
+        assert!(f.stderr.contains(needle), "{needle:?} not in: {}", f.stderr);
+    }
+}
+
+fn temp_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("ember-bad-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn missing_kernel() {
+    let f = ember_run(&["--kernel", "/nonexistent/vmlinux"]);
+    assert_one_line_error(&f, &["/nonexistent/vmlinux", "does not exist"]);
+}
+
+#[test]
+fn missing_initrd() {
+    let f = ember_run(&[
+        "--kernel",
+        "/proc/self/exe",
+        "--initrd",
+        "/nonexistent/initrd",
+    ]);
+    assert_one_line_error(&f, &["initrd", "/nonexistent/initrd", "does not exist"]);
+}
+
+#[test]
+fn directory_as_kernel() {
+    let f = ember_run(&["--kernel", "/tmp"]);
+    assert_one_line_error(&f, &["/tmp", "is a directory"]);
+}
+
+#[test]
+fn file_that_is_not_a_kernel() {
+    if !kvm_available() {
+        return;
+    }
+    let path = temp_path("text");
+    std::fs::write(&path, "not a kernel\n".repeat(100)).unwrap();
+    let f = ember_run(&["--kernel", path.to_str().unwrap()]);
+    assert_one_line_error(&f, &["is not a kernel", "ELF vmlinux or a bzImage"]);
+    std::fs::remove_file(path).unwrap();
+}
+
+/// A minimal x86_64 ELF with one PT_LOAD segment of `filesz` bytes at 1 MiB.
+fn elf_with_segment(filesz: u64) -> Vec<u8> {
+    let mut elf = vec![0u8; 64 + 56];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2; // 64-bit
+    elf[5] = 1; // little endian
+    elf[6] = 1; // version
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86_64
+    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+    elf[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes()); // entry
+    elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+    elf[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+    elf[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+    elf[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
+    let ph = &mut elf[64..];
+    ph[..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    ph[8..16].copy_from_slice(&0u64.to_le_bytes()); // offset
+    ph[16..24].copy_from_slice(&0x10_0000u64.to_le_bytes()); // vaddr
+    ph[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes()); // paddr
+    ph[32..40].copy_from_slice(&filesz.to_le_bytes());
+    ph[40..48].copy_from_slice(&filesz.to_le_bytes());
+    elf.resize(usize::try_from(filesz).unwrap().max(120), 0);
+    elf
+}
+
+#[test]
+fn kernel_too_big_for_memory() {
+    if !kvm_available() {
+        return;
+    }
+    let path = temp_path("big-kernel");
+    std::fs::write(&path, elf_with_segment(8 << 20)).unwrap();
+    let f = ember_run(&["--kernel", path.to_str().unwrap(), "--memory", "4"]);
+    assert_one_line_error(&f, &["does not fit in 4 MiB", "--memory"]);
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn initrd_too_big_for_memory() {
+    if !kvm_available() {
+        return;
+    }
+    let path = temp_path("big-initrd");
+    let mut file = std::fs::File::create(&path).unwrap();
+    file.write_all(&vec![0u8; 6 << 20]).unwrap();
+    let f = ember_run(&[
+        "--kernel",
+        test_guest().to_str().unwrap(),
+        "--initrd",
+        path.to_str().unwrap(),
+        "--memory",
+        "4",
+    ]);
+    assert_one_line_error(&f, &["initrd", "does not fit", "--memory"]);
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn zero_memory() {
+    let f = ember_run(&["--kernel", "/proc/self/exe", "--memory", "0"]);
+    assert_one_line_error(&f, &["0 MiB", "--memory 2 or more"]);
+}
+
+#[test]
+fn zero_cpus() {
+    let f = ember_run(&["--kernel", "/proc/self/exe", "--cpus", "0"]);
+    assert_one_line_error(&f, &["at least 1 vCPU", "--cpus"]);
+}
+
+#[test]
+fn more_cpus_than_kvm_allows() {
+    if !kvm_available() {
+        return;
+    }
+    let f = ember_run(&["--kernel", test_guest().to_str().unwrap(), "--cpus", "255"]);
+    assert_one_line_error(&f, &["255 vCPUs", "lower --cpus"]);
+}
+
+/// Runs `ember run` as the unprivileged user `nobody`.
+fn ember_run_as_nobody(args: &[&str]) -> Failure {
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(ember())
+        .arg("run")
+        .args(args)
+        .output()
+        .expect("setpriv (util-linux) is needed for this test");
+    Failure {
+        code: out.status.code(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn no_permission_on_dev_kvm() {
+    if !kvm_available() {
+        return;
+    }
+    // /dev/kvm is root-only (0600) on this machine; nobody cannot open it. The kernel must be
+    // readable by nobody, so copy the guest somewhere world-readable.
+    let kernel = temp_path("guest-for-nobody");
+    std::fs::copy(test_guest(), &kernel).unwrap();
+    let f = ember_run_as_nobody(&["--kernel", kernel.to_str().unwrap()]);
+    assert_one_line_error(&f, &["no permission to open /dev/kvm", "kvm group"]);
+    std::fs::remove_file(kernel).unwrap();
+}
+
+#[test]
+fn unreadable_kernel() {
+    let kernel = temp_path("private-kernel");
+    std::fs::write(&kernel, b"secret").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let f = ember_run_as_nobody(&["--kernel", kernel.to_str().unwrap()]);
+    assert_one_line_error(&f, &["cannot read kernel file", "Permission denied"]);
+    std::fs::remove_file(kernel).unwrap();
+}
+
+#[test]
+fn bad_serial_value_is_a_usage_error() {
+    let out = Command::new(ember())
+        .args(["run", "--kernel", "/proc/self/exe", "--serial", "tty"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("expected stdio, none or file=PATH"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,92 @@
+//! What the guest does after its reports: the port/MMIO operations of the command line, then the
+//! final action (reset, triple fault, halt, or the interrupt-driven serial echo).
+
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::cmdline::{self, Action, Op};
+use crate::serial::{self, Hex};
+use crate::{apic, cpu, idt, report};
+
+/// COM1's line on the I/O APIC.
+const SERIAL_IOAPIC_PIN: u8 = 4;
+
+/// Performs every `guest.outb`/`inb`/`write32`/`read32` item in command-line order.
+pub fn run_ops(cmdline: &[u8]) {
+    cmdline::for_each_op(cmdline, |op| match op {
+        Ok(Op::Outb(port, val)) => {
+            cpu::outb(port, val);
+            report!("outb=", Hex(port.into()), ":", Hex(val.into()));
+        }
+        Ok(Op::Inb(port)) => {
+            let val = cpu::inb(port);
+            report!("inb=", Hex(port.into()), ":", Hex(val.into()));
+        }
+        Ok(Op::Write32(addr, val)) => {
+            // SAFETY: the test asked for this store; a bad address faults and is reported.
+            unsafe { cpu::write32(addr, val) };
+            report!("write32=", Hex(addr), ":", Hex(val.into()));
+        }
+        Ok(Op::Read32(addr)) => {
+            // SAFETY: as for write32.
+            let val = unsafe { cpu::read32(addr) };
+            report!("read32=", Hex(addr), ":", Hex(val.into()));
+        }
+        Err(bad) => report!("guest: bad ", bad.param, " item ", bad.item),
+    });
+}
+
+/// Reports `action=` and carries the action out.
+pub fn run(action: Action, bsp_id: u8) -> ! {
+    report!("action=", action.name());
+    match action {
+        Action::Reset => cpu::reset(),
+        Action::TripleFault => cpu::triple_fault(),
+        Action::Halt => cpu::halt_forever(),
+        Action::Echo => echo(bsp_id),
+    }
+}
+
+/// Interrupt-driven echo: COM1 IRQ 4 -> I/O APIC pin 4 -> this CPU's LAPIC -> `on_serial_irq`.
+fn echo(bsp_id: u8) -> ! {
+    apic::mask_pic();
+    apic::enable(idt::SPURIOUS_VECTOR);
+    apic::route_irq(SERIAL_IOAPIC_PIN, idt::SERIAL_VECTOR, bsp_id);
+    serial::enable_rx_interrupt();
+    report!("echo=ready");
+    loop {
+        cpu::wait_for_interrupt();
+    }
+}
+
+const RESET_WORD: &[u8] = b"reset";
+/// How much of [`RESET_WORD`] the current input line matches; `usize::MAX` once it cannot.
+static LINE_MATCH: AtomicUsize = AtomicUsize::new(0);
+
+/// Feeds one received byte to the line matcher; true when it ends a line that is exactly `reset`.
+fn ends_reset_line(b: u8) -> bool {
+    let matched = LINE_MATCH.load(Ordering::Relaxed);
+    let next = match b {
+        b'\n' => {
+            LINE_MATCH.store(0, Ordering::Relaxed);
+            return matched == RESET_WORD.len();
+        }
+        b'\r' => matched, // tolerate CRLF terminals
+        _ if RESET_WORD.get(matched) == Some(&b) => matched + 1,
+        _ => usize::MAX,
+    };
+    LINE_MATCH.store(next, Ordering::Relaxed);
+    false
+}
+
+/// Serial interrupt handler (called from the `SERIAL_VECTOR` stub in idt.rs): echoes every
+/// received byte; a `reset` line ends the guest.
+pub extern "C" fn on_serial_irq() {
+    while let Some(b) = serial::try_read() {
+        serial::put_byte(b);
+        if ends_reset_line(b) {
+            report!("echo=bye");
+            cpu::reset();
+        }
+    }
+    apic::eoi();
+}

@@ -1,0 +1,52 @@
+//! Delays measured with the i8254 PIT, channel 2 (the one whose output is readable in port 0x61
+//! bit 5). Waiting on the PIT costs one port read per poll instead of a long calibrated loop,
+//! which matters when the guest's instructions are emulated.
+
+use crate::cpu::{inb, outb};
+
+const PIT_HZ: u64 = 1_193_182;
+const CHANNEL2: u16 = 0x42;
+const COMMAND: u16 = 0x43;
+const PORT_B: u16 = 0x61;
+/// Channel 2, low then high byte, mode 0 (interrupt on terminal count), binary.
+const CMD_CH2_ONESHOT: u8 = 0xb0;
+const PORT_B_GATE2: u8 = 0x01;
+const PORT_B_SPEAKER: u8 = 0x02;
+const PORT_B_OUT2: u8 = 0x20;
+/// Longest single countdown, in microseconds (65535 ticks is ~54.9 ms).
+const MAX_CHUNK_US: u64 = 50_000;
+
+/// Starts a one-shot countdown of `us` microseconds (at most [`MAX_CHUNK_US`]).
+fn start(us: u64) {
+    let ticks = (us * PIT_HZ / 1_000_000).clamp(1, 0xffff) as u16;
+    outb(PORT_B, (inb(PORT_B) & !PORT_B_SPEAKER) | PORT_B_GATE2);
+    outb(COMMAND, CMD_CH2_ONESHOT);
+    let [lo, hi] = ticks.to_le_bytes();
+    outb(CHANNEL2, lo);
+    outb(CHANNEL2, hi); // counting starts here; OUT2 rises at zero
+}
+
+fn expired() -> bool {
+    inb(PORT_B) & PORT_B_OUT2 != 0
+}
+
+/// Waits until `done()` holds or `us` microseconds have passed; returns `done()`'s last value.
+pub fn wait_until(us: u64, mut done: impl FnMut() -> bool) -> bool {
+    let mut left = us;
+    while left > 0 {
+        let chunk = left.min(MAX_CHUNK_US);
+        start(chunk);
+        while !expired() {
+            if done() {
+                return true;
+            }
+        }
+        left -= chunk;
+    }
+    done()
+}
+
+/// Busy-waits `us` microseconds.
+pub fn delay_us(us: u64) {
+    wait_until(us, || false);
+}
