@@ -11,7 +11,7 @@ use common::{Ember, GUEST_TIMEOUT, kvm_available, run_guest, test_guest};
 fn expected_e820(mib: u64) -> Vec<String> {
     vec![
         "0x0-0x9fc00 1".to_owned(),
-        "0xf0000-0x100000 2".to_owned(),
+        "0xe0000-0x100000 2".to_owned(),
         format!("{:#x}-{:#x} 1", 0x10_0000, mib << 20),
     ]
 }

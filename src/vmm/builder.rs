@@ -17,7 +17,7 @@ use crate::arch::x86_64::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, COM1_IRQ, COM1_PORT, I8042_DATA_PORT,
 };
 use crate::arch::x86_64::regs::EntryMode;
-use crate::arch::x86_64::{low_memory_end, memory_ranges, mptable};
+use crate::arch::x86_64::{acpi, low_memory_end, memory_ranges, mptable};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::legacy::{I8042, SerialDevice};
 use crate::exit::ExitReason;
@@ -114,6 +114,8 @@ fn load_kernel_and_tables(
         .map_err(|_| StartError::GuestMemory("command line"))?;
 
     let e820: Vec<E820Entry> = boot_params::e820_map(&memory_ranges(mem_bytes));
+    mptable::setup_mptable(memory, config.vcpus)?;
+    let rsdp = acpi::setup_acpi(memory, config.vcpus)?;
     match kernel.mode {
         EntryMode::Linux64 => boot_params::write_zero_page(
             memory,
@@ -121,10 +123,10 @@ fn load_kernel_and_tables(
             cmdline_bytes.len(),
             initrd,
             &e820,
+            rsdp,
         )?,
-        EntryMode::Pvh => boot_params::write_pvh_start_info(memory, initrd, &e820)?,
+        EntryMode::Pvh => boot_params::write_pvh_start_info(memory, initrd, &e820, rsdp)?,
     }
-    mptable::setup_mptable(memory, config.vcpus)?;
     Ok(kernel)
 }
 

@@ -51,6 +51,9 @@ pub enum StartError {
     /// The MP table.
     #[error(transparent)]
     Mptable(#[from] crate::arch::x86_64::mptable::MptableError),
+    /// The ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] crate::arch::x86_64::acpi::AcpiError),
     /// Writing boot data into guest memory.
     #[error("cannot write the {0} into guest memory")]
     GuestMemory(&'static str),

@@ -11,7 +11,7 @@ use linux_loader::loader::elf::start_info::{
 use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{
-    CMDLINE_START, EBDA_START, HIMEM_START, MPTABLE_END, MPTABLE_START, PVH_INFO_START,
+    ACPI_START, CMDLINE_START, EBDA_START, HIMEM_START, MPTABLE_END, PVH_INFO_START,
     PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
 };
 
@@ -50,8 +50,8 @@ pub struct E820Entry {
     pub kind: u32,
 }
 
-/// The e820 map for the given RAM ranges: low RAM up to the EBDA, the BIOS area holding the MP
-/// table reserved, then every RAM range from high memory on.
+/// The e820 map for the given RAM ranges: low RAM up to the EBDA, the BIOS area holding the ACPI
+/// and MP tables reserved, then every RAM range from high memory on.
 pub fn e820_map(ram: &[(GuestAddress, u64)]) -> Vec<E820Entry> {
     let mut map = vec![
         E820Entry {
@@ -60,8 +60,8 @@ pub fn e820_map(ram: &[(GuestAddress, u64)]) -> Vec<E820Entry> {
             kind: E820_RAM,
         },
         E820Entry {
-            addr: MPTABLE_START,
-            size: MPTABLE_END - MPTABLE_START,
+            addr: ACPI_START,
+            size: MPTABLE_END - ACPI_START,
             kind: E820_RESERVED,
         },
     ];
@@ -96,8 +96,12 @@ pub fn write_zero_page(
     cmdline_size: usize,
     initrd: Option<InitrdRegion>,
     e820: &[E820Entry],
+    rsdp: GuestAddress,
 ) -> Result<(), BootParamsError> {
-    let mut params = boot_params::default();
+    let mut params = boot_params {
+        acpi_rsdp_addr: rsdp.raw_value(),
+        ..Default::default()
+    };
     if let Some(hdr) = header {
         params.hdr = hdr;
     } else {
@@ -138,10 +142,12 @@ pub fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     initrd: Option<InitrdRegion>,
     e820: &[E820Entry],
+    rsdp: GuestAddress,
 ) -> Result<(), BootParamsError> {
     let mut start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC_VALUE,
         version: 1,
+        rsdp_paddr: rsdp.raw_value(),
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: u32::try_from(e820.len())
@@ -230,7 +236,7 @@ mod tests {
             addr: GuestAddress(0x300_0000),
             size: 0x1234,
         };
-        write_zero_page(&m, None, 42, Some(initrd), &e820).unwrap();
+        write_zero_page(&m, None, 42, Some(initrd), &e820, GuestAddress(0xe0000)).unwrap();
         let params: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ params.hdr.cmd_line_ptr }, 0x20000);
         assert_eq!({ params.hdr.cmdline_size }, 42);
@@ -238,6 +244,7 @@ mod tests {
         assert_eq!({ params.hdr.ramdisk_size }, 0x1234);
         assert_eq!(params.e820_entries, 3);
         assert_eq!({ params.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
+        assert_eq!({ params.acpi_rsdp_addr }, 0xe0000);
     }
 
     #[test]
@@ -248,11 +255,12 @@ mod tests {
             addr: GuestAddress(0x300_0000),
             size: 0x1234,
         };
-        write_pvh_start_info(&m, Some(initrd), &e820).unwrap();
+        write_pvh_start_info(&m, Some(initrd), &e820, GuestAddress(0xe0000)).unwrap();
         let info: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.memmap_entries, 3);
         assert_eq!(info.nr_modules, 1);
+        assert_eq!(info.rsdp_paddr, 0xe0000);
         let module: hvm_modlist_entry = m.read_obj(GuestAddress(PVH_MODLIST_START)).unwrap();
         assert_eq!(module.paddr, 0x300_0000);
         assert_eq!(module.size, 0x1234);

@@ -29,6 +29,10 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Start of the extended BIOS data area: RAM stops here in the e820 map.
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables (RSDP first found by a scan, then XSDT, FADT, MADT, DSDT), in the BIOS area.
+pub const ACPI_START: u64 = 0xe0000;
+/// End of the ACPI tables' slot (exclusive): the MP table follows.
+pub const ACPI_END: u64 = MPTABLE_START;
 /// MP floating pointer and table, in the BIOS area where Linux scans for them.
 pub const MPTABLE_START: u64 = 0xf0000;
 /// End of the BIOS area (exclusive).

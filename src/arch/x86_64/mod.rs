@@ -2,6 +2,7 @@
 //!
 //! Nothing here runs the guest or owns a file descriptor; `vmm::builder` calls these in order.
 
+pub mod acpi;
 pub mod boot_params;
 pub mod cpuid;
 pub mod interrupts;

@@ -1,0 +1,194 @@
+//! ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) through rust-vmm's `acpi_tables`, so kernels that
+//! enumerate CPUs only through ACPI (Debian's and most distributions' stock kernels are built
+//! without `X86_MPPARSE`) find every vCPU, as they would on Firecracker or Cloud Hypervisor.
+//!
+//! The platform is hardware-reduced ACPI: no PM timer, no SCI, no fixed buttons, no 8042 to probe
+//! (the reset line still works through port 0x64), no VGA, no CMOS RTC, no MSI. The tables sit in
+//! the BIOS area below the MP table, where Linux also scans for the RSDP; the boot protocols pass
+//! its address directly too.
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{Aml, AmlSink};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::layout::{ACPI_END, ACPI_START, APIC_START, IOAPIC_START};
+
+const OEM_ID: [u8; 6] = *b"EMBER ";
+const OEM_REVISION: u32 = 1;
+/// IAPC_BOOT_ARCH: VGA not present (bit 2), MSI not supported (bit 3), no CMOS RTC (bit 5).
+/// The 8042 bit stays clear so kernels do not probe a keyboard controller that is not there.
+const IAPC_BOOT_ARCH: u16 = (1 << 2) | (1 << 3) | (1 << 5);
+/// MADT flags: PCAT_COMPAT, dual 8259s present (KVM's in-kernel PIC).
+const MADT_PCAT_COMPAT: u32 = 1;
+const MADT_LOCAL_APIC: u8 = 0;
+const MADT_IO_APIC: u8 = 1;
+const MADT_LOCAL_APIC_NMI: u8 = 4;
+const LOCAL_APIC_ENABLED: u32 = 1;
+/// Every processor, in a Local APIC NMI structure.
+const ALL_PROCESSORS: u8 = 0xff;
+
+/// The tables do not fit or cannot be written.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    /// More bytes than the BIOS area slot holds.
+    #[error("the ACPI tables ({0} bytes) do not fit below the MP table")]
+    TooBig(usize),
+    /// Guest memory does not cover the slot.
+    #[error("cannot write the ACPI tables into guest memory")]
+    Write,
+}
+
+/// Builds the tables for `cpus` vCPUs (APIC IDs 0..cpus; the IOAPIC's ID follows them, as in the
+/// MP table), writes them, and returns the RSDP's address.
+pub fn setup_acpi(mem: &GuestMemoryMmap, cpus: u8) -> Result<GuestAddress, AcpiError> {
+    let (bytes, rsdp) = build(cpus)?;
+    mem.write_slice(&bytes, GuestAddress(ACPI_START))
+        .map_err(|_| AcpiError::Write)?;
+    Ok(rsdp)
+}
+
+/// All tables laid out from `ACPI_START`, and the RSDP's address.
+fn build(cpus: u8) -> Result<(Vec<u8>, GuestAddress), AcpiError> {
+    let mut area = TableArea::default();
+    // An empty DSDT: nothing to describe in AML yet, but the FADT must point at one.
+    let dsdt = area.add(&Sdt::new(
+        *b"DSDT",
+        36,
+        6,
+        OEM_ID,
+        *b"EMBRDSDT",
+        OEM_REVISION,
+    ));
+    let mut fadt = FADTBuilder::new(OEM_ID, *b"EMBRFACP", OEM_REVISION)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton)
+        .dsdt_64(dsdt);
+    fadt.iapc_boot_arch = IAPC_BOOT_ARCH.into();
+    let fadt = area.add(&fadt.finalize());
+    let madt = area.add(&madt(cpus));
+    let mut xsdt = XSDT::new(OEM_ID, *b"EMBRXSDT", OEM_REVISION);
+    xsdt.add_entry(fadt);
+    xsdt.add_entry(madt);
+    let xsdt = area.add(&xsdt);
+    let rsdp = area.add(&Rsdp::new(OEM_ID, xsdt));
+    if ACPI_START + area.bytes.len() as u64 > ACPI_END {
+        return Err(AcpiError::TooBig(area.bytes.len()));
+    }
+    Ok((area.bytes, GuestAddress(rsdp)))
+}
+
+/// The MADT: one Local APIC per vCPU, the IOAPIC (GSIs from 0), and LINT1 as NMI everywhere.
+fn madt(cpus: u8) -> Sdt {
+    let mut madt = Sdt::new(*b"APIC", 36, 5, OEM_ID, *b"EMBRMADT", OEM_REVISION);
+    let mut body = Vec::new();
+    body.extend_from_slice(&u32_of(APIC_START).to_le_bytes());
+    body.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
+    for apic_id in 0..cpus {
+        body.extend_from_slice(&[MADT_LOCAL_APIC, 8, apic_id, apic_id]);
+        body.extend_from_slice(&LOCAL_APIC_ENABLED.to_le_bytes());
+    }
+    body.extend_from_slice(&[MADT_IO_APIC, 12, cpus, 0]);
+    body.extend_from_slice(&u32_of(IOAPIC_START).to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes()); // GSI base
+    body.extend_from_slice(&[MADT_LOCAL_APIC_NMI, 6, ALL_PROCESSORS, 0, 0, 1]);
+    madt.append_slice(&body);
+    madt
+}
+
+/// Tables appended one after another, each 16-byte aligned (the RSDP must be).
+#[derive(Default)]
+struct TableArea {
+    bytes: Vec<u8>,
+}
+
+impl TableArea {
+    /// Appends `table`; returns its guest-physical address.
+    fn add(&mut self, table: &dyn Aml) -> u64 {
+        self.bytes.resize(self.bytes.len().next_multiple_of(16), 0);
+        let addr = ACPI_START + self.bytes.len() as u64;
+        table.to_aml_bytes(&mut self.bytes as &mut dyn AmlSink);
+        addr
+    }
+}
+
+/// Addresses in these tables are below 4 GiB by construction.
+fn u32_of(addr: u64) -> u32 {
+    u32::try_from(addr).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b))
+    }
+
+    fn table_at(bytes: &[u8], addr: u64) -> &[u8] {
+        let offset = usize::try_from(addr - ACPI_START).unwrap();
+        let len = u32::from_le_bytes(bytes[offset + 4..offset + 8].try_into().unwrap());
+        &bytes[offset..offset + usize::try_from(len).unwrap()]
+    }
+
+    fn u64_at(bytes: &[u8], offset: usize) -> u64 {
+        u64::from_le_bytes(bytes[offset..offset + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn rsdp_leads_through_the_xsdt_to_fadt_and_madt_with_valid_checksums() {
+        let (bytes, rsdp) = build(2).unwrap();
+        let rsdp_offset = usize::try_from(rsdp.0 - ACPI_START).unwrap();
+        let rsdp_bytes = &bytes[rsdp_offset..rsdp_offset + 36];
+        assert_eq!(&rsdp_bytes[..8], b"RSD PTR ");
+        assert_eq!(rsdp.0 % 16, 0);
+        assert_eq!(sum(&rsdp_bytes[..20]), 0, "ACPI 1.0 checksum");
+        assert_eq!(sum(rsdp_bytes), 0, "extended checksum");
+        let xsdt = table_at(&bytes, u64_at(rsdp_bytes, 24));
+        assert_eq!(&xsdt[..4], b"XSDT");
+        assert_eq!(sum(xsdt), 0);
+        let signatures: Vec<&[u8]> = xsdt[36..]
+            .chunks_exact(8)
+            .map(|e| &table_at(&bytes, u64::from_le_bytes(e.try_into().unwrap()))[..4])
+            .collect();
+        assert_eq!(signatures, vec![b"FACP".as_slice(), b"APIC".as_slice()]);
+        for entry in xsdt[36..].chunks_exact(8) {
+            assert_eq!(
+                sum(table_at(
+                    &bytes,
+                    u64::from_le_bytes(entry.try_into().unwrap())
+                )),
+                0
+            );
+        }
+    }
+
+    #[test]
+    fn madt_lists_every_vcpu_and_the_ioapic() {
+        let madt = madt(3);
+        let body = &madt.as_slice()[44..];
+        let mut apic_ids = Vec::new();
+        let mut ioapic = None;
+        let mut offset = 0;
+        while offset < body.len() {
+            let (kind, len) = (body[offset], usize::from(body[offset + 1]));
+            match kind {
+                MADT_LOCAL_APIC => apic_ids.push(body[offset + 3]),
+                MADT_IO_APIC => ioapic = Some(body[offset + 2]),
+                _ => {}
+            }
+            offset += len;
+        }
+        assert_eq!(apic_ids, vec![0, 1, 2]);
+        assert_eq!(ioapic, Some(3));
+        assert_eq!(sum(madt.as_slice()), 0);
+    }
+
+    #[test]
+    fn tables_for_the_most_vcpus_fit() {
+        assert!(build(crate::arch::x86_64::mptable::MAX_SUPPORTED_CPUS).is_ok());
+    }
+}
