@@ -11,6 +11,7 @@ use clap::Parser;
 use cli::{Cli, Command, exit_code};
 
 fn main() -> ExitCode {
+    reserve_standard_fds();
     let cli = Cli::parse();
     env_logger::Builder::new()
         .filter_level(cli.log_level)
@@ -23,6 +24,19 @@ fn main() -> ExitCode {
         }),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// Points any closed standard descriptor at /dev/null, so that no file ember opens later (the
+/// KVM device, a disk) can land on fd 0-2 and be taken for the console.
+fn reserve_standard_fds() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries the descriptor table.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            // SAFETY: a valid NUL-terminated path; open(2) returns the lowest free descriptor,
+            // which is `fd`, and the descriptor is deliberately kept open for the process.
+            unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        }
+    }
 }
 
 /// "error: cause: cause".

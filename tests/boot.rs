@@ -248,3 +248,31 @@ fn logs_go_to_stderr_never_into_the_console() {
     );
     assert!(out.stdout.iter().all(|l| !l.contains("kernel entry")));
 }
+
+#[test]
+fn a_closed_stdin_is_no_console_input_and_never_a_kvm_descriptor() {
+    if !kvm_available() {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new(common::ember());
+    command
+        .args(["run", "--kernel"])
+        .arg(test_guest())
+        .args(["--cmdline", "guest.action=reset"]);
+    // SAFETY: close(2) is async-signal-safe, as pre_exec requires.
+    unsafe {
+        command.pre_exec(|| {
+            libc::close(0);
+            Ok(())
+        });
+    }
+    let out = command.output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("action=reset"));
+}

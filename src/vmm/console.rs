@@ -51,13 +51,17 @@ pub fn open(config: &ConsoleConfig) -> Result<ConsoleEnds, ConsoleError> {
                 .as_fd()
                 .try_clone_to_owned()
                 .map_err(ConsoleError::Stdio)?;
-            let input = std::io::stdin()
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(ConsoleError::Stdio)?;
+            // A closed stdin (`<&-`) only means the guest gets no input.
+            let input = match std::io::stdin().as_fd().try_clone_to_owned() {
+                Ok(fd) => Some(File::from(fd)),
+                Err(e) => {
+                    log::debug!("no console input: {e}");
+                    None
+                }
+            };
             ConsoleEnds {
                 output: Box::new(File::from(out)),
-                input: Some(File::from(input)),
+                input,
                 embedder: None,
                 // SAFETY: isatty only inspects the descriptor.
                 escape: unsafe { libc::isatty(libc::STDIN_FILENO) } == 1,

@@ -85,6 +85,9 @@ impl SerialDevice {
 
     /// Queues host input for the guest; returns how many bytes fit.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        if bytes.is_empty() || self.uart.fifo_capacity() == 0 {
+            return 0;
+        }
         match self.uart.enqueue_raw_bytes(bytes) {
             Ok(n) => {
                 self.counters
