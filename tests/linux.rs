@@ -194,7 +194,7 @@ fn our_kernel_bzimage_boots_through_the_64_bit_protocol() {
 }
 
 #[test]
-fn debian_stock_kernel_boots_with_our_cmdline_e820_and_mp_table() {
+fn debian_stock_kernel_boots_with_our_cmdline_e820_and_finds_both_vcpus_by_acpi() {
     if !kvm_available() {
         return;
     }
@@ -243,8 +243,13 @@ fn pvm_quirks_kernel_reaches_busybox_init_and_resets() {
 
 #[test]
 fn our_kernel_reaches_userspace_on_hardware_kvm() {
-    if !kvm_available() || is_pvm_host() {
-        // On PVM hosts the stock kernel cannot reach userspace (see resources/README.md).
+    if !kvm_available() {
+        return;
+    }
+    if is_pvm_host() {
+        // There the kernel's ring-0 code is emulated and stops at an instruction the emulator
+        // lacks (resources/README.md); the PVM-quirks build covers userspace instead.
+        eprintln!("PVM host: the unpatched kernel cannot reach userspace here; skipped");
         return;
     }
     let kernel = artifact("build-kernel.sh", &["microvm"], "microvm/vmlinux");
