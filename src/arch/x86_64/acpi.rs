@@ -14,6 +14,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, AmlSink};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::addr32;
 use super::layout::{ACPI_END, ACPI_START, APIC_START, IOAPIC_START};
 
 const OEM_ID: [u8; 6] = *b"EMBER ";
@@ -85,14 +86,14 @@ fn build(cpus: u8) -> Result<(Vec<u8>, GuestAddress), AcpiError> {
 fn madt(cpus: u8) -> Sdt {
     let mut madt = Sdt::new(*b"APIC", 36, 5, OEM_ID, *b"EMBRMADT", OEM_REVISION);
     let mut body = Vec::new();
-    body.extend_from_slice(&u32_of(APIC_START).to_le_bytes());
+    body.extend_from_slice(&addr32(APIC_START).to_le_bytes());
     body.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
     for apic_id in 0..cpus {
         body.extend_from_slice(&[MADT_LOCAL_APIC, 8, apic_id, apic_id]);
         body.extend_from_slice(&LOCAL_APIC_ENABLED.to_le_bytes());
     }
     body.extend_from_slice(&[MADT_IO_APIC, 12, cpus, 0]);
-    body.extend_from_slice(&u32_of(IOAPIC_START).to_le_bytes());
+    body.extend_from_slice(&addr32(IOAPIC_START).to_le_bytes());
     body.extend_from_slice(&0u32.to_le_bytes()); // GSI base
     body.extend_from_slice(&[MADT_LOCAL_APIC_NMI, 6, ALL_PROCESSORS, 0, 0, 1]);
     madt.append_slice(&body);
@@ -113,11 +114,6 @@ impl TableArea {
         table.to_aml_bytes(&mut self.bytes as &mut dyn AmlSink);
         addr
     }
-}
-
-/// Addresses in these tables are below 4 GiB by construction.
-fn u32_of(addr: u64) -> u32 {
-    u32::try_from(addr).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

@@ -27,6 +27,12 @@ pub fn memory_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     }
 }
 
+/// A fixed low address (tables, APIC registers) as the 32-bit value firmware tables hold; every
+/// such address in `layout` is below 4 GiB.
+pub(crate) fn addr32(addr: u64) -> u32 {
+    u32::try_from(addr).unwrap_or(u32::MAX)
+}
+
 /// The end (exclusive) of RAM below the MMIO gap, where the initrd is placed.
 pub fn low_memory_end(size: u64) -> u64 {
     size.min(MMIO_GAP_START)

@@ -6,6 +6,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::addr32;
 use super::layout::{APIC_START, IOAPIC_START, MPTABLE_END, MPTABLE_START};
 
 /// APIC IDs are 8 bits and 0xff is the broadcast ID.
@@ -78,7 +79,7 @@ fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&[ENTRY_BUS, BUS_ID_ISA]);
     entries.extend_from_slice(b"ISA   ");
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, CPU_ENABLED]);
-    entries.extend_from_slice(&u32_of(IOAPIC_START).to_le_bytes());
+    entries.extend_from_slice(&addr32(IOAPIC_START).to_le_bytes());
     count += 2;
     for pin in 0..IOAPIC_PINS {
         entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT]);
@@ -113,7 +114,7 @@ fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     header.extend_from_slice(&0u32.to_le_bytes()); // OEM table pointer
     header.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
     header.extend_from_slice(&count.to_le_bytes());
-    header.extend_from_slice(&u32_of(APIC_START).to_le_bytes());
+    header.extend_from_slice(&addr32(APIC_START).to_le_bytes());
     header.extend_from_slice(&[0; 4]); // extended table length, checksum, reserved
     let mut config = header;
     config.extend_from_slice(&entries);
@@ -121,7 +122,7 @@ fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
 
     let mut table = Vec::with_capacity(total);
     table.extend_from_slice(b"_MP_");
-    table.extend_from_slice(&u32_of(config_addr).to_le_bytes());
+    table.extend_from_slice(&addr32(config_addr).to_le_bytes());
     table.extend_from_slice(&[1, SPEC_REV, 0, 0, 0, 0, 0, 0]);
     table[10] = checksum_fix(&table);
     table.extend_from_slice(&config);
@@ -131,11 +132,6 @@ fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
 /// The byte that makes `bytes` sum to zero modulo 256 (its checksum slot must hold 0).
 fn checksum_fix(bytes: &[u8]) -> u8 {
     0u8.wrapping_sub(bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b)))
-}
-
-/// Addresses in this table are below 4 GiB by construction.
-fn u32_of(addr: u64) -> u32 {
-    u32::try_from(addr).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
