@@ -41,6 +41,52 @@ pub enum ConsoleConfig {
     Pipe,
 }
 
+/// A virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// Refuse guest writes (and share the image with other read-only users).
+    pub read_only: bool,
+    /// The serial the guest reads with GET_ID (`/sys/block/vdX/serial`), up to 20 ASCII bytes;
+    /// `None` uses the file name.
+    pub id: Option<String>,
+}
+
+impl DiskConfig {
+    /// A writable disk on `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DiskConfig {
+            path: path.into(),
+            read_only: false,
+            id: None,
+        }
+    }
+
+    /// The GET_ID string: the given id, else the file name cut to 20 bytes.
+    pub fn serial(&self) -> String {
+        match &self.id {
+            Some(id) => id.clone(),
+            None => {
+                let name = self
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned());
+                let mut name = name.unwrap_or_default();
+                while name.len() > MAX_DISK_ID_LEN {
+                    name.pop();
+                }
+                name
+            }
+        }
+    }
+}
+
+/// Longest disk id (virtio-blk's GET_ID buffer).
+pub const MAX_DISK_ID_LEN: usize = 20;
+/// Most virtio devices: IOAPIC pins 5 to 23.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+
 /// A VM to start.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
@@ -60,6 +106,8 @@ pub struct VmConfig {
     pub boot_protocol: BootProtocol,
     /// The KVM device (normally `/dev/kvm`).
     pub kvm_device: PathBuf,
+    /// virtio-blk disks, `/dev/vda` first.
+    pub disks: Vec<DiskConfig>,
 }
 
 impl VmConfig {
@@ -74,6 +122,7 @@ impl VmConfig {
             console: ConsoleConfig::default(),
             boot_protocol: BootProtocol::default(),
             kvm_device: PathBuf::from("/dev/kvm"),
+            disks: Vec::new(),
         }
     }
 
@@ -91,6 +140,15 @@ impl VmConfig {
         check_readable_file("kernel", &self.kernel)?;
         if let Some(initrd) = &self.initrd {
             check_readable_file("initrd", initrd)?;
+        }
+        if self.disks.len() > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(self.disks.len()));
+        }
+        for disk in &self.disks {
+            let id = disk.serial();
+            if id.len() > MAX_DISK_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::BadDiskId(id));
+            }
         }
         Ok(())
     }
@@ -116,6 +174,12 @@ pub enum ConfigError {
     /// Command line over the kernel's limit.
     #[error("the kernel command line is {0} bytes; the limit is {max} bytes", max = CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
+    /// More devices than interrupt lines.
+    #[error("{0} virtio devices is more than the {MAX_VIRTIO_DEVICES} ember can wire")]
+    TooManyDevices(usize),
+    /// A disk id the guest could not read back.
+    #[error("disk id {0:?} must be 1 to 20 printable ASCII characters without spaces")]
+    BadDiskId(String),
     /// A file that does not exist.
     #[error("{what} file {} does not exist: check the path", .path.display())]
     Missing {

@@ -25,7 +25,7 @@ pub mod loader;
 pub mod vmm;
 pub mod vstate;
 
-pub use config::{BootProtocol, ConfigError, ConsoleConfig, DEFAULT_CMDLINE, VmConfig};
+pub use config::{BootProtocol, ConfigError, ConsoleConfig, DEFAULT_CMDLINE, DiskConfig, VmConfig};
 pub use exit::ExitReason;
 pub use vmm::{Console, StartError, StopTrigger, VmHandle};
 

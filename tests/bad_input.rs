@@ -216,3 +216,88 @@ fn bad_serial_value_is_a_usage_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn missing_disk_image() {
+    let f = ember_run(&[
+        "--kernel",
+        "/proc/self/exe",
+        "--disk",
+        "path=/nonexistent/disk.img",
+    ]);
+    assert_one_line_error(&f, &["disk image /nonexistent/disk.img does not exist"]);
+}
+
+#[test]
+fn directory_as_disk_image() {
+    let f = ember_run(&["--kernel", "/proc/self/exe", "--rootfs", "/tmp"]);
+    assert_one_line_error(&f, &["disk image /tmp is a directory"]);
+}
+
+#[test]
+fn disk_image_locked_by_another_vmm() {
+    if !kvm_available() {
+        return;
+    }
+    let image = temp_path("locked.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let guest = test_guest().to_str().unwrap();
+    let mut first = common::Ember::spawn(&[
+        "run",
+        "--kernel",
+        guest,
+        "--disk",
+        &format!("path={}", image.display()),
+        "--cmdline",
+        "guest.action=halt",
+    ]);
+    first.expect_line(common::GUEST_TIMEOUT, |l| l == "action=halt");
+    let f = ember_run(&[
+        "--kernel",
+        guest,
+        "--disk",
+        &format!("path={}", image.display()),
+    ]);
+    assert_one_line_error(
+        &f,
+        &["is in use by another process (locked)", "readonly=on"],
+    );
+    // A read-only user is refused too while a writer holds the image.
+    let f = ember_run(&[
+        "--kernel",
+        guest,
+        "--disk",
+        &format!("path={},readonly=on", image.display()),
+    ]);
+    assert_one_line_error(&f, &["locked"]);
+    drop(first);
+    std::fs::remove_file(image).unwrap();
+}
+
+#[test]
+fn read_only_image_without_readonly_on() {
+    // As nobody, a root-owned 0644 image can be read but not written.
+    let image = temp_path("ro.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let kernel = temp_path("guest-for-ro");
+    std::fs::copy("/proc/self/exe", &kernel).unwrap();
+    let f = ember_run_as_nobody(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--disk",
+        &format!("path={}", image.display()),
+    ]);
+    assert_one_line_error(&f, &["cannot be opened for writing", "readonly=on"]);
+    std::fs::remove_file(image).unwrap();
+    std::fs::remove_file(kernel).unwrap();
+}
+
+#[test]
+fn bad_disk_spec_is_a_usage_error() {
+    let out = Command::new(ember())
+        .args(["run", "--kernel", "/proc/self/exe", "--disk", "file=/x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected path=FILE"));
+}

@@ -258,3 +258,70 @@ fn our_kernel_reaches_userspace_on_hardware_kvm() {
     let _turn = take_turn();
     boot_to_userspace(&kernel, cmdline.trim(), Duration::from_secs(60));
 }
+
+/// Copies the cached rootfs image to a private file the test may modify.
+fn scratch_rootfs(name: &str) -> PathBuf {
+    let image = artifact("build-rootfs.sh", &[], "rootfs.ext4");
+    let copy = std::env::temp_dir().join(format!("ember-{name}-{}.ext4", std::process::id()));
+    std::fs::copy(image, &copy).unwrap();
+    copy
+}
+
+#[test]
+fn root_on_virtio_blk_keeps_what_the_guest_wrote_and_a_second_disk_shows_its_id() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = artifact("build-kernel.sh", &["pvm"], "pvm/vmlinux");
+    let cmdline_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/cmdline-pvm.txt");
+    let base_cmdline = std::fs::read_to_string(cmdline_file).unwrap();
+    let root = scratch_rootfs("root");
+    let data = scratch_rootfs("data");
+    let proof = format!("written-by-the-guest-{}", std::process::id());
+    let cmdline = format!(
+        "{} ember.cmd=\"echo {proof} > /proof; sync; cat /sys/block/vdb/serial; echo\"",
+        base_cmdline.trim()
+    );
+    let data_spec = format!("path={},readonly=on,id=ember-data-7", data.display());
+    let _turn = take_turn();
+    let mut ember = Ember::spawn(&[
+        "run".as_ref(),
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--rootfs".as_ref(),
+        root.as_os_str(),
+        "--disk".as_ref(),
+        data_spec.as_ref(),
+        "--cmdline".as_ref(),
+        cmdline.as_ref(),
+    ]);
+    let timeout = Duration::from_secs(300);
+    ember.expect_line(timeout, |l| l.contains("EMBER-GUEST-READY"));
+    ember.expect_line(timeout, |l| l.trim() == "ember-data-7");
+    ember.expect_line(timeout, |l| l.contains("EMBER-CMD-EXIT=0"));
+    ember.finish(timeout).assert_success();
+
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /proof"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&cat.stdout).trim(),
+        proof,
+        "the file is in the image"
+    );
+    for image in [&root, &data] {
+        let fsck = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(image)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "e2fsck: {}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        std::fs::remove_file(image).unwrap();
+    }
+}

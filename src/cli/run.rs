@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 use super::exit_code;
 use super::signals::SignalGuard;
 use super::terminal::RawTerminal;
-use ember::{BootProtocol, ConsoleConfig, DEFAULT_CMDLINE, ExitReason, Vm, VmConfig};
+use ember::{BootProtocol, ConsoleConfig, DEFAULT_CMDLINE, DiskConfig, ExitReason, Vm, VmConfig};
 
 /// `ember run` options.
 #[derive(Debug, Args)]
@@ -36,6 +36,15 @@ pub struct RunArgs {
     #[arg(long, default_value = "stdio", value_parser = parse_serial, value_name = "WHERE")]
     pub serial: ConsoleConfig,
 
+    /// Root filesystem image: the first disk (/dev/vda), with `root=/dev/vda rw` added to the
+    /// command line.
+    #[arg(long, value_name = "PATH")]
+    pub rootfs: Option<PathBuf>,
+
+    /// A virtio-blk disk: path=FILE[,readonly=on][,id=NAME]; repeat for more (vdb, vdc...).
+    #[arg(long = "disk", value_parser = parse_disk, value_name = "SPEC")]
+    pub disks: Vec<DiskConfig>,
+
     /// Entry protocol: auto (PVH if the kernel has the note), linux (64-bit boot protocol) or pvh.
     #[arg(long, value_enum, default_value_t = Protocol::Auto, value_name = "PROTOCOL")]
     pub boot_protocol: Protocol,
@@ -63,12 +72,37 @@ fn parse_serial(value: &str) -> Result<ConsoleConfig, String> {
     }
 }
 
+fn parse_disk(value: &str) -> Result<DiskConfig, String> {
+    let mut path = None;
+    let mut disk = DiskConfig::new("");
+    for item in value.split(',') {
+        match item.split_once('=') {
+            Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+            Some(("readonly", "on" | "true")) => disk.read_only = true,
+            Some(("readonly", "off" | "false")) => disk.read_only = false,
+            Some(("id", id)) if !id.is_empty() => disk.id = Some(id.to_owned()),
+            _ => {
+                return Err(format!(
+                    "unknown item {item:?}: expected path=FILE[,readonly=on][,id=NAME]"
+                ));
+            }
+        }
+    }
+    disk.path = path.ok_or("missing path=FILE")?;
+    Ok(disk)
+}
+
 impl RunArgs {
     /// The library configuration these options describe.
     pub fn to_config(&self) -> VmConfig {
         let mut config = VmConfig::new(&self.kernel);
         config.initrd = self.initrd.clone();
         config.cmdline = self.cmdline.clone();
+        if let Some(rootfs) = &self.rootfs {
+            config.disks.push(DiskConfig::new(rootfs));
+            config.cmdline.push_str(" root=/dev/vda rw");
+        }
+        config.disks.extend(self.disks.iter().cloned());
         config.vcpus = self.cpus;
         config.memory_mib = self.memory;
         config.console = self.serial.clone();
@@ -129,6 +163,19 @@ fn report(reason: &ExitReason) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_specs_parse() {
+        let d = parse_disk("path=/img,readonly=on,id=data").unwrap();
+        assert_eq!(
+            (d.path.to_str(), d.read_only, d.id.as_deref()),
+            (Some("/img"), true, Some("data"))
+        );
+        assert!(!parse_disk("path=/img").unwrap().read_only);
+        assert!(parse_disk("readonly=on").is_err());
+        assert!(parse_disk("path=/img,ro").is_err());
+        assert!(parse_disk("path=/img,readonly=maybe").is_err());
+    }
 
     #[test]
     fn serial_values_parse() {

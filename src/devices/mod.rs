@@ -3,8 +3,31 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use vmm_sys_util::eventfd::EventFd;
+
+/// Counts something a guest did wrong, and logs it at the 1st, 2nd, 4th, 8th... time, so a
+/// hostile guest can neither go unnoticed nor flood the log.
+#[derive(Debug, Default)]
+pub struct GuestErrors(AtomicU64);
+
+impl GuestErrors {
+    /// Counts one error; `describe` is only called when the line is logged.
+    pub fn record(&self, describe: impl FnOnce() -> String) {
+        let count = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+        if count.is_power_of_two() {
+            log::warn!("{} ({count} guest errors so far)", describe());
+        }
+    }
+
+    /// How many were counted.
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 /// Raises an interrupt by signalling an `EventFd` that KVM routes to a GSI (irqfd).
 #[derive(Debug)]

@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::console::{self, Console};
 use super::event_loop::{self, ConsoleInput, Subscriber};
 use super::exit::ExitState;
-use super::{StartError, VmHandle};
+use super::{StartError, VmHandle, virtio};
 use crate::arch::x86_64::boot_params::{self, E820Entry};
 use crate::arch::x86_64::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, COM1_IRQ, COM1_PORT, I8042_DATA_PORT,
@@ -20,6 +20,7 @@ use crate::arch::x86_64::regs::EntryMode;
 use crate::arch::x86_64::{acpi, low_memory_end, memory_ranges, mptable};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::legacy::{I8042, SerialDevice};
+use crate::devices::virtio::block::{Block, DiskFile};
 use crate::exit::ExitReason;
 use crate::loader::{self, LoadedKernel};
 use crate::vstate::kvm::KvmContext;
@@ -30,6 +31,12 @@ use crate::vstate::vm::Vm;
 /// Builds and starts the VM described by `config`.
 pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
     config.validate()?;
+    // Disks first: a locked or missing image is the user's error, worth reporting before KVM's.
+    let disks = config
+        .disks
+        .iter()
+        .map(|d| Ok((DiskFile::open(&d.path, d.read_only)?, d.serial())))
+        .collect::<Result<Vec<_>, StartError>>()?;
     let kvm = KvmContext::open(&config.kvm_device)?;
     if config.vcpus > kvm.max_vcpus() {
         return Err(ConfigError::TooManyVcpus {
@@ -46,7 +53,18 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
     log::debug!("kernel entry {:#x} via {:?}", kernel.entry.0, kernel.mode);
 
     let exit = Arc::new(ExitState::new().map_err(StartError::Eventfd)?);
-    let (buses, subscribers, console) = create_devices(config, &vm, &exit)?;
+    let (mut buses, mut subscribers, console) = create_devices(config, &vm, &exit)?;
+    for (index, (disk, serial)) in disks.into_iter().enumerate() {
+        let block = Block::new(disk, &serial);
+        virtio::attach(
+            Box::new(block),
+            index,
+            &vm,
+            &memory,
+            &mut buses,
+            &mut subscribers,
+        )?;
+    }
 
     vcpu::install_kick_handler()?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
@@ -107,6 +125,7 @@ fn load_kernel_and_tables(
             .insert_str(config.cmdline.trim())
             .map_err(StartError::Cmdline)?;
     }
+    virtio::add_to_cmdline(&mut cmdline, config.disks.len())?;
     let cmdline = cmdline.as_cstring().map_err(StartError::Cmdline)?;
     let cmdline_bytes = cmdline.as_bytes_with_nul();
     memory

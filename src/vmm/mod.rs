@@ -4,6 +4,7 @@ pub mod builder;
 pub mod console;
 pub mod event_loop;
 mod exit;
+pub mod virtio;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -66,6 +67,12 @@ pub enum StartError {
     /// The event loop.
     #[error(transparent)]
     EventLoop(#[from] event_loop::EventLoopError),
+    /// A disk image.
+    #[error(transparent)]
+    Disk(#[from] crate::devices::virtio::block::DiskError),
+    /// A virtio queue.
+    #[error("cannot create a virtio queue: {0:?}")]
+    Queue(virtio_queue::Error),
     /// An eventfd.
     #[error("cannot create an eventfd")]
     Eventfd(#[source] std::io::Error),

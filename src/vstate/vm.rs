@@ -1,7 +1,7 @@
 //! The KVM VM: memory slots, the in-kernel irqchip and PIT, irqfds, vCPU creation.
 
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -31,6 +31,15 @@ pub enum VmError {
     Irqfd {
         /// The interrupt line.
         gsi: u32,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM_IOEVENTFD.
+    #[error("cannot register an ioeventfd at {addr:#x}")]
+    Ioeventfd {
+        /// The MMIO address.
+        addr: u64,
         /// Why.
         #[source]
         source: kvm_ioctls::Error,
@@ -92,6 +101,14 @@ impl Vm {
         self.fd
             .register_irqfd(evt, gsi)
             .map_err(|source| VmError::Irqfd { gsi, source })
+    }
+
+    /// Makes a 32-bit guest write of `value` to MMIO address `addr` signal `evt` inside KVM,
+    /// without an exit to the VMM.
+    pub fn register_ioevent(&self, evt: &EventFd, addr: u64, value: u32) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), value)
+            .map_err(|source| VmError::Ioeventfd { addr, source })
     }
 
     /// Creates vCPU `index` (its APIC ID is the same number).

@@ -1,0 +1,342 @@
+//! The virtio-mmio transport, version 2 (modern): one 4 KiB register window and one interrupt
+//! line per device.
+//!
+//! vCPU threads reach it through the MMIO bus (register reads and writes only); the event loop
+//! reaches it through the queues' ioeventfds and runs the device's queue work. A guest can write
+//! any value to any register in any order: such writes are refused (and counted) without harm,
+//! and a broken configuration leaves the device inactive with DEVICE_NEEDS_RESET set.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Interrupt, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING, VirtioDevice};
+use crate::devices::GuestErrors;
+use crate::devices::bus::BusDevice;
+
+/// Size of one device's register window.
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+/// Offset of QueueNotify, where the ioeventfds listen.
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x050;
+
+const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x5242_4d45; // "EMBR"
+const CONFIG_SPACE: u64 = 0x100;
+
+const STATUS_ACKNOWLEDGE: u32 = 1;
+const STATUS_DRIVER: u32 = 2;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_NEEDS_RESET: u32 = 0x40;
+const STATUS_FAILED: u32 = 0x80;
+
+/// One virtio device on the MMIO bus.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    notify: Vec<EventFd>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    config_generation: u32,
+    active: bool,
+    errors: GuestErrors,
+}
+
+impl MmioTransport {
+    /// Wraps `device`; `notify` holds one eventfd per queue (registered with KVM as ioeventfds on
+    /// QueueNotify by the caller), and `irqfd` raises the device's interrupt line.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irqfd: EventFd,
+        notify: Vec<EventFd>,
+    ) -> Result<Self, virtio_queue::Error> {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| Queue::new(max))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MmioTransport {
+            device,
+            mem,
+            interrupt: Arc::new(Interrupt::new(irqfd)),
+            queues,
+            notify,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            config_generation: 0,
+            active: false,
+            errors: GuestErrors::default(),
+        })
+    }
+
+    /// Guest mistakes refused so far.
+    pub fn guest_errors(&self) -> u64 {
+        self.errors.count()
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        // Queue configuration is frozen once the driver has said DRIVER_OK.
+        if self.status & STATUS_DRIVER_OK != 0 {
+            return None;
+        }
+        self.queues.get_mut(usize::try_from(self.queue_sel).ok()?)
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let queue = usize::try_from(self.queue_sel)
+            .ok()
+            .and_then(|i| self.queues.get(i));
+        match offset {
+            0x000 => MAGIC_VALUE,
+            0x004 => VERSION,
+            0x008 => self.device.device_type(),
+            0x00c => VENDOR_ID,
+            0x010 => match self.device_features_sel {
+                0 => low_half(self.device.features()),
+                1 => high_half(self.device.features()),
+                _ => 0,
+            },
+            0x034 => queue.map_or(0, |q| u32::from(q.max_size())),
+            0x044 => queue.map_or(0, |q| u32::from(q.ready())),
+            0x060 => self.interrupt.status(),
+            0x070 => self.status,
+            0x0fc => self.config_generation,
+            _ => {
+                self.errors
+                    .record(|| format!("virtio-mmio: read of register {offset:#x}"));
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            0x014 => self.device_features_sel = value,
+            0x020 if self.status & STATUS_FEATURES_OK == 0 => match self.driver_features_sel {
+                0 => {
+                    self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value)
+                }
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                }
+                _ => self.refuse(offset, value),
+            },
+            0x024 => self.driver_features_sel = value,
+            0x030 => self.queue_sel = value,
+            0x038 => self.with_queue(offset, value, |q| {
+                q.set_size(u16::try_from(value).unwrap_or(0))
+            }),
+            0x044 => self.with_queue(offset, value, |q| q.set_ready(value == 1)),
+            0x050 => self.notify_without_ioeventfd(value),
+            0x064 => self.interrupt.ack(value),
+            0x070 => self.set_status(value),
+            0x080 => self.with_queue(offset, value, |q| {
+                q.set_desc_table_address(Some(value), None)
+            }),
+            0x084 => self.with_queue(offset, value, |q| {
+                q.set_desc_table_address(None, Some(value))
+            }),
+            0x090 => self.with_queue(offset, value, |q| {
+                q.set_avail_ring_address(Some(value), None)
+            }),
+            0x094 => self.with_queue(offset, value, |q| {
+                q.set_avail_ring_address(None, Some(value))
+            }),
+            0x0a0 => self.with_queue(offset, value, |q| {
+                q.set_used_ring_address(Some(value), None)
+            }),
+            0x0a4 => self.with_queue(offset, value, |q| {
+                q.set_used_ring_address(None, Some(value))
+            }),
+            _ => self.refuse(offset, value),
+        }
+    }
+
+    fn with_queue(&mut self, offset: u64, value: u32, f: impl FnOnce(&mut Queue)) {
+        match self.selected_queue() {
+            Some(queue) => f(queue),
+            None => self.refuse(offset, value),
+        }
+    }
+
+    fn refuse(&self, offset: u64, value: u32) {
+        self.errors.record(|| {
+            format!(
+                "virtio-mmio: refused write {value:#x} to register {offset:#x} (status {:#x})",
+                self.status
+            )
+        });
+    }
+
+    /// A QueueNotify write that no ioeventfd matched: the value names no queue.
+    fn notify_without_ioeventfd(&mut self, value: u32) {
+        match usize::try_from(value) {
+            Ok(index) if index < self.queues.len() => self.serve_queue(index),
+            _ => self.refuse(QUEUE_NOTIFY_OFFSET, value),
+        }
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // The driver only ever adds bits (virtio 1.2, 3.1.1).
+        if value & self.status != self.status {
+            self.refuse(0x070, value);
+            return;
+        }
+        let added = value & !self.status;
+        if added & STATUS_FEATURES_OK != 0 && !self.features_acceptable() {
+            // FEATURES_OK does not stick: the driver sees it and gives up.
+            self.status = value & !STATUS_FEATURES_OK;
+            return;
+        }
+        if added & STATUS_DRIVER_OK != 0 {
+            self.status = value;
+            self.activate();
+            return;
+        }
+        self.status = value;
+    }
+
+    fn features_acceptable(&self) -> bool {
+        let offered = self.device.features();
+        self.driver_features & !offered == 0 && self.driver_features & VIRTIO_F_VERSION_1 != 0
+    }
+
+    fn activate(&mut self) {
+        let required = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+        let queues_ok = self
+            .queues
+            .iter()
+            .all(|q| !q.ready() || q.is_valid(&self.mem));
+        if self.status & required != required || self.status & STATUS_FAILED != 0 || !queues_ok {
+            self.errors.record(|| {
+                format!(
+                    "virtio-mmio: DRIVER_OK with status {:#x} or invalid queues",
+                    self.status
+                )
+            });
+            self.status |= STATUS_NEEDS_RESET;
+            return;
+        }
+        let event_idx = self.driver_features & super::VIRTIO_RING_F_EVENT_IDX != 0;
+        for queue in &mut self.queues {
+            queue.set_event_idx(event_idx);
+        }
+        self.device.activate(self.driver_features);
+        self.active = true;
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        for queue in &mut self.queues {
+            queue.reset();
+        }
+        self.interrupt.clear();
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.active = false;
+    }
+
+    /// Runs the device on queue `index` and interrupts the guest if it asked to be told.
+    fn serve_queue(&mut self, index: usize) {
+        let Some(queue) = self.queues.get_mut(index) else {
+            return;
+        };
+        if !self.active || !queue.ready() {
+            return;
+        }
+        if self.device.process_queue(index, queue, &self.mem) {
+            match queue.needs_notification(&self.mem) {
+                Ok(false) => {}
+                Ok(true) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
+                // The guest broke its ring; interrupting it is the safe answer.
+                Err(_) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
+            }
+        }
+    }
+}
+
+fn low_half(v: u64) -> u32 {
+    u32::try_from(v & 0xffff_ffff).unwrap_or(0)
+}
+
+fn high_half(v: u64) -> u32 {
+    u32::try_from(v >> 32).unwrap_or(0)
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        let value = match data.len() {
+            4 if offset % 4 == 0 => self.read_register(offset),
+            _ => {
+                self.errors
+                    .record(|| format!("virtio-mmio: {}-byte read at {offset:#x}", data.len()));
+                0
+            }
+        };
+        let bytes = value.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&bytes[..n]);
+        data[n..].fill(0);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match <[u8; 4]>::try_from(data) {
+            // The config space is read-only for the devices ember has.
+            Ok(bytes) if offset % 4 == 0 && offset < CONFIG_SPACE => {
+                self.write_register(offset, u32::from_le_bytes(bytes))
+            }
+            _ => self
+                .errors
+                .record(|| format!("virtio-mmio: {}-byte write at {offset:#x}", data.len())),
+        }
+    }
+}
+
+impl MutEventSubscriber for MmioTransport {
+    fn init(&mut self, ops: &mut EventOps) {
+        for evt in &self.notify {
+            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
+                log::error!("virtio-mmio: cannot watch a queue notification: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _: &mut EventOps) {
+        let Some(index) = self
+            .notify
+            .iter()
+            .position(|e| e.as_raw_fd() == events.fd())
+        else {
+            return;
+        };
+        // The count does not matter: one pass drains everything available.
+        let _ = self.notify[index].read();
+        self.serve_queue(index);
+    }
+}

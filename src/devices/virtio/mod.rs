@@ -1,0 +1,84 @@
+//! virtio devices over the virtio-mmio transport.
+//!
+//! The transport ([`mmio::MmioTransport`]) owns the register state and the queues; a device
+//! implements [`VirtioDevice`]: what it offers, its config space, and what to do when a queue is
+//! notified. Queue work runs on the event loop (notifications arrive as ioeventfds), interrupts
+//! leave through an irqfd; vCPU threads only touch registers.
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Feature bit: the device conforms to virtio 1.x.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Feature bit: indirect descriptor tables.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// Feature bit: `used_event`/`avail_event` notification suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// InterruptStatus bit: a used ring was updated.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 1;
+/// InterruptStatus bit: the configuration changed.
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 2;
+
+/// A device behind the virtio-mmio transport.
+pub trait VirtioDevice: Send {
+    /// virtio device ID (2 = block).
+    fn device_type(&self) -> u32;
+    /// Largest size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered to the driver.
+    fn features(&self) -> u64;
+    /// Reads the device-specific config space at `offset`; out-of-range bytes read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver accepted `features` and set DRIVER_OK.
+    fn activate(&mut self, features: u64);
+    /// Serves queue `index`; returns true if the used ring moved.
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// The driver reset the device.
+    fn reset(&mut self);
+}
+
+/// The interrupt line of one virtio-mmio device: the InterruptStatus bits plus the irqfd.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt raised by signalling `irqfd`.
+    pub fn new(irqfd: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
+    }
+
+    /// Sets `bits` in InterruptStatus and raises the line.
+    pub fn trigger(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            log::warn!("cannot raise a virtio interrupt: {e}");
+        }
+    }
+
+    /// InterruptStatus.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Device reset: nothing pending.
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
