@@ -1,5 +1,6 @@
-//! The `guest.*` command-line parameters (docs/test-guest.md): the final action and the list of
-//! port/MMIO operations, in command-line order. Other words are ignored.
+//! The `guest.*` command-line parameters (docs/test-guest.md): the final action, the list of
+//! port/MMIO operations and the `guest.blk` operations, in command-line order; and the VMM's
+//! `virtio_mmio.device=` entries. Other words are ignored.
 
 /// What the guest does after its reports.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -90,6 +91,198 @@ pub fn for_each_op<'a>(cmdline: &'a [u8], mut f: impl FnMut(Result<Op, BadItem<'
         for item in value.split(|&b| b == b',') {
             f(parse(item).ok_or(BadItem { param, item }));
         }
+    }
+}
+
+/// Calls `f` with every `virtio_mmio.device=SIZE@BASE:IRQ[:ID]` entry as `(base, irq)`, in
+/// command-line order (SIZE and BASE as Linux's `memparse`: decimal or 0x hex, optional K/M/G).
+pub fn for_each_virtio_mmio<'a>(
+    cmdline: &'a [u8],
+    mut f: impl FnMut(Result<(u64, u32), &'a [u8]>),
+) {
+    for (key, value) in words(cmdline).filter_map(key_value) {
+        if key == b"virtio_mmio.device" {
+            f(virtio_mmio_entry(value).ok_or(value));
+        }
+    }
+}
+
+fn virtio_mmio_entry(value: &[u8]) -> Option<(u64, u32)> {
+    let at = value.iter().position(|&b| b == b'@')?;
+    let mut fields = value[at + 1..].split(|&b| b == b':');
+    memparse(&value[..at])?;
+    let base = memparse(fields.next()?)?;
+    let irq = number(fields.next()?)?.try_into().ok()?;
+    Some((base, irq))
+}
+
+/// A number with an optional K/M/G suffix.
+fn memparse(s: &[u8]) -> Option<u64> {
+    let (digits, shift) = match s.last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 10),
+        b'm' | b'M' => (&s[..s.len() - 1], 20),
+        b'g' | b'G' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    number(digits)?.checked_mul(1 << shift)
+}
+
+/// The malformed requests of `N:bad:KIND` (docs/test-guest.md).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum BadKind {
+    NoData,
+    NoStatus,
+    Outside,
+    Loop,
+    Beyond,
+    Huge,
+    BadType,
+    RoStatus,
+    RoData,
+    BadIndirect,
+}
+
+impl BadKind {
+    const ALL: [BadKind; 10] = [
+        BadKind::NoData,
+        BadKind::NoStatus,
+        BadKind::Outside,
+        BadKind::Loop,
+        BadKind::Beyond,
+        BadKind::Huge,
+        BadKind::BadType,
+        BadKind::RoStatus,
+        BadKind::RoData,
+        BadKind::BadIndirect,
+    ];
+
+    /// The `KIND` word.
+    pub fn name(self) -> &'static str {
+        match self {
+            BadKind::NoData => "nodata",
+            BadKind::NoStatus => "nostatus",
+            BadKind::Outside => "outside",
+            BadKind::Loop => "loop",
+            BadKind::Beyond => "beyond",
+            BadKind::Huge => "huge",
+            BadKind::BadType => "badtype",
+            BadKind::RoStatus => "rostatus",
+            BadKind::RoData => "rodata",
+            BadKind::BadIndirect => "badindirect",
+        }
+    }
+}
+
+/// One `guest.blk` operation; sectors and counts in 512-byte sectors.
+#[derive(Clone, Copy)]
+pub enum BlkOp {
+    /// Reset the device (status 0) and set it up again, as a driver unbind/bind does.
+    Reinit,
+    Info,
+    Id,
+    Read {
+        sector: u64,
+        count: u64,
+        indirect: bool,
+    },
+    Write {
+        sector: u64,
+        count: u64,
+        seed: u8,
+        indirect: bool,
+    },
+    Flush,
+    Discard {
+        sector: u64,
+        count: u64,
+    },
+    Zeroes {
+        sector: u64,
+        count: u64,
+    },
+    Bad(BadKind),
+    FlushedHalt,
+}
+
+/// Calls `f` with every `guest.blk` item as `(N, op)`, in command-line order; items that do not
+/// parse are passed as errors.
+pub fn for_each_blk_op<'a>(
+    cmdline: &'a [u8],
+    mut f: impl FnMut(Result<(usize, BlkOp), BadItem<'a>>),
+) {
+    for (param, value) in words(cmdline).filter_map(key_value) {
+        if param == b"guest.blk" {
+            for item in value.split(|&b| b == b',') {
+                let op = blk_bad(item).or_else(|| blk_op(item));
+                f(op.ok_or(BadItem { param, item }));
+            }
+        }
+    }
+}
+
+fn blk_op(item: &[u8]) -> Option<(usize, BlkOp)> {
+    let mut fields = item.split(|&b| b == b':');
+    let dev = number(fields.next()?)?.try_into().ok()?;
+    let name = fields.next()?;
+    let mut args = [0u64; 3];
+    let mut nargs = 0;
+    for field in fields {
+        *args.get_mut(nargs)? = number(field)?;
+        nargs += 1;
+    }
+    let [a, b, c] = args;
+    let op = match (name, nargs) {
+        (b"info", 0) => BlkOp::Info,
+        (b"id", 0) => BlkOp::Id,
+        (b"flush", 0) => BlkOp::Flush,
+        (b"flushed-halt", 0) => BlkOp::FlushedHalt,
+        (b"reinit", 0) => BlkOp::Reinit,
+        (b"read" | b"iread", 2) => BlkOp::Read {
+            sector: a,
+            count: b,
+            indirect: name[0] == b'i',
+        },
+        (b"write" | b"iwrite", 3) => BlkOp::Write {
+            sector: a,
+            count: b,
+            seed: c.try_into().ok()?,
+            indirect: name[0] == b'i',
+        },
+        (b"discard", 2) => BlkOp::Discard {
+            sector: a,
+            count: b,
+        },
+        (b"zeroes", 2) => BlkOp::Zeroes {
+            sector: a,
+            count: b,
+        },
+        _ => return None,
+    };
+    Some((dev, op))
+}
+
+/// The `N:bad:KIND` items, which have a word as their argument.
+fn blk_bad(item: &[u8]) -> Option<(usize, BlkOp)> {
+    let mut fields = item.split(|&b| b == b':');
+    let dev = number(fields.next()?)?.try_into().ok()?;
+    let (b"bad", Some(kind), None) = (fields.next()?, fields.next(), fields.next()) else {
+        return None;
+    };
+    let kind = BadKind::ALL
+        .into_iter()
+        .find(|k| k.name().as_bytes() == kind)?;
+    Some((dev, BlkOp::Bad(kind)))
+}
+
+/// Parses a decimal number, or hex with `0x`.
+fn number(s: &[u8]) -> Option<u64> {
+    match s.strip_prefix(b"0x").or_else(|| s.strip_prefix(b"0X")) {
+        Some(digits) => hex(digits),
+        None if !s.is_empty() && s.len() <= 20 => s.iter().try_fold(0u64, |acc, &c| {
+            acc.checked_mul(10)?
+                .checked_add((c as char).to_digit(10)? as u64)
+        }),
+        None => None,
     }
 }
 

@@ -58,6 +58,12 @@ pub fn wait_for_interrupt() {
     unsafe { asm!("sti", "hlt", options(nomem, nostack)) }
 }
 
+/// Masks interrupts (`cli`).
+pub fn disable_interrupts() {
+    // SAFETY: only changes IF.
+    unsafe { asm!("cli", options(nomem, nostack)) }
+}
+
 /// Resets the machine through the i8042 keyboard controller (pulses the CPU reset line).
 pub fn reset() -> ! {
     outb(0x64, 0xfe);

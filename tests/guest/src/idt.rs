@@ -1,6 +1,7 @@
 //! The interrupt descriptor table: the 32 exception vectors report `guest: panic` and halt, one
-//! vector serves the serial IRQ (echo mode), one is the LAPIC's spurious vector. Every other
-//! vector is not present, so raising it ends up as a reported `#GP`/`#NP`.
+//! vector serves the serial IRQ (echo mode), one the virtio-mmio IRQs, one the LAPIC timer tick,
+//! one is the LAPIC's spurious vector. Every other vector is not present, so raising it ends up as
+//! a reported `#GP`/`#NP`.
 
 use core::arch::{asm, global_asm};
 
@@ -9,6 +10,10 @@ use crate::serial::{Dec, Hex};
 
 /// Vector the I/O APIC delivers COM1's IRQ 4 on.
 pub const SERIAL_VECTOR: u8 = 0x30;
+/// Vector of every virtio-mmio device's IRQ (the handler polls all of them).
+pub const VIRTIO_VECTOR: u8 = 0x31;
+/// Vector of the LAPIC timer tick that wakes `hlt` loops waiting with a timeout.
+pub const TICK_VECTOR: u8 = 0x32;
 /// The local APIC's spurious-interrupt vector (needs no EOI).
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
@@ -22,6 +27,8 @@ unsafe extern "C" {
     /// Entry stubs of vectors 0..32 (below).
     static exception_stubs: [u64; 32];
     fn irq_serial_stub();
+    fn irq_virtio_stub();
+    fn irq_tick_stub();
     fn irq_spurious_stub();
 }
 
@@ -43,9 +50,10 @@ global_asm!(
     call {exception}
     ud2
 
-    /* Serial IRQ: save the caller-saved registers the Rust handler may clobber. With the 40-byte
+    /* Device IRQs: save the caller-saved registers the Rust handler may clobber. With the 40-byte
        frame the CPU pushed on a 16-byte boundary, nine pushes re-align the stack for the call. */
-    irq_serial_stub:
+    .macro irq_stub name, handler
+    \name:
     push %rax
     push %rcx
     push %rdx
@@ -56,7 +64,7 @@ global_asm!(
     push %r10
     push %r11
     cld
-    call {serial_irq}
+    call \handler
     pop %r11
     pop %r10
     pop %r9
@@ -67,6 +75,10 @@ global_asm!(
     pop %rcx
     pop %rax
     iretq
+    .endm
+    irq_stub irq_serial_stub, {serial_irq}
+    irq_stub irq_virtio_stub, {virtio_irq}
+    irq_stub irq_tick_stub, {tick_irq}
 
     irq_spurious_stub:
     iretq
@@ -82,6 +94,8 @@ global_asm!(
     "#,
     exception = sym exception,
     serial_irq = sym crate::actions::on_serial_irq,
+    virtio_irq = sym crate::virtio::on_irq,
+    tick_irq = sym on_tick,
     options(att_syntax)
 );
 
@@ -107,6 +121,8 @@ pub fn init() {
         set_gate(vector as u8, stub);
     }
     set_gate(SERIAL_VECTOR, irq_serial_stub as *const () as u64);
+    set_gate(VIRTIO_VECTOR, irq_virtio_stub as *const () as u64);
+    set_gate(TICK_VECTOR, irq_tick_stub as *const () as u64);
     set_gate(SPURIOUS_VECTOR, irq_spurious_stub as *const () as u64);
 }
 
@@ -123,6 +139,11 @@ pub fn load() {
     };
     // SAFETY: the IDT is static and its gates point at the stubs above.
     unsafe { asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) }
+}
+
+/// LAPIC timer tick: only wakes the CPU from `hlt`.
+extern "C" fn on_tick() {
+    crate::apic::eoi();
 }
 
 /// Common exception path: report and halt. `frame` points at the CPU-pushed frame.

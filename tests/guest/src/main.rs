@@ -4,17 +4,21 @@
 //!
 //! Module map: `entry` (asm entry points, page tables, AP trampoline), `bootinfo` (zero page /
 //! `hvm_start_info`), `cmdline`, `mptable`, `smp` (INIT/SIPI), `apic` (LAPIC, I/O APIC, PIC),
-//! `pit` (delays), `idt` (exceptions, IRQ stubs), `actions` (ops and final action), `serial`
-//! (COM1 and report lines), `cpu` (port/MMIO/halt primitives), `mem` (memcpy and friends).
+//! `pit` (delays), `idt` (exceptions, IRQ stubs), `actions` (ops and final action), `virtio`
+//! (virtio-mmio transport, split queue), `blk` (virtio-blk driver, `guest.blk`), `data` (its
+//! transfer buffer), `serial` (COM1 and report lines), `cpu` (port/MMIO/halt primitives), `mem`
+//! (memcpy and friends).
 
 #![no_std]
 #![no_main]
 
 mod actions;
 mod apic;
+mod blk;
 mod bootinfo;
 mod cmdline;
 mod cpu;
+mod data;
 mod entry;
 mod idt;
 mod mem;
@@ -22,6 +26,7 @@ mod mptable;
 mod pit;
 mod serial;
 mod smp;
+mod virtio;
 
 use bootinfo::BootInfo;
 use serial::{Dec, Hex};
@@ -83,6 +88,7 @@ extern "C" fn rust_main(protocol: u32, info: u64) -> ! {
 
     let action = cmdline::action(boot.cmdline());
     actions::run_ops(boot.cmdline());
+    blk::run(&boot, bsp_id);
     let action = action.unwrap_or_else(|bad| {
         report!("guest: bad guest.action ", bad, ", using reset");
         cmdline::Action::Reset

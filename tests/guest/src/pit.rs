@@ -2,7 +2,7 @@
 //! bit 5). Waiting on the PIT costs one port read per poll instead of a long calibrated loop,
 //! which matters when the guest's instructions are emulated.
 
-use crate::cpu::{inb, outb};
+use crate::cpu::{self, inb, outb};
 
 const PIT_HZ: u64 = 1_193_182;
 const CHANNEL2: u16 = 0x42;
@@ -43,6 +43,30 @@ pub fn wait_until(us: u64, mut done: impl FnMut() -> bool) -> bool {
         }
         left -= chunk;
     }
+    done()
+}
+
+/// Like [`wait_until`], but halts between polls: `done()` is checked with interrupts off, then
+/// `sti; hlt` waits for the next interrupt, so the caller needs an interrupt source that fires
+/// while the PIT counts (channel 2 raises none), e.g. the LAPIC tick. Returns with interrupts off.
+pub fn wait_halting(us: u64, mut done: impl FnMut() -> bool) -> bool {
+    let mut left = us;
+    while left > 0 {
+        let chunk = left.min(MAX_CHUNK_US);
+        start(chunk);
+        loop {
+            cpu::disable_interrupts();
+            if done() {
+                return true;
+            }
+            if expired() {
+                break;
+            }
+            cpu::wait_for_interrupt();
+        }
+        left -= chunk;
+    }
+    cpu::disable_interrupts();
     done()
 }
 

@@ -80,6 +80,9 @@ impl Put for &[u8] {
 /// A number written in lowercase hex with a `0x` prefix.
 pub struct Hex(pub u64);
 
+/// A number written as exactly 16 lowercase hex digits, without prefix (a hash).
+pub struct Hex16(pub u64);
+
 /// A number written in decimal.
 pub struct Dec(pub u64);
 
@@ -87,6 +90,14 @@ impl Put for Hex {
     fn put(&self) {
         put_bytes(b"0x");
         put_digits(self.0, 16);
+    }
+}
+
+impl Put for Hex16 {
+    fn put(&self) {
+        for shift in (0..16).rev() {
+            put_byte(b"0123456789abcdef"[(self.0 >> (4 * shift) & 0xf) as usize]);
+        }
     }
 }
 

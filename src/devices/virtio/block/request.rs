@@ -143,6 +143,15 @@ pub fn parse(
     let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
 
     let data_descs = &descriptors[1..descriptors.len() - 1];
+    if let RequestKind::Unsupported(_) = kind {
+        // Its buffers mean nothing to us: answer UNSUPP whatever they look like.
+        return Ok(Request {
+            kind,
+            sector,
+            data: Vec::new(),
+            status,
+        });
+    }
     if data_descs.len() > max_segments {
         return Err(refuse(RequestError::TooManySegments, Some(status)));
     }
@@ -319,6 +328,16 @@ mod tests {
             RequestError::TooManySegments
         );
         let chain = [header(&m, 0x7fff, 0), status()];
+        assert_eq!(
+            parse(&chain, false, &m, 2).unwrap().kind,
+            RequestKind::Unsupported(0x7fff)
+        );
+        // Whatever buffers an unknown type carries, it is UNSUPP, not a buffer error.
+        let chain = [
+            header(&m, 0x7fff, 0),
+            Desc::new(0x2000, 512, NEXT | WRITE, 2),
+            status(),
+        ];
         assert_eq!(
             parse(&chain, false, &m, 2).unwrap().kind,
             RequestKind::Unsupported(0x7fff)
