@@ -48,6 +48,9 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// Refuse guest writes (and share the image with other read-only users).
     pub read_only: bool,
+    /// Open the image with O_DIRECT: I/O bypasses the host page cache. The guest's buffers must
+    /// then be 512-byte aligned (Linux's are); misaligned requests fail with IOERR.
+    pub direct: bool,
     /// The serial the guest reads with GET_ID (`/sys/block/vdX/serial`), up to 20 ASCII bytes;
     /// `None` uses the file name.
     pub id: Option<String>,
@@ -59,6 +62,7 @@ impl DiskConfig {
         DiskConfig {
             path: path.into(),
             read_only: false,
+            direct: false,
             id: None,
         }
     }

@@ -351,3 +351,31 @@ fn a_guest_flush_is_an_fdatasync_of_the_image() {
         "a flush syncs once"
     );
 }
+
+#[test]
+fn an_o_direct_disk_moves_the_same_bytes() {
+    if !kvm_available() {
+        return;
+    }
+    let image = Image::new("direct", 64, |i| low_byte(i % 13));
+    let before = image.bytes();
+    let out = run_guest(&[
+        "--disk",
+        &image.disk(",direct=on"),
+        "--cmdline",
+        "guest.blk=0:read:1:3,0:write:10:2:77,0:flush",
+    ]);
+    out.assert_success();
+    assert_eq!(
+        out.value("blk0.read"),
+        format!("1:3:0:{}", fnv1a64(&before[SECTOR..4 * SECTOR]))
+    );
+    assert_eq!(
+        (out.value("blk0.write"), out.value("blk0.flush")),
+        ("10:2:0".into(), "0".into())
+    );
+    assert_eq!(
+        &image.bytes()[10 * SECTOR..12 * SECTOR],
+        &pattern(77, 2 * SECTOR)[..]
+    );
+}

@@ -52,7 +52,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let Ok(mut queue) = vq.create_queue::<Queue>() else { return };
-    let disk = DiskFile::open(image(), false).unwrap();
+    let disk = DiskFile::open(image(), false, false).unwrap();
     let mut block = Block::new(disk, "fuzz");
     block.process_queue(0, &mut queue, &mem);
 });

@@ -41,7 +41,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
 
-    /// A virtio-blk disk: path=FILE[,readonly=on][,id=NAME]; repeat for more (vdb, vdc...).
+    /// A virtio-blk disk: path=FILE[,readonly=on][,direct=on][,id=NAME]; repeat for more (vdb, vdc...).
     #[arg(long = "disk", value_parser = parse_disk, value_name = "SPEC")]
     pub disks: Vec<DiskConfig>,
 
@@ -80,10 +80,12 @@ fn parse_disk(value: &str) -> Result<DiskConfig, String> {
             Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
             Some(("readonly", "on" | "true")) => disk.read_only = true,
             Some(("readonly", "off" | "false")) => disk.read_only = false,
+            Some(("direct", "on" | "true")) => disk.direct = true,
+            Some(("direct", "off" | "false")) => disk.direct = false,
             Some(("id", id)) if !id.is_empty() => disk.id = Some(id.to_owned()),
             _ => {
                 return Err(format!(
-                    "unknown item {item:?}: expected path=FILE[,readonly=on][,id=NAME]"
+                    "unknown item {item:?}: expected path=FILE[,readonly=on][,direct=on][,id=NAME]"
                 ));
             }
         }

@@ -35,7 +35,7 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
     let disks = config
         .disks
         .iter()
-        .map(|d| Ok((DiskFile::open(&d.path, d.read_only)?, d.serial())))
+        .map(|d| Ok((DiskFile::open(&d.path, d.read_only, d.direct)?, d.serial())))
         .collect::<Result<Vec<_>, StartError>>()?;
     let kvm = KvmContext::open(&config.kvm_device)?;
     if config.vcpus > kvm.max_vcpus() {

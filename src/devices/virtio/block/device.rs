@@ -368,7 +368,7 @@ mod tests {
             .map(|i| (i % 251) as u8)
             .collect();
         std::fs::write(&image, bytes).unwrap();
-        let disk = DiskFile::open(&image, read_only).unwrap();
+        let disk = DiskFile::open(&image, read_only, false).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         Fixture {
             mem,

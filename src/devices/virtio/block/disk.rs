@@ -4,6 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -40,9 +41,9 @@ pub struct DiskFile {
 }
 
 impl DiskFile {
-    /// Opens `path` and takes an advisory lock: exclusive when writable, shared when read-only,
-    /// so no two VMMs write one image at once.
-    pub fn open(path: &Path, read_only: bool) -> Result<Self, DiskError> {
+    /// Opens `path` (with O_DIRECT when `direct`) and takes an advisory lock: exclusive when
+    /// writable, shared when read-only, so no two VMMs write one image at once.
+    pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Self, DiskError> {
         let owned = || path.to_owned();
         let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => DiskError::Missing(owned()),
@@ -51,9 +52,11 @@ impl DiskFile {
         if meta.is_dir() {
             return Err(DiskError::Directory(owned()));
         }
+        let flags = if direct { libc::O_DIRECT } else { 0 };
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
+            .custom_flags(flags)
             .open(path)
             .map_err(|e| match (e.raw_os_error(), read_only) {
                 (Some(libc::EACCES | libc::EROFS | libc::EPERM), false) => {
