@@ -112,6 +112,8 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     /// virtio-blk disks, `/dev/vda` first.
     pub disks: Vec<DiskConfig>,
+    /// The Firecracker-compatible boot timer at 0xC000_0000.
+    pub boot_timer: bool,
 }
 
 impl VmConfig {
@@ -127,6 +129,7 @@ impl VmConfig {
             boot_protocol: BootProtocol::default(),
             kvm_device: PathBuf::from("/dev/kvm"),
             disks: Vec::new(),
+            boot_timer: false,
         }
     }
 

@@ -11,6 +11,7 @@ use clap::Parser;
 use cli::{Cli, Command, exit_code};
 
 fn main() -> ExitCode {
+    ember::timing::mark_process_start();
     reserve_standard_fds();
     let cli = Cli::parse();
     env_logger::Builder::new()

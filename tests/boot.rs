@@ -276,3 +276,65 @@ fn a_closed_stdin_is_no_console_input_and_never_a_kvm_descriptor() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("action=reset"));
 }
+
+#[test]
+fn the_boot_timer_write_is_reported_and_the_timeline_is_ordered() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_guest(&[
+        "--log-level",
+        "debug",
+        "--boot-timer",
+        "--cmdline",
+        "guest.outb=0x80:0x41 guest.write32=0xc0000000:0x7b guest.action=reset",
+    ]);
+    out.assert_success();
+    assert!(out.stderr.contains("guest boot time: "), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("debug port: kernel code 0x41"),
+        "{}",
+        out.stderr
+    );
+    let order = [
+        "VmCreated",
+        "MemoryMapped",
+        "KernelLoaded",
+        "DevicesReady",
+        "FirstKvmRun",
+        "BootTimer",
+        "ExitRequested",
+        "TeardownDone",
+    ];
+    let times: Vec<u64> = order
+        .iter()
+        .map(|phase| {
+            let prefix = format!("timeline: {phase} at ");
+            let line = out
+                .stderr
+                .lines()
+                .find_map(|l| l.split_once(&prefix).map(|(_, t)| t.to_owned()));
+            let line = line.unwrap_or_else(|| panic!("no {phase} in {}", out.stderr));
+            line.trim_end_matches(" us").parse().unwrap()
+        })
+        .collect();
+    assert!(
+        times[0] > 0 && times.windows(2).all(|w| w[0] <= w[1]),
+        "{order:?} {times:?}"
+    );
+}
+
+#[test]
+fn without_boot_timer_the_page_is_just_unhandled_mmio() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_guest(&[
+        "--log-level",
+        "info",
+        "--cmdline",
+        "guest.write32=0xc0000000:0x7b guest.action=reset",
+    ]);
+    out.assert_success();
+    assert!(!out.stderr.contains("guest boot time"), "{}", out.stderr);
+}

@@ -45,6 +45,11 @@ pub struct RunArgs {
     #[arg(long = "disk", value_parser = parse_disk, value_name = "SPEC")]
     pub disks: Vec<DiskConfig>,
 
+    /// Enable the boot timer (Firecracker-compatible): a guest write of 123 to 0xC000_0000 logs
+    /// the time since ember started (at --log-level info).
+    #[arg(long)]
+    pub boot_timer: bool,
+
     /// Entry protocol: auto (PVH if the kernel has the note), linux (64-bit boot protocol) or pvh.
     #[arg(long, value_enum, default_value_t = Protocol::Auto, value_name = "PROTOCOL")]
     pub boot_protocol: Protocol,
@@ -105,6 +110,7 @@ impl RunArgs {
             config.cmdline.push_str(" root=/dev/vda rw");
         }
         config.disks.extend(self.disks.iter().cloned());
+        config.boot_timer = self.boot_timer;
         config.vcpus = self.cpus;
         config.memory_mib = self.memory;
         config.console = self.serial.clone();
@@ -130,6 +136,9 @@ pub fn run(args: &RunArgs) -> Result<i32, ember::StartError> {
         .flatten();
     let reason = vm.wait();
     drop(raw);
+    for (phase, at) in vm.timeline() {
+        log::debug!("timeline: {phase:?} at {} us", at.as_micros());
+    }
     drop(signals);
     Ok(report(&reason))
 }

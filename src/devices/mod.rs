@@ -3,6 +3,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod pseudo;
 pub mod virtio;
 
 use std::sync::atomic::{AtomicU64, Ordering};

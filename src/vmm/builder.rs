@@ -14,15 +14,19 @@ use super::exit::ExitState;
 use super::{StartError, VmHandle, virtio};
 use crate::arch::x86_64::boot_params::{self, E820Entry};
 use crate::arch::x86_64::layout::{
-    CMDLINE_MAX_SIZE, CMDLINE_START, COM1_IRQ, COM1_PORT, I8042_DATA_PORT,
+    BOOT_TIMER_START, CMDLINE_MAX_SIZE, CMDLINE_START, COM1_IRQ, COM1_PORT, DEBUG_PORT,
+    I8042_DATA_PORT,
 };
 use crate::arch::x86_64::regs::EntryMode;
 use crate::arch::x86_64::{acpi, low_memory_end, memory_ranges, mptable};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::legacy::{I8042, SerialDevice};
+use crate::devices::pseudo::debug_port::DebugCodes;
+use crate::devices::pseudo::{BootTimer, DebugPort};
 use crate::devices::virtio::block::{Block, DiskFile};
 use crate::exit::ExitReason;
 use crate::loader::{self, LoadedKernel};
+use crate::timing::{Phase, Timeline};
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::memory::create_guest_memory;
 use crate::vstate::vcpu::{self, BootEntry, Buses, Vcpu};
@@ -45,14 +49,18 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
         }
         .into());
     }
+    let timeline = Arc::new(Timeline::default());
     let memory = create_guest_memory(config.memory_mib)?;
     let vm = Vm::new(&kvm)?;
+    timeline.mark(Phase::VmCreated);
     vm.register_memory(&memory)?;
+    timeline.mark(Phase::MemoryMapped);
 
     let kernel = load_kernel_and_tables(config, &memory)?;
+    timeline.mark(Phase::KernelLoaded);
     log::debug!("kernel entry {:#x} via {:?}", kernel.entry.0, kernel.mode);
 
-    let exit = Arc::new(ExitState::new().map_err(StartError::Eventfd)?);
+    let exit = Arc::new(ExitState::new(timeline.clone()).map_err(StartError::Eventfd)?);
     let (mut buses, mut subscribers, console) = create_devices(config, &vm, &exit)?;
     for (index, (disk, serial)) in disks.into_iter().enumerate() {
         let block = Block::new(disk, &serial);
@@ -65,6 +73,21 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
             &mut subscribers,
         )?;
     }
+
+    if config.boot_timer {
+        let timer = BootTimer::new(timeline.clone());
+        buses.mmio.insert(
+            BOOT_TIMER_START,
+            BootTimer::WINDOW,
+            Arc::new(Mutex::new(timer)),
+        )?;
+    }
+    let debug_codes = DebugCodes::default();
+    let debug_port = DebugPort::new(debug_codes.clone());
+    buses
+        .pio
+        .insert(u64::from(DEBUG_PORT), 1, Arc::new(Mutex::new(debug_port)))?;
+    timeline.mark(Phase::DevicesReady);
 
     vcpu::install_kick_handler()?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
@@ -84,9 +107,13 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
     let mut threads = Vec::with_capacity(vcpus.len());
     for mut vcpu in vcpus {
         let (buses, stop, exit) = (buses.clone(), stop.clone(), exit.clone());
+        let timeline = (vcpu.index() == 0).then(|| timeline.clone());
         let thread = std::thread::Builder::new()
             .name(format!("ember-vcpu{}", vcpu.index()))
             .spawn(move || {
+                if let Some(timeline) = timeline {
+                    timeline.mark(Phase::FirstKvmRun);
+                }
                 let reason = vcpu.run(&buses, &stop);
                 if reason != ExitReason::Stopped {
                     exit.report(reason);
@@ -103,6 +130,8 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
         vcpu_threads: threads,
         events,
         console,
+        timeline,
+        debug_codes,
     }))
 }
 

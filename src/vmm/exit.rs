@@ -1,30 +1,34 @@
 //! Where the first exit reason is recorded and the waiter woken.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::exit::ExitReason;
+use crate::timing::{Phase, Timeline};
 
 /// The first reason reported wins; later ones (another vCPU, the stop) are only logged.
 pub struct ExitState {
     reason: Mutex<Option<ExitReason>>,
     evt: EventFd,
+    timeline: Arc<Timeline>,
 }
 
 impl ExitState {
     /// No exit yet.
-    pub fn new() -> std::io::Result<Self> {
+    pub fn new(timeline: Arc<Timeline>) -> std::io::Result<Self> {
         Ok(ExitState {
             reason: Mutex::new(None),
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            timeline,
         })
     }
 
     /// Records `reason` unless one is already recorded, and wakes the waiter.
     pub fn report(&self, reason: ExitReason) {
+        self.timeline.mark(Phase::ExitRequested);
         let mut slot = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
         match &*slot {
             None => *slot = Some(reason),

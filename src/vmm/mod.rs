@@ -16,7 +16,9 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
+use crate::devices::pseudo::debug_port::DebugCodes;
 use crate::exit::ExitReason;
+use crate::timing::{Phase, Timeline};
 use crate::vstate;
 pub use console::Console;
 use event_loop::EventLoopHandle;
@@ -89,6 +91,8 @@ struct Running {
     exit: Arc<ExitState>,
     stop: Arc<AtomicBool>,
     console: Option<Console>,
+    timeline: Arc<Timeline>,
+    debug_codes: DebugCodes,
     vm: vstate::vm::Vm,
     memory: GuestMemoryMmap,
 }
@@ -115,6 +119,8 @@ impl AsRawFd for StopTrigger {
 pub struct VmHandle {
     running: Option<Running>,
     result: Option<ExitReason>,
+    timeline: Vec<(Phase, Duration)>,
+    debug_codes: Vec<(u8, Duration)>,
 }
 
 impl VmHandle {
@@ -122,6 +128,8 @@ impl VmHandle {
         VmHandle {
             running: Some(running),
             result: None,
+            timeline: Vec::new(),
+            debug_codes: Vec::new(),
         }
     }
 
@@ -153,6 +161,27 @@ impl VmHandle {
         self.wait_inner(Some(timeout))
     }
 
+    /// When each phase of the VM's life happened, as time since the process started
+    /// (complete once the VM has ended).
+    pub fn timeline(&self) -> Vec<(Phase, Duration)> {
+        match &self.running {
+            Some(running) => running.timeline.marks(),
+            None => self.timeline.clone(),
+        }
+    }
+
+    /// Boot progress codes the guest wrote to port 0x80, with their times.
+    pub fn debug_codes(&self) -> Vec<(u8, Duration)> {
+        match &self.running {
+            Some(running) => running
+                .debug_codes
+                .lock()
+                .map(|c| c.clone())
+                .unwrap_or_default(),
+            None => self.debug_codes.clone(),
+        }
+    }
+
     /// Stops the VM (if it still runs) and tears it down.
     pub fn stop(&mut self) -> ExitReason {
         self.teardown()
@@ -171,6 +200,7 @@ impl VmHandle {
     /// loop. Idempotent.
     fn teardown(&mut self) -> ExitReason {
         if let Some(mut running) = self.running.take() {
+            running.timeline.mark(Phase::ExitRequested);
             running.stop.store(true, Ordering::Release);
             let signal = vstate::vcpu::kick_signal();
             for thread in &running.vcpu_threads {
@@ -185,6 +215,13 @@ impl VmHandle {
             self.result = Some(running.exit.reason().unwrap_or(ExitReason::Stopped));
             drop(running.vm);
             drop(running.memory);
+            running.timeline.mark(Phase::TeardownDone);
+            self.timeline = running.timeline.marks();
+            self.debug_codes = running
+                .debug_codes
+                .lock()
+                .map(|c| c.clone())
+                .unwrap_or_default();
         }
         self.result.clone().unwrap_or(ExitReason::Stopped)
     }

@@ -63,6 +63,8 @@ pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
 pub const COM1_PORT: u16 = 0x3f8;
 /// COM1 interrupt (IOAPIC pin and GSI).
 pub const COM1_IRQ: u32 = 4;
+/// POST/debug port: boot progress codes.
+pub const DEBUG_PORT: u16 = 0x80;
 /// i8042 data port.
 pub const I8042_DATA_PORT: u16 = 0x60;
 /// i8042 command/status port; the data and command ports are handled as one range.
