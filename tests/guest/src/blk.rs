@@ -4,7 +4,8 @@
 //!
 //! Memory (RAM the guest owns above its image): device *n*'s queue area at
 //! `0x200000 + n * 0x10000` (rings, indirect table, request header, status byte, discard segment,
-//! id buffer), and one data buffer (`data.rs`) shared by all requests.
+//! id buffer), and one data buffer (`data.rs`) shared by all requests. `N:bench` (`blk/bench.rs`)
+//! uses its own slots from 16 MiB up.
 
 use crate::bootinfo::BootInfo;
 use crate::cmdline::{self, BlkOp};
@@ -17,6 +18,7 @@ use crate::virtio::{
 use crate::{apic, cpu, report};
 
 mod bad;
+mod bench;
 
 const AREAS: u64 = 0x20_0000;
 const AREA_SIZE: u64 = 0x1_0000;
@@ -211,7 +213,7 @@ impl Blk {
     }
 
     /// Runs one operation and reports it.
-    fn run(&mut self, op: BlkOp) {
+    fn run(&mut self, op: BlkOp, boot: &BootInfo) {
         let n = Dec(self.n as u64);
         let layout = |indirect| match indirect {
             true => Layout::Indirect(3 * 16),
@@ -309,6 +311,12 @@ impl Blk {
                 }
                 Err(why) => report!("blk", n, ".reinit=", why),
             },
+            BlkOp::Bench {
+                mode,
+                bytes,
+                count,
+                qd,
+            } => self.bench(boot, mode, bytes, qd, count),
             BlkOp::FlushedHalt => {
                 report!("blk", n, ".flushed-halt=ready");
                 cpu::halt_forever();
@@ -373,7 +381,7 @@ pub fn run(boot: &BootInfo, dest: u8) {
     cmdline::for_each_blk_op(cmdline, |item| match item {
         Ok((n, op)) if too_big(&op) => report!("guest: blk", Dec(n as u64), " transfer too big"),
         Ok((n, op)) => match devices.get_mut(n) {
-            Some(Some(Ok(blk))) => blk.run(op),
+            Some(Some(Ok(blk))) => blk.run(op, boot),
             _ => report!(
                 "guest: blk",
                 Dec(n as u64),

@@ -165,6 +165,13 @@ impl BootInfo {
             .sum()
     }
 
+    /// Whether one RAM (type 1) entry holds all of `[start, end)`.
+    pub fn is_ram(&self, start: u64, end: u64) -> bool {
+        self.e820()
+            .iter()
+            .any(|r| r.kind == 1 && r.start <= start && end <= r.start.saturating_add(r.size))
+    }
+
     /// Whether some map entry, of any type, overlaps `[start, end)`: only such ranges are worth
     /// scanning for firmware tables (elsewhere a read may be an MMIO exit, or nothing at all).
     pub fn covers(&self, start: u64, end: u64) -> bool {

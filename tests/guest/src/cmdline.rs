@@ -173,6 +173,47 @@ impl BadKind {
     }
 }
 
+/// The access pattern of `N:bench:MODE:...`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum BenchMode {
+    Read,
+    Write,
+    RandRead,
+    RandWrite,
+}
+
+impl BenchMode {
+    const ALL: [BenchMode; 4] = [
+        BenchMode::Read,
+        BenchMode::Write,
+        BenchMode::RandRead,
+        BenchMode::RandWrite,
+    ];
+
+    /// The `MODE` word.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchMode::Read => "read",
+            BenchMode::Write => "write",
+            BenchMode::RandRead => "randread",
+            BenchMode::RandWrite => "randwrite",
+        }
+    }
+
+    pub fn is_write(self) -> bool {
+        matches!(self, BenchMode::Write | BenchMode::RandWrite)
+    }
+
+    pub fn is_random(self) -> bool {
+        matches!(self, BenchMode::RandRead | BenchMode::RandWrite)
+    }
+}
+
+/// Largest `BYTES` of a bench request.
+pub const BENCH_MAX_BYTES: u64 = 1 << 20;
+/// Largest `QD` of a bench.
+pub const BENCH_MAX_QD: u64 = 32;
+
 /// One `guest.blk` operation; sectors and counts in 512-byte sectors.
 #[derive(Clone, Copy)]
 pub enum BlkOp {
@@ -201,6 +242,14 @@ pub enum BlkOp {
         count: u64,
     },
     Bad(BadKind),
+    /// `COUNT` requests of `bytes` each, up to `qd` outstanding (validated: `bytes` a multiple of
+    /// 4096 up to [`BENCH_MAX_BYTES`], `qd` in 1..=[`BENCH_MAX_QD`], `count` ≥ 1).
+    Bench {
+        mode: BenchMode,
+        bytes: u64,
+        count: u64,
+        qd: u64,
+    },
     FlushedHalt,
 }
 
@@ -213,7 +262,9 @@ pub fn for_each_blk_op<'a>(
     for (param, value) in words(cmdline).filter_map(key_value) {
         if param == b"guest.blk" {
             for item in value.split(|&b| b == b',') {
-                let op = blk_bad(item).or_else(|| blk_op(item));
+                let op = blk_bad(item)
+                    .or_else(|| blk_bench(item))
+                    .or_else(|| blk_op(item));
                 f(op.ok_or(BadItem { param, item }));
             }
         }
@@ -272,6 +323,36 @@ fn blk_bad(item: &[u8]) -> Option<(usize, BlkOp)> {
         .into_iter()
         .find(|k| k.name().as_bytes() == kind)?;
     Some((dev, BlkOp::Bad(kind)))
+}
+
+/// The `N:bench:MODE:BYTES:COUNT:QD` items.
+fn blk_bench(item: &[u8]) -> Option<(usize, BlkOp)> {
+    let mut fields = item.split(|&b| b == b':');
+    let dev = number(fields.next()?)?.try_into().ok()?;
+    if fields.next()? != b"bench" {
+        return None;
+    }
+    let mode = fields.next()?;
+    let mode = BenchMode::ALL
+        .into_iter()
+        .find(|m| m.name().as_bytes() == mode)?;
+    let bytes = number(fields.next()?)?;
+    let count = number(fields.next()?)?;
+    let qd = number(fields.next()?)?;
+    let ok = fields.next().is_none()
+        && bytes % 4096 == 0
+        && (4096..=BENCH_MAX_BYTES).contains(&bytes)
+        && count >= 1
+        && (1..=BENCH_MAX_QD).contains(&qd);
+    ok.then_some((
+        dev,
+        BlkOp::Bench {
+            mode,
+            bytes,
+            count,
+            qd,
+        },
+    ))
 }
 
 /// Parses a decimal number, or hex with `0x`.

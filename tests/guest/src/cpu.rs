@@ -80,3 +80,11 @@ pub fn triple_fault() -> ! {
     unsafe { asm!("lidt [{}]", "ud2", in(reg) &empty, options(nostack)) }
     halt_forever()
 }
+
+/// The time-stamp counter.
+pub fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: `rdtsc` only reads the TSC into EDX:EAX.
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (hi as u64) << 32 | lo as u64
+}

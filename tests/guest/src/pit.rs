@@ -10,6 +10,8 @@ const COMMAND: u16 = 0x43;
 const PORT_B: u16 = 0x61;
 /// Channel 2, low then high byte, mode 0 (interrupt on terminal count), binary.
 const CMD_CH2_ONESHOT: u8 = 0xb0;
+/// Channel 2, latch the count (then read low, high byte).
+const CMD_CH2_LATCH: u8 = 0x80;
 const PORT_B_GATE2: u8 = 0x01;
 const PORT_B_SPEAKER: u8 = 0x02;
 const PORT_B_OUT2: u8 = 0x20;
@@ -68,6 +70,40 @@ pub fn wait_halting(us: u64, mut done: impl FnMut() -> bool) -> bool {
     }
     cpu::disable_interrupts();
     done()
+}
+
+/// Channel 2's count, with the TSC just before and just after reading it.
+fn sample() -> (u64, u16, u64) {
+    let before = cpu::rdtsc();
+    outb(COMMAND, CMD_CH2_LATCH);
+    let lo = inb(CHANNEL2);
+    let hi = inb(CHANNEL2);
+    (before, u16::from_le_bytes([lo, hi]), cpu::rdtsc())
+}
+
+/// The quickest of three [`sample`]s, as (TSC at its middle, count).
+fn best_sample() -> (u64, u16) {
+    let (mut best, mut took) = ((0, 0), u64::MAX);
+    for _ in 0..3 {
+        let (before, count, after) = sample();
+        if after - before < took {
+            (best, took) = ((before + (after - before) / 2, count), after - before);
+        }
+    }
+    best
+}
+
+/// TSC ticks per second over about `us` microseconds (at most 40 ms) of channel 2: the TSC and
+/// the count are sampled together at both ends, so a vCPU descheduled in between costs nothing.
+/// `None` if the count wrapped (the vCPU was away for more than the countdown's slack).
+pub fn tsc_hz(us: u64) -> Option<u64> {
+    let span = (us.min(40_000) * PIT_HZ / 1_000_000).max(1);
+    start(MAX_CHUNK_US);
+    let (t0, c0) = best_sample();
+    while c0.wrapping_sub(sample().1) < span as u16 {}
+    let (t1, c1) = best_sample();
+    let ticks = c0.checked_sub(c1)? as u64;
+    (ticks >= span).then(|| (t1 - t0) * PIT_HZ / ticks)
 }
 
 /// Busy-waits `us` microseconds.

@@ -2,9 +2,10 @@
 //! `virtio_mmio.device=` command-line entries, the status/feature handshake, queue setup,
 //! publishing descriptor chains, and interrupt-driven completion with a PIT timeout.
 //!
-//! Everything is synchronous: one request is in flight at a time. Each request uses its own group
+//! The ops are synchronous: one request is in flight at a time. Each request uses its own group
 //! of [`GROUP`] descriptors (rotating through the table), so a request the device completes late
-//! cannot have its descriptors rewritten under it by the next one.
+//! cannot have its descriptors rewritten under it by the next one. The benchmark (`blk/bench.rs`)
+//! keeps several in flight through [`Queue::stage`], [`Queue::publish`] and [`Queue::next_used`].
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, compiler_fence, fence};
 
@@ -179,6 +180,8 @@ pub struct Queue {
     size: u16,
     event_idx: bool,
     avail_idx: u16,
+    /// Heads put in the avail ring after `avail_idx` but not yet published.
+    staged: u16,
     last_used: u16,
 }
 
@@ -237,6 +240,7 @@ impl Queue {
             size,
             event_idx: features & F_EVENT_IDX != 0,
             avail_idx: 0,
+            staged: 0,
             last_used: 0,
         })
     }
@@ -267,25 +271,34 @@ impl Queue {
         self.area
     }
 
-    /// Makes the chain at `head` available, notifies the device if it wants it, and waits for
-    /// that chain in the used ring (completions of older, timed-out chains are skipped).
-    pub fn submit(&mut self, head: u16) -> Completion {
+    /// Number of descriptors in the table (and entries in each ring).
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Puts the chain at `head` in the avail ring without publishing it (see [`Queue::publish`]).
+    /// The caller keeps at most [`Queue::size`] chains outstanding.
+    pub fn stage(&mut self, head: u16) {
+        let slot = self.avail_idx.wrapping_add(self.staged) % self.size;
+        // SAFETY: the avail ring lives in our queue area.
+        unsafe { put(self.area + AVAIL_OFFSET + 4 + 2 * slot as u64, head) };
+        self.staged += 1;
+    }
+
+    /// Publishes the staged chains (one store of the avail index) and notifies the device if it
+    /// asked for it (`avail_event` with `EVENT_IDX`, else the used ring's `NO_NOTIFY` flag).
+    pub fn publish(&mut self) {
         let avail = self.area + AVAIL_OFFSET;
         let used = self.area + USED_OFFSET;
         let old = self.avail_idx;
-        let new = old.wrapping_add(1);
-        // Interrupts are off until `wait_halting` halts: none can be counted before this load.
-        let irqs = IRQS.load(Ordering::SeqCst);
-        // SAFETY: the rings live in our queue area.
-        unsafe {
-            put(avail + 4 + 2 * (old % self.size) as u64, head);
-            put(avail + 4 + 2 * self.size as u64, self.last_used); // used_event
-            compiler_fence(Ordering::Release); // x86 keeps stores in order
-            put(avail + 2, new);
-        }
+        let new = old.wrapping_add(self.staged);
+        compiler_fence(Ordering::Release); // x86 keeps stores in order
+        // SAFETY: the avail ring lives in our queue area.
+        unsafe { put(avail + 2, new) };
         self.avail_idx = new;
+        self.staged = 0;
         fence(Ordering::SeqCst); // the idx store must be visible before we read avail_event
-        // SAFETY: as above.
+        // SAFETY: the used ring lives in our queue area.
         let notify = unsafe {
             if self.event_idx {
                 let event: u16 = get(used + 4 + 8 * self.size as u64);
@@ -297,6 +310,25 @@ impl Queue {
         if notify {
             self.mmio.write(QUEUE_NOTIFY, 0);
         }
+    }
+
+    /// The descriptor id of the next used element, if the device has added one (re-arms
+    /// `used_event` for the element after it).
+    pub fn next_used(&mut self) -> Option<u32> {
+        fence(Ordering::SeqCst);
+        (self.used_idx() != self.last_used).then(|| self.pop_used())
+    }
+
+    /// Makes the chain at `head` available, notifies the device if it wants it, and waits for
+    /// that chain in the used ring (completions of older, timed-out chains are skipped).
+    pub fn submit(&mut self, head: u16) -> Completion {
+        // Interrupts are off until `wait_halting` halts: none can be counted before this load.
+        let irqs = IRQS.load(Ordering::SeqCst);
+        let used_event = self.area + AVAIL_OFFSET + 4 + 2 * self.size as u64;
+        // SAFETY: the avail ring lives in our queue area.
+        unsafe { put(used_event, self.last_used) };
+        self.stage(head);
+        self.publish();
         let mut used_seen = false;
         apic::start_tick(idt::TICK_VECTOR);
         let interrupted = pit::wait_halting(TIMEOUT_US, || {
