@@ -153,17 +153,9 @@ impl Block {
             });
             return Err(VIRTIO_BLK_S_IOERR);
         }
-        let mut offset = req.sector * SECTOR_SIZE;
-        for &(addr, seg_len) in &req.data {
-            let result = if write {
-                self.disk
-                    .write_from_guest(offset, mem, addr, seg_len as usize)
-            } else {
-                self.disk.read_to_guest(offset, mem, addr, seg_len as usize)
-            };
-            result.map_err(|e| self.io_failed(if write { "write" } else { "read" }, e))?;
-            offset += u64::from(seg_len);
-        }
+        self.disk
+            .transfer(req.sector * SECTOR_SIZE, mem, &req.data, !write)
+            .map_err(|e| self.io_failed(if write { "write" } else { "read" }, e))?;
         let (count, bytes) = if write {
             (&self.counters.writes, &self.counters.write_bytes)
         } else {
