@@ -18,6 +18,7 @@
 //! ```
 
 pub mod arch;
+pub mod bench;
 pub mod config;
 pub mod devices;
 pub mod exit;

@@ -23,6 +23,13 @@ fn main() -> ExitCode {
             eprintln!("ember: {}", error_chain(&e));
             exit_code::ERROR
         }),
+        Command::Bench(command) => match cli::bench::run(command) {
+            Ok(()) => exit_code::SUCCESS,
+            Err(e) => {
+                eprintln!("ember: {}", error_chain(&e));
+                exit_code::ERROR
+            }
+        },
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

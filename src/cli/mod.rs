@@ -1,5 +1,6 @@
 //! The `ember` command line: clap definitions, one file per subcommand.
 
+pub mod bench;
 pub mod run;
 mod signals;
 mod terminal;
@@ -25,6 +26,9 @@ pub struct Cli {
 pub enum Command {
     /// Boot a kernel in a new microVM, its serial console on this terminal.
     Run(run::RunArgs),
+    /// Measure ember: `ember bench boot`.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Exit codes, documented in the README.

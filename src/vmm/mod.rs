@@ -212,6 +212,12 @@ impl VmHandle {
                 let _ = thread.join();
             }
             running.events.stop();
+            if log::log_enabled!(log::Level::Info) {
+                match vstate::memory::overhead_kib(&running.memory) {
+                    Ok(kib) => log::info!("memory overhead: {kib} KiB outside guest memory"),
+                    Err(e) => log::debug!("cannot measure the memory overhead: {e}"),
+                }
+            }
             self.result = Some(running.exit.reason().unwrap_or(ExitReason::Stopped));
             drop(running.vm);
             drop(running.memory);

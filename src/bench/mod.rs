@@ -1,0 +1,4 @@
+//! Boot benchmarking: repeated runs of the `ember` binary, their phases, and statistics.
+
+pub mod boot;
+pub mod stats;

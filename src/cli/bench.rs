@@ -1,0 +1,216 @@
+//! `ember bench boot`: boot a kernel N times and print each phase's distribution.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use ember::bench::boot::{self, BootBench, BootRun};
+use ember::bench::stats::Summary;
+
+/// Where `cargo build --release` in tests/guest puts the test guest.
+const TEST_GUEST: &str = "tests/guest/target/release/ember-test-guest";
+/// The test guest: write the boot timer, report, reset.
+const TEST_GUEST_CMDLINE: &str = "guest.write32=0xc0000000:0x7b guest.action=reset";
+
+/// `ember bench` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Boot a kernel repeatedly and time every phase from the spawn.
+    Boot(BootArgs),
+}
+
+/// `ember bench boot` options.
+#[derive(Debug, Args)]
+pub struct BootArgs {
+    /// Kernel to boot (default: the test guest, built in tests/guest).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Root filesystem image.
+    #[arg(long, value_name = "PATH")]
+    pub rootfs: Option<PathBuf>,
+    /// Kernel command line (default for the test guest: boot timer, then reset).
+    #[arg(long, value_name = "STRING")]
+    pub cmdline: Option<String>,
+    /// The start of the serial line that means "booted"; required with --kernel.
+    #[arg(long, value_name = "TEXT")]
+    pub marker: Option<String>,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128, value_name = "MIB")]
+    pub memory: u64,
+    /// Number of boots.
+    #[arg(short = 'n', long, default_value_t = 20, value_name = "N")]
+    pub runs: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A benchmark that cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchCliError {
+    /// No kernel given and no test guest built.
+    #[error(
+        "no --kernel given and no test guest at {TEST_GUEST}: build it with (cd tests/guest && cargo build --release), or give --kernel and --marker"
+    )]
+    NoTestGuest,
+    /// A kernel without a marker.
+    #[error(
+        "--kernel needs --marker: a line the guest prints once booted (e.g. EMBER-GUEST-READY)"
+    )]
+    NoMarker,
+    /// Zero runs.
+    #[error("-n must be at least 1")]
+    NoRuns,
+    /// Finding our own binary.
+    #[error("cannot find the ember binary")]
+    CurrentExe(#[source] std::io::Error),
+    /// A boot failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BenchError),
+}
+
+/// Runs the benchmark and prints its result.
+pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
+    let BenchCommand::Boot(args) = command;
+    if args.runs == 0 {
+        return Err(BenchCliError::NoRuns);
+    }
+    let (kernel, cmdline, marker) = match &args.kernel {
+        Some(kernel) => {
+            let marker = args.marker.clone().ok_or(BenchCliError::NoMarker)?;
+            let cmdline = args
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| ember::DEFAULT_CMDLINE.to_owned());
+            (kernel.clone(), cmdline, marker)
+        }
+        None => {
+            let guest = PathBuf::from(TEST_GUEST);
+            if !guest.is_file() {
+                return Err(BenchCliError::NoTestGuest);
+            }
+            let cmdline = args
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| TEST_GUEST_CMDLINE.to_owned());
+            (
+                guest,
+                cmdline,
+                args.marker
+                    .clone()
+                    .unwrap_or_else(|| "action=reset".to_owned()),
+            )
+        }
+    };
+    let mut run_args = vec!["--kernel".to_owned(), kernel.display().to_string()];
+    for (flag, path) in [("--initrd", &args.initrd), ("--rootfs", &args.rootfs)] {
+        if let Some(path) = path {
+            run_args.extend([flag.to_owned(), path.display().to_string()]);
+        }
+    }
+    run_args.extend([
+        "--cmdline".to_owned(),
+        cmdline,
+        "--cpus".to_owned(),
+        args.cpus.to_string(),
+        "--memory".to_owned(),
+        args.memory.to_string(),
+    ]);
+    let bench = BootBench {
+        ember: std::env::current_exe().map_err(BenchCliError::CurrentExe)?,
+        run_args,
+        marker,
+        runs: args.runs,
+        timeout: Duration::from_secs(600),
+    };
+    let runs = bench.run()?;
+    if args.json {
+        println!("{}", json(args, &kernel, &runs));
+    } else {
+        print_table(args, &kernel, &runs);
+    }
+    Ok(())
+}
+
+fn overheads(runs: &[BootRun]) -> Vec<u64> {
+    let mut kib: Vec<u64> = runs.iter().filter_map(|r| r.overhead_kib).collect();
+    kib.sort_unstable();
+    kib
+}
+
+fn print_table(args: &BootArgs, kernel: &std::path::Path, runs: &[BootRun]) {
+    println!(
+        "ember bench boot: {} runs of {} ({} vCPU, {} MiB)",
+        runs.len(),
+        kernel.display(),
+        args.cpus,
+        args.memory
+    );
+    println!(
+        "{:<26} {:>8} {:>8} {:>8} {:>8} {:>8}  (ms)",
+        "phase", "min", "p50", "p90", "p99", "max"
+    );
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    for (name, s) in boot::summarize(runs) {
+        println!(
+            "{name:<26} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+            ms(s.min),
+            ms(s.p50),
+            ms(s.p90),
+            ms(s.p99),
+            ms(s.max)
+        );
+    }
+    let kib = overheads(runs);
+    if let (Some(min), Some(max)) = (kib.first(), kib.last()) {
+        println!(
+            "memory overhead outside guest RAM: p50 {} KiB (min {min}, max {max})",
+            kib[kib.len() / 2]
+        );
+    }
+}
+
+fn summary_json(s: &Summary) -> serde_json::Value {
+    let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    serde_json::json!({
+        "min_us": us(s.min), "p50_us": us(s.p50), "p90_us": us(s.p90), "p99_us": us(s.p99), "max_us": us(s.max),
+    })
+}
+
+fn json(args: &BootArgs, kernel: &std::path::Path, runs: &[BootRun]) -> serde_json::Value {
+    let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    let phases: serde_json::Map<String, serde_json::Value> = boot::summarize(runs)
+        .iter()
+        .map(|(name, s)| ((*name).to_owned(), summary_json(s)))
+        .collect();
+    let samples: Vec<serde_json::Value> = runs
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "first_serial_us": us(r.first_serial),
+                "boot_timer_us": r.boot_timer.map(us),
+                "marker_us": us(r.marker),
+                "exit_us": us(r.exit),
+                "memory_overhead_kib": r.overhead_kib,
+            })
+        })
+        .collect();
+    let kib = overheads(runs);
+    serde_json::json!({
+        "kernel": kernel.display().to_string(),
+        "cpus": args.cpus,
+        "memory_mib": args.memory,
+        "runs": runs.len(),
+        "phases": phases,
+        "memory_overhead_kib": {
+            "min": kib.first(), "p50": kib.get(kib.len() / 2), "max": kib.last(),
+        },
+        "samples": samples,
+    })
+}

@@ -1,0 +1,79 @@
+//! `ember bench boot`: well-formed JSON with positive, ordered phases. No time bound is
+//! asserted: timings belong to the benchmark itself.
+
+mod common;
+
+use std::process::Command;
+
+use common::{ember, kvm_available, test_guest};
+
+#[test]
+fn bench_boot_json_has_positive_ordered_phases_for_every_run() {
+    if !kvm_available() {
+        return;
+    }
+    let out = Command::new(ember())
+        .args(["bench", "boot", "-n", "3", "--json", "--kernel"])
+        .arg(test_guest())
+        .args([
+            "--cmdline",
+            "guest.write32=0xc0000000:0x7b guest.action=reset",
+            "--marker",
+            "action=reset",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("well-formed JSON");
+    assert_eq!(json["runs"], 3);
+    let samples = json["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 3);
+    for s in samples {
+        let t = |k: &str| {
+            s[k].as_u64()
+                .unwrap_or_else(|| panic!("{k} missing in {s}"))
+        };
+        let (first, timer, marker, exit) = (
+            t("first_serial_us"),
+            t("boot_timer_us"),
+            t("marker_us"),
+            t("exit_us"),
+        );
+        assert!(first > 0 && first <= marker && marker <= exit, "{s}");
+        assert!(timer > 0 && timer <= exit, "{s}");
+        assert!(t("memory_overhead_kib") > 0, "{s}");
+    }
+    for phase in [
+        "spawn->first serial byte",
+        "spawn->boot timer",
+        "spawn->marker",
+        "spawn->exit",
+    ] {
+        let p = &json["phases"][phase];
+        let v = |k: &str| {
+            p[k].as_u64()
+                .unwrap_or_else(|| panic!("{phase}.{k} missing"))
+        };
+        assert!(v("min_us") > 0, "{phase}");
+        assert!(
+            v("min_us") <= v("p50_us") && v("p50_us") <= v("p90_us") && v("p90_us") <= v("max_us"),
+            "{phase}: {p}"
+        );
+    }
+}
+
+#[test]
+fn bench_boot_without_a_marker_for_a_custom_kernel_is_one_line_and_exit_1() {
+    let out = Command::new(ember())
+        .args(["bench", "boot", "--kernel", "/x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--kernel needs --marker"), "{stderr}");
+}
