@@ -10,13 +10,97 @@ use std::time::{Duration, Instant};
 
 use super::stats::Summary;
 
-/// What to boot, and how often.
+/// A VMM to time: the command that boots the guest, and the exit codes that mean success.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Its name in the output.
+    pub name: String,
+    /// The program.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Exit codes of a good run.
+    pub ok_codes: Vec<i32>,
+}
+
+impl Target {
+    /// `ember run` with `run_args`, the boot timer on and its memory report enabled.
+    pub fn ember(binary: PathBuf, run_args: &[String]) -> Target {
+        let mut args: Vec<String> = [
+            "--log-level",
+            "info",
+            "run",
+            "--boot-timer",
+            "--serial",
+            "stdio",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend_from_slice(run_args);
+        Target {
+            name: "ember".into(),
+            program: binary,
+            args,
+            ok_codes: vec![0],
+        }
+    }
+
+    /// QEMU's microvm machine booting `kernel` the same way, as Debian packages it. The guest
+    /// ends the VM by writing port 0xf4 (`isa-debug-exit`, exit code 1), or by a triple fault
+    /// (`-no-reboot`, exit code 0).
+    pub fn qemu(
+        kernel: &str,
+        initrd: Option<&str>,
+        cmdline: &str,
+        cpus: u8,
+        memory_mib: u64,
+    ) -> Target {
+        let mut args: Vec<String> = [
+            "-M",
+            "microvm,x-option-roms=off,rtc=off",
+            "-enable-kvm",
+            "-cpu",
+            "host,-arch-capabilities",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-kernel",
+            kernel,
+            "-append",
+            cmdline,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend([
+            "-m".into(),
+            memory_mib.to_string(),
+            "-smp".into(),
+            cpus.to_string(),
+        ]);
+        if let Some(initrd) = initrd {
+            args.extend(["-initrd".into(), initrd.into()]);
+        }
+        Target {
+            name: "qemu".into(),
+            program: "qemu-system-x86_64".into(),
+            args,
+            ok_codes: vec![0, 1],
+        }
+    }
+}
+
+/// What to boot, on which VMMs, and how often.
 #[derive(Clone, Debug)]
 pub struct BootBench {
-    /// The `ember` binary to run.
-    pub ember: PathBuf,
-    /// Kernel, initrd and their `ember run` options, as arguments.
-    pub run_args: Vec<String>,
+    /// The VMMs, run in turn (A B A B ...).
+    pub targets: Vec<Target>,
     /// The start of the serial line that marks "booted".
     pub marker: String,
     /// How many boots.
@@ -49,23 +133,27 @@ pub enum BenchError {
     Spawn(PathBuf, #[source] std::io::Error),
     /// The marker never came.
     #[error(
-        "run {run}: the marker {marker:?} did not appear (exit status {status:?}); last stderr: {stderr}"
+        "{vmm} run {run}: no line starting with {marker:?} (exit status {status:?}); stderr: {stderr}"
     )]
     NoMarker {
         /// Which run.
         run: usize,
+        /// Which VMM.
+        vmm: String,
         /// The marker looked for.
         marker: String,
-        /// How ember ended.
+        /// How the VMM ended.
         status: Option<i32>,
         /// The end of its stderr.
         stderr: String,
     },
-    /// ember failed.
-    #[error("run {run}: ember exited with {status:?}: {stderr}")]
+    /// The VMM failed.
+    #[error("{vmm} run {run}: exited with {status:?}: {stderr}")]
     Failed {
         /// Which run.
         run: usize,
+        /// Which VMM.
+        vmm: String,
         /// Exit code.
         status: Option<i32>,
         /// Its stderr.
@@ -81,28 +169,26 @@ enum Event {
 }
 
 impl BootBench {
-    /// Runs every boot, one after another.
-    pub fn run(&self) -> Result<Vec<BootRun>, BenchError> {
-        (0..self.runs).map(|run| self.boot_once(run)).collect()
+    /// Runs every boot, interleaving the targets run by run; one list of runs per target.
+    pub fn run(&self) -> Result<Vec<Vec<BootRun>>, BenchError> {
+        let mut results = vec![Vec::with_capacity(self.runs); self.targets.len()];
+        for run in 0..self.runs {
+            for (target, runs) in self.targets.iter().zip(&mut results) {
+                runs.push(self.boot_once(target, run)?);
+            }
+        }
+        Ok(results)
     }
 
-    fn boot_once(&self, run: usize) -> Result<BootRun, BenchError> {
+    fn boot_once(&self, target: &Target, run: usize) -> Result<BootRun, BenchError> {
         let start = Instant::now();
-        let mut child = Command::new(&self.ember)
-            .args([
-                "--log-level",
-                "info",
-                "run",
-                "--boot-timer",
-                "--serial",
-                "stdio",
-            ])
-            .args(&self.run_args)
+        let mut child = Command::new(&target.program)
+            .args(&target.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| BenchError::Spawn(self.ember.clone(), e))?;
+            .map_err(|e| BenchError::Spawn(target.program.clone(), e))?;
         let (tx, events) = channel();
         let mut stdout = child.stdout.take().expect("piped stdout");
         let marker = self.marker.clone();
@@ -152,9 +238,11 @@ impl BootBench {
             }
         }
         let tail = stderr.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
-        if status != Some(0) && marker_at.is_some() {
+        let ok = status.is_some_and(|code| target.ok_codes.contains(&code));
+        if !ok && marker_at.is_some() {
             return Err(BenchError::Failed {
                 run,
+                vmm: target.name.clone(),
                 status,
                 stderr: tail,
             });
@@ -169,6 +257,7 @@ impl BootBench {
             }),
             _ => Err(BenchError::NoMarker {
                 run,
+                vmm: target.name.clone(),
                 marker: self.marker.clone(),
                 status,
                 stderr: tail,

@@ -4,13 +4,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use ember::bench::boot::{self, BootBench, BootRun};
+use ember::bench::boot::{self, BootBench, BootRun, Target};
 use ember::bench::stats::Summary;
 
 /// Where `cargo build --release` in tests/guest puts the test guest.
 const TEST_GUEST: &str = "tests/guest/target/release/ember-test-guest";
-/// The test guest: write the boot timer, report, reset.
-const TEST_GUEST_CMDLINE: &str = "guest.write32=0xc0000000:0x7b guest.action=reset";
+/// The test guest: write the boot timer, report it, then end the VM: port 0xf4 ends QEMU
+/// (isa-debug-exit) and is ignored by ember, which ends at the i8042 reset that follows.
+const TEST_GUEST_CMDLINE: &str =
+    "guest.write32=0xc0000000:0x7b guest.outb=0xf4:0x0 guest.action=reset";
+/// The line the test guest prints right after the boot-timer write.
+const TEST_GUEST_MARKER: &str = "write32=0xc0000000:0x7b";
 
 /// `ember bench` subcommands.
 #[derive(Debug, Subcommand)]
@@ -49,6 +53,16 @@ pub struct BootArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also boot the same guest with another VMM, run by run (A B A B ...), and compare.
+    #[arg(long, value_enum, value_name = "VMM")]
+    pub compare: Option<CompareWith>,
+}
+
+/// VMMs `--compare` knows.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum CompareWith {
+    /// Debian's qemu-system-x86_64 with `-M microvm`.
+    Qemu,
 }
 
 /// A benchmark that cannot run.
@@ -104,38 +118,99 @@ pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
                 cmdline,
                 args.marker
                     .clone()
-                    .unwrap_or_else(|| "action=reset".to_owned()),
+                    .unwrap_or_else(|| TEST_GUEST_MARKER.to_owned()),
             )
         }
     };
-    let mut run_args = vec!["--kernel".to_owned(), kernel.display().to_string()];
-    for (flag, path) in [("--initrd", &args.initrd), ("--rootfs", &args.rootfs)] {
-        if let Some(path) = path {
-            run_args.extend([flag.to_owned(), path.display().to_string()]);
-        }
+    let kernel_arg = kernel.display().to_string();
+    let initrd_arg = args.initrd.as_ref().map(|p| p.display().to_string());
+    let mut run_args = vec!["--kernel".to_owned(), kernel_arg.clone()];
+    if let Some(initrd) = &initrd_arg {
+        run_args.extend(["--initrd".to_owned(), initrd.clone()]);
+    }
+    if let Some(rootfs) = &args.rootfs {
+        run_args.extend(["--rootfs".to_owned(), rootfs.display().to_string()]);
     }
     run_args.extend([
         "--cmdline".to_owned(),
-        cmdline,
+        cmdline.clone(),
         "--cpus".to_owned(),
         args.cpus.to_string(),
         "--memory".to_owned(),
         args.memory.to_string(),
     ]);
+    let ember = std::env::current_exe().map_err(BenchCliError::CurrentExe)?;
+    let mut targets = vec![Target::ember(ember, &run_args)];
+    if let Some(CompareWith::Qemu) = args.compare {
+        targets.push(Target::qemu(
+            &kernel_arg,
+            initrd_arg.as_deref(),
+            &cmdline,
+            args.cpus,
+            args.memory,
+        ));
+    }
     let bench = BootBench {
-        ember: std::env::current_exe().map_err(BenchCliError::CurrentExe)?,
-        run_args,
+        targets,
         marker,
         runs: args.runs,
         timeout: Duration::from_secs(600),
     };
-    let runs = bench.run()?;
+    let results = bench.run()?;
+    let names: Vec<&str> = bench.targets.iter().map(|t| t.name.as_str()).collect();
     if args.json {
-        println!("{}", json(args, &kernel, &runs));
+        let value = match results.as_slice() {
+            [only] => json(args, &kernel, only),
+            all => {
+                let mut map: serde_json::Map<String, serde_json::Value> = names
+                    .iter()
+                    .zip(all)
+                    .map(|(name, runs)| ((*name).to_owned(), json(args, &kernel, runs)))
+                    .collect();
+                map.insert("p50_ratio".into(), ratios_json(&results));
+                serde_json::Value::Object(map)
+            }
+        };
+        println!("{value}");
     } else {
-        print_table(args, &kernel, &runs);
+        for (name, runs) in names.iter().zip(&results) {
+            print_table(name, args, &kernel, runs);
+        }
+        if results.len() == 2 {
+            print_ratios(names[1], &results);
+        }
     }
     Ok(())
+}
+
+/// Each phase's p50 of the second VMM over ember's, for phases both have.
+fn ratios(results: &[Vec<BootRun>]) -> Vec<(&'static str, f64)> {
+    let (Some(ours), Some(theirs)) = (results.first(), results.get(1)) else {
+        return Vec::new();
+    };
+    let theirs = boot::summarize(theirs);
+    boot::summarize(ours)
+        .into_iter()
+        .filter_map(|(name, s)| {
+            let other = theirs.iter().find(|(n, _)| *n == name)?.1;
+            Some((name, other.p50.as_secs_f64() / s.p50.as_secs_f64()))
+        })
+        .collect()
+}
+
+fn ratios_json(results: &[Vec<BootRun>]) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = ratios(results)
+        .into_iter()
+        .map(|(name, r)| (name.to_owned(), serde_json::json!(r)))
+        .collect();
+    serde_json::Value::Object(map)
+}
+
+fn print_ratios(other: &str, results: &[Vec<BootRun>]) {
+    println!("p50 {other} / ember:");
+    for (name, ratio) in ratios(results) {
+        println!("  {name:<26} {ratio:>6.2}x");
+    }
 }
 
 fn overheads(runs: &[BootRun]) -> Vec<u64> {
@@ -144,9 +219,9 @@ fn overheads(runs: &[BootRun]) -> Vec<u64> {
     kib
 }
 
-fn print_table(args: &BootArgs, kernel: &std::path::Path, runs: &[BootRun]) {
+fn print_table(vmm: &str, args: &BootArgs, kernel: &std::path::Path, runs: &[BootRun]) {
     println!(
-        "ember bench boot: {} runs of {} ({} vCPU, {} MiB)",
+        "{vmm}: {} runs of {} ({} vCPU, {} MiB)",
         runs.len(),
         kernel.display(),
         args.cpus,
