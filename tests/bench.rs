@@ -77,3 +77,45 @@ fn bench_boot_without_a_marker_for_a_custom_kernel_is_one_line_and_exit_1() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("--kernel needs --marker"), "{stderr}");
 }
+
+#[test]
+fn bench_boot_concurrently_reports_a_rate_and_every_run() {
+    if !kvm_available() {
+        return;
+    }
+    let out = Command::new(ember())
+        .args([
+            "bench",
+            "boot",
+            "-n",
+            "4",
+            "--concurrency",
+            "2",
+            "--json",
+            "--kernel",
+        ])
+        .arg(test_guest())
+        .args([
+            "--cmdline",
+            "guest.write32=0xc0000000:0x7b guest.action=reset",
+            "--marker",
+            "action=reset",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("well-formed JSON");
+    assert_eq!(
+        (json["runs"].as_u64(), json["concurrency"].as_u64()),
+        (Some(4), Some(2))
+    );
+    assert!(
+        json["vms_per_second"].as_f64().is_some_and(|r| r > 0.0),
+        "{json}"
+    );
+    assert_eq!(json["samples"].as_array().map(Vec::len), Some(4));
+}

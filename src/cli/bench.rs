@@ -53,6 +53,9 @@ pub struct BootArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Boot K VMs at a time and report VMs booted per second (each VMM in turn, not interleaved).
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    pub concurrency: usize,
     /// Also boot the same guest with another VMM, run by run (A B A B ...), and compare.
     #[arg(long, value_enum, value_name = "VMM")]
     pub compare: Option<CompareWith>,
@@ -79,7 +82,7 @@ pub enum BenchCliError {
     )]
     NoMarker,
     /// Zero runs.
-    #[error("-n must be at least 1")]
+    #[error("-n and --concurrency must be at least 1")]
     NoRuns,
     /// Finding our own binary.
     #[error("cannot find the ember binary")]
@@ -92,7 +95,7 @@ pub enum BenchCliError {
 /// Runs the benchmark and prints its result.
 pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
     let BenchCommand::Boot(args) = command;
-    if args.runs == 0 {
+    if args.runs == 0 || args.concurrency == 0 {
         return Err(BenchCliError::NoRuns);
     }
     let (kernel, cmdline, marker) = match &args.kernel {
@@ -156,16 +159,30 @@ pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
         runs: args.runs,
         timeout: Duration::from_secs(600),
     };
-    let results = bench.run()?;
+    let (results, rates) = if args.concurrency > 1 {
+        let mut results = Vec::new();
+        let mut rates = Vec::new();
+        for target in &bench.targets {
+            let (runs, rate) = bench.run_concurrently(target, args.concurrency)?;
+            results.push(runs);
+            rates.push(Some(rate));
+        }
+        (results, rates)
+    } else {
+        (bench.run()?, vec![None; bench.targets.len()])
+    };
     let names: Vec<&str> = bench.targets.iter().map(|t| t.name.as_str()).collect();
     if args.json {
         let value = match results.as_slice() {
-            [only] => json(args, &kernel, only),
+            [only] => json(args, &kernel, only, rates[0]),
             all => {
                 let mut map: serde_json::Map<String, serde_json::Value> = names
                     .iter()
                     .zip(all)
-                    .map(|(name, runs)| ((*name).to_owned(), json(args, &kernel, runs)))
+                    .zip(&rates)
+                    .map(|((name, runs), rate)| {
+                        ((*name).to_owned(), json(args, &kernel, runs, *rate))
+                    })
                     .collect();
                 map.insert("p50_ratio".into(), ratios_json(&results));
                 serde_json::Value::Object(map)
@@ -173,8 +190,14 @@ pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
         };
         println!("{value}");
     } else {
-        for (name, runs) in names.iter().zip(&results) {
+        for ((name, runs), rate) in names.iter().zip(&results).zip(&rates) {
             print_table(name, args, &kernel, runs);
+            if let Some(rate) = rate {
+                println!(
+                    "{} at a time: {rate:.1} VMs booted per second",
+                    args.concurrency
+                );
+            }
         }
         if results.len() == 2 {
             print_ratios(names[1], &results);
@@ -258,7 +281,12 @@ fn summary_json(s: &Summary) -> serde_json::Value {
     })
 }
 
-fn json(args: &BootArgs, kernel: &std::path::Path, runs: &[BootRun]) -> serde_json::Value {
+fn json(
+    args: &BootArgs,
+    kernel: &std::path::Path,
+    runs: &[BootRun],
+    vms_per_second: Option<f64>,
+) -> serde_json::Value {
     let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     let phases: serde_json::Map<String, serde_json::Value> = boot::summarize(runs)
         .iter()
@@ -282,6 +310,8 @@ fn json(args: &BootArgs, kernel: &std::path::Path, runs: &[BootRun]) -> serde_js
         "cpus": args.cpus,
         "memory_mib": args.memory,
         "runs": runs.len(),
+        "concurrency": args.concurrency,
+        "vms_per_second": vms_per_second,
         "phases": phases,
         "memory_overhead_kib": {
             "min": kib.first(), "p50": kib.get(kib.len() / 2), "max": kib.last(),
