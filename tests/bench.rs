@@ -7,20 +7,19 @@ use std::process::Command;
 
 use common::{ember, kvm_available, test_guest};
 
-#[test]
-fn bench_boot_json_has_positive_ordered_phases_for_every_run() {
-    if !kvm_available() {
-        return;
-    }
+/// `ember bench boot --json` on the test guest with `extra` options; panics unless it succeeds
+/// with well-formed JSON.
+fn bench_json(extra: &[&str]) -> serde_json::Value {
     let out = Command::new(ember())
-        .args(["bench", "boot", "-n", "3", "--json", "--kernel"])
+        .args(["bench", "boot", "--json"])
+        .args(extra)
+        .arg("--kernel")
         .arg(test_guest())
         .args([
             "--cmdline",
             "guest.write32=0xc0000000:0x7b guest.action=reset",
-            "--marker",
-            "action=reset",
         ])
+        .args(["--marker", "action=reset"])
         .output()
         .unwrap();
     assert!(
@@ -28,7 +27,15 @@ fn bench_boot_json_has_positive_ordered_phases_for_every_run() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("well-formed JSON");
+    serde_json::from_slice(&out.stdout).expect("well-formed JSON")
+}
+
+#[test]
+fn bench_boot_json_has_positive_ordered_phases_for_every_run() {
+    if !kvm_available() {
+        return;
+    }
+    let json = bench_json(&["-n", "3"]);
     assert_eq!(json["runs"], 3);
     let samples = json["samples"].as_array().unwrap();
     assert_eq!(samples.len(), 3);
@@ -83,32 +90,7 @@ fn bench_boot_concurrently_reports_a_rate_and_every_run() {
     if !kvm_available() {
         return;
     }
-    let out = Command::new(ember())
-        .args([
-            "bench",
-            "boot",
-            "-n",
-            "4",
-            "--concurrency",
-            "2",
-            "--json",
-            "--kernel",
-        ])
-        .arg(test_guest())
-        .args([
-            "--cmdline",
-            "guest.write32=0xc0000000:0x7b guest.action=reset",
-            "--marker",
-            "action=reset",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("well-formed JSON");
+    let json = bench_json(&["-n", "4", "--concurrency", "2"]);
     assert_eq!(
         (json["runs"].as_u64(), json["concurrency"].as_u64()),
         (Some(4), Some(2))

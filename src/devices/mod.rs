@@ -12,21 +12,41 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Counts something a guest did wrong, and logs it at the 1st, 2nd, 4th, 8th... time, so a
 /// hostile guest can neither go unnoticed nor flood the log.
-#[derive(Debug, Default)]
-pub struct GuestErrors(AtomicU64);
+#[derive(Debug)]
+pub struct GuestErrors {
+    count: AtomicU64,
+    level: log::Level,
+}
+
+impl Default for GuestErrors {
+    fn default() -> Self {
+        GuestErrors {
+            count: AtomicU64::new(0),
+            level: log::Level::Warn,
+        }
+    }
+}
 
 impl GuestErrors {
+    /// Logged at debug level: for what guests do routinely, like probing for absent hardware.
+    pub fn quiet() -> Self {
+        GuestErrors {
+            count: AtomicU64::new(0),
+            level: log::Level::Debug,
+        }
+    }
+
     /// Counts one error; `describe` is only called when the line is logged.
     pub fn record(&self, describe: impl FnOnce() -> String) {
-        let count = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+        let count = self.count.fetch_add(1, Ordering::Relaxed) + 1;
         if count.is_power_of_two() {
-            log::warn!("{} ({count} guest errors so far)", describe());
+            log::log!(self.level, "{} ({count} so far)", describe());
         }
     }
 
     /// How many were counted.
     pub fn count(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.count.load(Ordering::Relaxed)
     }
 }
 

@@ -21,6 +21,7 @@ use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 use super::kvm::KvmContext;
 use crate::arch::x86_64::regs::EntryMode;
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
+use crate::devices::GuestErrors;
 use crate::devices::bus::Bus;
 use crate::exit::ExitReason;
 
@@ -167,7 +168,7 @@ impl Vcpu {
     }
 
     fn run_loop(&mut self, buses: &Buses, stop: &AtomicBool) -> ExitReason {
-        let mut unhandled: u64 = 0;
+        let unhandled = GuestErrors::quiet();
         let vcpu = self.index;
         loop {
             if stop.load(Ordering::Acquire) {
@@ -176,26 +177,34 @@ impl Vcpu {
             match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     if !buses.pio.write(u64::from(port), data) {
-                        unhandled += 1;
-                        log_unhandled(vcpu, unhandled, "write to port", u64::from(port));
+                        unhandled.record(|| {
+                            format!(
+                                "vCPU {vcpu}: unhandled write to port {:#x}",
+                                u64::from(port)
+                            )
+                        });
                     }
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !buses.pio.read(u64::from(port), data) {
-                        unhandled += 1;
-                        log_unhandled(vcpu, unhandled, "read from port", u64::from(port));
+                        unhandled.record(|| {
+                            format!(
+                                "vCPU {vcpu}: unhandled read from port {:#x}",
+                                u64::from(port)
+                            )
+                        });
                     }
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     if !buses.mmio.write(addr, data) {
-                        unhandled += 1;
-                        log_unhandled(vcpu, unhandled, "MMIO write at", addr);
+                        unhandled
+                            .record(|| format!("vCPU {vcpu}: unhandled MMIO write at {:#x}", addr));
                     }
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     if !buses.mmio.read(addr, data) {
-                        unhandled += 1;
-                        log_unhandled(vcpu, unhandled, "MMIO read at", addr);
+                        unhandled
+                            .record(|| format!("vCPU {vcpu}: unhandled MMIO read at {:#x}", addr));
                     }
                 }
                 Ok(VcpuExit::Shutdown) => {
@@ -242,13 +251,5 @@ impl Vcpu {
 
     fn rip(&self) -> Option<u64> {
         self.fd.get_regs().ok().map(|regs| regs.rip)
-    }
-}
-
-/// Logs the 1st, 2nd, 4th, 8th... unhandled access: a guest probing for hardware (or hammering
-/// on purpose) cannot flood the log.
-fn log_unhandled(vcpu: u8, count: u64, what: &str, addr: u64) {
-    if count.is_power_of_two() {
-        log::debug!("vCPU {vcpu}: unhandled {what} {addr:#x} ({count} so far)");
     }
 }
