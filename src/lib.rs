@@ -27,7 +27,11 @@ pub mod timing;
 pub mod vmm;
 pub mod vstate;
 
-pub use config::{BootProtocol, ConfigError, ConsoleConfig, DEFAULT_CMDLINE, DiskConfig, VmConfig};
+pub use config::{
+    BootProtocol, ConfigError, ConsoleConfig, DEFAULT_CMDLINE, DiskConfig, MacAddr, NetConfig,
+    VmConfig,
+};
+pub use devices::virtio::net::NetStats;
 pub use exit::ExitReason;
 pub use vmm::{Console, StartError, StopTrigger, VmHandle};
 

@@ -301,3 +301,114 @@ fn bad_disk_spec_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected path=FILE"));
 }
+
+#[test]
+fn tap_name_too_long() {
+    let f = ember_run(&[
+        "--kernel",
+        "/proc/self/exe",
+        "--net",
+        "tap=a-tap-name-over-15",
+    ]);
+    assert_one_line_error(&f, &["a-tap-name-over-15", "1 to 15 characters"]);
+}
+
+#[test]
+fn bad_mac_addresses() {
+    for (mac, needle) in [
+        ("06:00:zz:00:00:01", "is not a MAC address"),
+        ("06:00:00:00:01", "is not a MAC address"),
+        ("01:00:5e:00:00:01", "group (multicast)"),
+    ] {
+        let spec = format!("tap=tap0,mac={mac}");
+        let f = ember_run(&["--kernel", "/proc/self/exe", "--net", &spec]);
+        assert_one_line_error(&f, &[mac, needle]);
+    }
+}
+
+#[test]
+fn the_same_tap_twice() {
+    let f = ember_run(&[
+        "--kernel",
+        "/proc/self/exe",
+        "--net",
+        "tap=tap0",
+        "--net",
+        "tap=tap0",
+    ]);
+    assert_one_line_error(&f, &["TAP tap0 is given twice"]);
+}
+
+#[test]
+fn tap_held_by_another_process() {
+    if !kvm_available() {
+        return;
+    }
+    let ns = common::netns::NetNs::new("busy");
+    ns.add_tap("tap0", "10.0.0.1/24", 1500);
+    // Attach to the TAP from this process, as another VMM would.
+    let holder = ns.run(|| {
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap();
+        // SAFETY: ifreq is plain data; all zeroes is valid.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"tap0") {
+            *dst = *src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags = i16::try_from(libc::IFF_TAP | libc::IFF_NO_PI).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: TUNSETIFF reads the ifreq we pass; the result is checked.
+        let ret = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+        assert_eq!(ret, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+        tun
+    });
+    let out = ns
+        .command(ember())
+        .args(["run", "--kernel"])
+        .arg(test_guest())
+        .args(["--net", "tap=tap0"])
+        .output()
+        .unwrap();
+    let f = Failure {
+        code: out.status.code(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert_one_line_error(&f, &["TAP tap0 is in use by another process"]);
+    drop(holder);
+}
+
+#[test]
+fn missing_tap_without_the_privilege_to_create_it() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = temp_path("guest-for-nobody-net");
+    std::fs::copy(test_guest(), &kernel).unwrap();
+    let ns = common::netns::NetNs::new("noperm");
+    let out = ns
+        .command("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(ember())
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--net",
+            "tap=tap7",
+        ])
+        .output()
+        .unwrap();
+    let f = Failure {
+        code: out.status.code(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    // Where /dev/net/tun is 0600 (as here) opening it fails; elsewhere creating the TAP does.
+    assert_one_line_error(&f, &["no permission", "run ember as root"]);
+    if !f.stderr.contains("/dev/net/tun") {
+        assert_one_line_error(&f, &["TAP tap7", "ip tuntap add tap7"]);
+    }
+    std::fs::remove_file(kernel).unwrap();
+}

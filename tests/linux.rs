@@ -325,3 +325,48 @@ fn root_on_virtio_blk_keeps_what_the_guest_wrote_and_a_second_disk_shows_its_id(
         std::fs::remove_file(image).unwrap();
     }
 }
+
+#[test]
+fn linux_takes_its_address_from_ip_and_pings_the_host_and_back() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = artifact("build-kernel.sh", &["pvm"], "pvm/vmlinux");
+    let cmdline_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/cmdline-pvm.txt");
+    let base_cmdline = std::fs::read_to_string(cmdline_file).unwrap();
+    let root = scratch_rootfs("net");
+    let ns = common::netns::NetNs::new("linux");
+    ns.add_tap("tap0", "10.0.0.1/24", 1500);
+    // busybox ping -c 1 needs no timer (the kernel is built without POSIX timers); `read`
+    // keeps the guest up, answering the host's pings, until the test sends a line.
+    let cmdline = format!(
+        "{} ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off ember.cmd=\"ping -c 1 10.0.0.1 && echo PING-OK && read line\"",
+        base_cmdline.trim()
+    );
+    let _turn = take_turn();
+    let mut command = ns.command(common::ember());
+    command
+        .args(["run", "--kernel"])
+        .arg(&kernel)
+        .arg("--rootfs")
+        .arg(&root)
+        .args(["--net", "tap=tap0", "--cmdline", &cmdline]);
+    let mut ember = Ember::spawn_command(command);
+    let timeout = Duration::from_secs(300);
+    ember.expect_line(timeout, |l| l.contains("EMBER-GUEST-READY"));
+    ember.expect_line(timeout, |l| l.contains("PING-OK"));
+    let out = ns
+        .command("ping")
+        .args(["-c", "3", "-W", "30", "10.0.0.2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the host's ping of the guest: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ember.send(b"\n");
+    ember.expect_line(timeout, |l| l.contains("EMBER-CMD-EXIT=0"));
+    ember.finish(timeout).assert_success();
+    std::fs::remove_file(root).unwrap();
+}

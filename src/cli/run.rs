@@ -7,7 +7,10 @@ use clap::{Args, ValueEnum};
 use super::exit_code;
 use super::signals::SignalGuard;
 use super::terminal::RawTerminal;
-use ember::{BootProtocol, ConsoleConfig, DEFAULT_CMDLINE, DiskConfig, ExitReason, Vm, VmConfig};
+use ember::{
+    BootProtocol, ConfigError, ConsoleConfig, DEFAULT_CMDLINE, DiskConfig, ExitReason, NetConfig,
+    Vm, VmConfig,
+};
 
 /// `ember run` options.
 #[derive(Debug, Args)]
@@ -44,6 +47,11 @@ pub struct RunArgs {
     /// A virtio-blk disk: path=FILE[,readonly=on][,direct=on][,id=NAME]; repeat for more (vdb, vdc...).
     #[arg(long = "disk", value_parser = parse_disk, value_name = "SPEC")]
     pub disks: Vec<DiskConfig>,
+
+    /// A virtio-net interface on a host TAP: tap=NAME[,mac=MAC]; repeat for more (eth0, eth1...).
+    /// A missing TAP is created (it lasts as long as ember) when ember may.
+    #[arg(long = "net", value_parser = parse_net, value_name = "SPEC")]
+    pub nets: Vec<NetSpec>,
 
     /// Enable the boot timer (Firecracker-compatible): a guest write of 123 to 0xC000_0000 logs
     /// the time since ember started (at --log-level info).
@@ -99,9 +107,45 @@ fn parse_disk(value: &str) -> Result<DiskConfig, String> {
     Ok(disk)
 }
 
+/// A `--net` value as given; its name and address are checked with the rest of the config,
+/// so that a bad one is a one-line error like any other.
+#[derive(Clone, Debug)]
+pub struct NetSpec {
+    tap: String,
+    mac: Option<String>,
+}
+
+fn parse_net(value: &str) -> Result<NetSpec, String> {
+    let mut tap = None;
+    let mut mac = None;
+    for item in value.split(',') {
+        match item.split_once('=') {
+            Some(("tap", name)) => tap = Some(name.to_owned()),
+            Some(("mac", addr)) => mac = Some(addr.to_owned()),
+            _ => {
+                return Err(format!(
+                    "unknown item {item:?}: expected tap=NAME[,mac=MAC]"
+                ));
+            }
+        }
+    }
+    let tap = tap.ok_or("missing tap=NAME")?;
+    Ok(NetSpec { tap, mac })
+}
+
+impl NetSpec {
+    fn to_config(&self) -> Result<NetConfig, ConfigError> {
+        let mut net = NetConfig::new(&self.tap);
+        if let Some(mac) = &self.mac {
+            net.mac = Some(mac.parse()?);
+        }
+        Ok(net)
+    }
+}
+
 impl RunArgs {
     /// The library configuration these options describe.
-    pub fn to_config(&self) -> VmConfig {
+    pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
         let mut config = VmConfig::new(&self.kernel);
         config.initrd = self.initrd.clone();
         config.cmdline = self.cmdline.clone();
@@ -110,6 +154,11 @@ impl RunArgs {
             config.cmdline.push_str(" root=/dev/vda rw");
         }
         config.disks.extend(self.disks.iter().cloned());
+        config.nets = self
+            .nets
+            .iter()
+            .map(NetSpec::to_config)
+            .collect::<Result<_, _>>()?;
         config.boot_timer = self.boot_timer;
         config.vcpus = self.cpus;
         config.memory_mib = self.memory;
@@ -119,13 +168,13 @@ impl RunArgs {
             Protocol::Linux => BootProtocol::Linux,
             Protocol::Pvh => BootProtocol::Pvh,
         };
-        config
+        Ok(config)
     }
 }
 
 /// Runs the VM to its end; returns the process exit code.
 pub fn run(args: &RunArgs) -> Result<i32, ember::StartError> {
-    let config = args.to_config();
+    let config = args.to_config()?;
     let mut vm = Vm::start(&config)?;
     let signals = vm.stop_trigger().and_then(SignalGuard::install);
     if let Err(e) = &signals {

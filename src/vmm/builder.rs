@@ -23,7 +23,9 @@ use crate::config::{ConfigError, VmConfig};
 use crate::devices::legacy::{I8042, SerialDevice};
 use crate::devices::pseudo::debug_port::DebugCodes;
 use crate::devices::pseudo::{BootTimer, DebugPort};
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, DiskFile};
+use crate::devices::virtio::net::{Net, Tap};
 use crate::exit::ExitReason;
 use crate::loader::{self, LoadedKernel};
 use crate::timing::{Phase, Timeline};
@@ -40,6 +42,11 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
         .disks
         .iter()
         .map(|d| Ok((DiskFile::open(&d.path, d.read_only, d.direct)?, d.serial())))
+        .collect::<Result<Vec<_>, StartError>>()?;
+    let taps = config
+        .nets
+        .iter()
+        .map(|n| Ok((Tap::open(&n.tap)?, n.mac())))
         .collect::<Result<Vec<_>, StartError>>()?;
     let kvm = KvmContext::open(&config.kvm_device)?;
     if config.vcpus > kvm.max_vcpus() {
@@ -62,16 +69,20 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
 
     let exit = Arc::new(ExitState::new(timeline.clone()).map_err(StartError::Eventfd)?);
     let (mut buses, mut subscribers, console) = create_devices(config, &vm, &exit)?;
-    for (index, (disk, serial)) in disks.into_iter().enumerate() {
-        let block = Block::new(disk, &serial);
-        virtio::attach(
-            Box::new(block),
-            index,
-            &vm,
-            &memory,
-            &mut buses,
-            &mut subscribers,
-        )?;
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for (disk, serial) in disks {
+        devices.push(Box::new(Block::new(disk, &serial)));
+    }
+    let mut nets = Vec::new();
+    for (tap, mac) in taps {
+        log::debug!("net {}: MAC {mac}", tap.name());
+        let name = tap.name().to_owned();
+        let net = Net::new(tap, mac.0);
+        nets.push((name, net.counters()));
+        devices.push(Box::new(net));
+    }
+    for (index, device) in devices.into_iter().enumerate() {
+        virtio::attach(device, index, &vm, &memory, &mut buses, &mut subscribers)?;
     }
 
     if config.boot_timer {
@@ -132,6 +143,7 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
         console,
         timeline,
         debug_codes,
+        nets,
     }))
 }
 
@@ -154,7 +166,7 @@ fn load_kernel_and_tables(
             .insert_str(config.cmdline.trim())
             .map_err(StartError::Cmdline)?;
     }
-    virtio::add_to_cmdline(&mut cmdline, config.disks.len())?;
+    virtio::add_to_cmdline(&mut cmdline, config.disks.len() + config.nets.len())?;
     let cmdline = cmdline.as_cstring().map_err(StartError::Cmdline)?;
     let cmdline_bytes = cmdline.as_bytes_with_nul();
     memory

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::devices::pseudo::debug_port::DebugCodes;
+use crate::devices::virtio::net::{NetCounters, NetStats};
 use crate::exit::ExitReason;
 use crate::timing::{Phase, Timeline};
 use crate::vstate;
@@ -72,6 +73,9 @@ pub enum StartError {
     /// A disk image.
     #[error(transparent)]
     Disk(#[from] crate::devices::virtio::block::DiskError),
+    /// A TAP device.
+    #[error(transparent)]
+    Tap(#[from] crate::devices::virtio::net::TapError),
     /// A virtio queue.
     #[error("cannot create a virtio queue: {0:?}")]
     Queue(virtio_queue::Error),
@@ -93,6 +97,7 @@ struct Running {
     console: Option<Console>,
     timeline: Arc<Timeline>,
     debug_codes: DebugCodes,
+    nets: Vec<(String, Arc<NetCounters>)>,
     vm: vstate::vm::Vm,
     memory: GuestMemoryMmap,
 }
@@ -121,11 +126,13 @@ pub struct VmHandle {
     result: Option<ExitReason>,
     timeline: Vec<(Phase, Duration)>,
     debug_codes: Vec<(u8, Duration)>,
+    nets: Vec<(String, Arc<NetCounters>)>,
 }
 
 impl VmHandle {
     fn new(running: Running) -> Self {
         VmHandle {
+            nets: running.nets.clone(),
             running: Some(running),
             result: None,
             timeline: Vec::new(),
@@ -182,6 +189,15 @@ impl VmHandle {
         }
     }
 
+    /// Each network interface's TAP name and counters, in `eth0`, `eth1`, ... order (final once
+    /// the VM has ended).
+    pub fn net_stats(&self) -> Vec<(String, NetStats)> {
+        self.nets
+            .iter()
+            .map(|(tap, counters)| (tap.clone(), counters.snapshot()))
+            .collect()
+    }
+
     /// Stops the VM (if it still runs) and tears it down.
     pub fn stop(&mut self) -> ExitReason {
         self.teardown()
@@ -212,6 +228,9 @@ impl VmHandle {
                 let _ = thread.join();
             }
             running.events.stop();
+            for (tap, stats) in self.net_stats() {
+                log::debug!("net {tap}: {stats}");
+            }
             if log::log_enabled!(log::Level::Info) {
                 match vstate::memory::overhead_kib(&running.memory) {
                     Ok(kib) => log::info!("memory overhead: {kib} KiB outside guest memory"),

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -72,8 +74,14 @@ pub struct Ember {
 impl Ember {
     /// Starts `ember` with `args`, stdin, stdout and stderr piped.
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Ember {
-        let mut child = Command::new(ember())
-            .args(args)
+        let mut command = Command::new(ember());
+        command.args(args);
+        Ember::spawn_command(command)
+    }
+
+    /// Starts `command` (an `ember` invocation, perhaps wrapped), stdin, stdout and stderr piped.
+    pub fn spawn_command(mut command: Command) -> Ember {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

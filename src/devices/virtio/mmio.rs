@@ -6,7 +6,7 @@
 //! any value to any register in any order: such writes are refused (and counted) without harm,
 //! and a broken configuration leaves the device inactive with DEVICE_NEEDS_RESET set.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -49,6 +49,8 @@ pub struct MmioTransport {
     queue_sel: u32,
     config_generation: u32,
     active: bool,
+    /// The device's backend descriptor as the event loop watches it now.
+    watched_backend: Option<(RawFd, EventSet)>,
     errors: GuestErrors,
 }
 
@@ -79,6 +81,7 @@ impl MmioTransport {
             queue_sel: 0,
             config_generation: 0,
             active: false,
+            watched_backend: None,
             errors: GuestErrors::default(),
         })
     }
@@ -242,6 +245,17 @@ impl MmioTransport {
         }
         self.device.activate(self.driver_features);
         self.active = true;
+        // Serve every queue once on the event loop: buffers the driver queued before DRIVER_OK
+        // get seen, and the device's backend gets watched.
+        self.kick_event_loop();
+    }
+
+    fn kick_event_loop(&self) {
+        for evt in &self.notify {
+            if let Err(e) = evt.write(1) {
+                log::warn!("virtio-mmio: cannot wake the event loop: {e}");
+            }
+        }
     }
 
     fn reset(&mut self) {
@@ -256,6 +270,8 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.queue_sel = 0;
         self.active = false;
+        // Let the event loop stop watching the device's backend.
+        self.kick_event_loop();
     }
 
     /// Runs the device on queue `index` and interrupts the guest if it asked to be told.
@@ -267,11 +283,56 @@ impl MmioTransport {
             return;
         }
         if self.device.process_queue(index, queue, &self.mem) {
-            match queue.needs_notification(&self.mem) {
-                Ok(false) => {}
-                Ok(true) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
-                // The guest broke its ring; interrupting it is the safe answer.
-                Err(_) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
+            self.signal_used(index);
+        }
+    }
+
+    /// Queue `index`'s used ring moved: interrupt the guest if it asked to be told.
+    fn signal_used(&mut self, index: usize) {
+        let Some(queue) = self.queues.get_mut(index) else {
+            return;
+        };
+        match queue.needs_notification(&self.mem) {
+            Ok(false) => {}
+            Ok(true) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
+            // The guest broke its ring; interrupting it is the safe answer.
+            Err(_) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
+        }
+    }
+
+    /// The device's backend is ready.
+    fn serve_backend(&mut self, events: EventSet) {
+        if !self.active {
+            return;
+        }
+        let moved = self
+            .device
+            .process_backend(events, &mut self.queues, &self.mem);
+        for index in 0..self.queues.len() {
+            if moved & (1 << index) != 0 {
+                self.signal_used(index);
+            }
+        }
+    }
+
+    /// Makes the event loop watch the backend for what the device waits for now.
+    fn sync_backend(&mut self, ops: &mut EventOps) {
+        let wanted = match self.device.backend() {
+            Some((fd, events)) if self.active && !events.is_empty() => Some((fd, events)),
+            _ => None,
+        };
+        if wanted == self.watched_backend {
+            return;
+        }
+        if let Some((fd, events)) = self.watched_backend.take() {
+            if let Err(e) = ops.remove(Events::new_raw(fd, events)) {
+                log::error!("virtio-mmio: cannot stop watching a device backend: {e:?}");
+            }
+        }
+        if let Some((fd, events)) = wanted {
+            match ops.add(Events::new_raw(fd, events)) {
+                Ok(()) => self.watched_backend = wanted,
+                Err(e) => log::error!("virtio-mmio: cannot watch a device backend: {e:?}"),
             }
         }
     }
@@ -327,16 +388,21 @@ impl MutEventSubscriber for MmioTransport {
         }
     }
 
-    fn process(&mut self, events: Events, _: &mut EventOps) {
-        let Some(index) = self
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if let Some(index) = self
             .notify
             .iter()
             .position(|e| e.as_raw_fd() == events.fd())
-        else {
-            return;
-        };
-        // The count does not matter: one pass drains everything available.
-        let _ = self.notify[index].read();
-        self.serve_queue(index);
+        {
+            // The count does not matter: one pass drains everything available.
+            let _ = self.notify[index].read();
+            self.serve_queue(index);
+        } else if self
+            .watched_backend
+            .is_some_and(|(fd, _)| fd == events.fd())
+        {
+            self.serve_backend(events.event_set());
+        }
+        self.sync_backend(ops);
     }
 }

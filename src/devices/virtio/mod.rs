@@ -7,8 +7,12 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
+
+use event_manager::EventSet;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -41,6 +45,20 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
     /// The driver reset the device.
     fn reset(&mut self);
+    /// A descriptor the event loop watches for the device besides its queues (a TAP, say), and
+    /// the readiness the device waits for right now (empty: none).
+    fn backend(&self) -> Option<(RawFd, EventSet)> {
+        None
+    }
+    /// The backend is ready for `events`; returns one bit per queue whose used ring moved.
+    fn process_backend(
+        &mut self,
+        _events: EventSet,
+        _queues: &mut [Queue],
+        _mem: &GuestMemoryMmap,
+    ) -> u32 {
+        0
+    }
 }
 
 /// The interrupt line of one virtio-mmio device: the InterruptStatus bits plus the irqfd.

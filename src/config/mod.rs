@@ -1,9 +1,12 @@
 //! What a VM is made of: plain data, checked by [`VmConfig::validate`] before anything is built.
 
+mod net;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
+pub use net::{MAX_TAP_NAME_LEN, MacAddr, MacParseError, NetConfig};
 
 /// The kernel command line used when none is given: the serial console, reset on reboot through
 /// the i8042 (which ends the VM), reboot on panic, and no probing for hardware a microVM lacks.
@@ -112,6 +115,8 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     /// virtio-blk disks, `/dev/vda` first.
     pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces, `eth0` first.
+    pub nets: Vec<NetConfig>,
     /// The Firecracker-compatible boot timer at 0xC000_0000.
     pub boot_timer: bool,
 }
@@ -129,6 +134,7 @@ impl VmConfig {
             boot_protocol: BootProtocol::default(),
             kvm_device: PathBuf::from("/dev/kvm"),
             disks: Vec::new(),
+            nets: Vec::new(),
             boot_timer: false,
         }
     }
@@ -148,13 +154,20 @@ impl VmConfig {
         if let Some(initrd) = &self.initrd {
             check_readable_file("initrd", initrd)?;
         }
-        if self.disks.len() > MAX_VIRTIO_DEVICES {
-            return Err(ConfigError::TooManyDevices(self.disks.len()));
+        let devices = self.disks.len() + self.nets.len();
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
         }
         for disk in &self.disks {
             let id = disk.serial();
             if id.len() > MAX_DISK_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(ConfigError::BadDiskId(id));
+            }
+        }
+        for (i, net) in self.nets.iter().enumerate() {
+            net.validate()?;
+            if self.nets[..i].iter().any(|other| other.tap == net.tap) {
+                return Err(ConfigError::DuplicateTap(net.tap.clone()));
             }
         }
         Ok(())
@@ -187,6 +200,18 @@ pub enum ConfigError {
     /// A disk id the guest could not read back.
     #[error("disk id {0:?} must be 1 to 20 printable ASCII characters without spaces")]
     BadDiskId(String),
+    /// A TAP name Linux would refuse.
+    #[error("TAP name {0:?} must be 1 to {MAX_TAP_NAME_LEN} characters without '/', ':' or spaces")]
+    BadTapName(String),
+    /// The same TAP twice.
+    #[error("TAP {0} is given twice: each interface needs its own TAP")]
+    DuplicateTap(String),
+    /// Not a MAC address.
+    #[error(transparent)]
+    MacSyntax(#[from] MacParseError),
+    /// A MAC address a NIC cannot have.
+    #[error("MAC address {0} is a group (multicast) or zero address: the first byte must be even")]
+    BadMac(MacAddr),
     /// A file that does not exist.
     #[error("{what} file {} does not exist: check the path", .path.display())]
     Missing {

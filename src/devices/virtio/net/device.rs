@@ -1,0 +1,340 @@
+//! The virtio-net device: features, config space, and both directions on the event loop.
+//!
+//! Receive: the TAP is watched for input only while the guest has given buffers; a frame that
+//! does not fit waits (the TAP is not read further) until the guest adds more. Transmit: a queue
+//! notification drains the transmit queue into the TAP; if the TAP would block, the frame waits
+//! and the TAP is watched for output instead.
+
+use std::io::ErrorKind;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use event_manager::EventSet;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::rx::{Delivery, RxPool};
+use super::tap::{Tap, VNET_HDR_LEN};
+use super::tx::{self, MAX_TX_LEN, TxFrame};
+use super::{NetCounters, bump};
+use crate::devices::GuestErrors;
+use crate::devices::virtio::{
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
+};
+
+const VIRTIO_ID_NET: u32 = 1;
+/// Receive queue, then transmit queue.
+const RX: usize = 0;
+const TX: usize = 1;
+/// Each queue's size.
+pub const QUEUE_SIZE: u16 = 256;
+/// A whole frame as the TAP hands it over: header plus up to a 64 KiB packet.
+#[allow(clippy::cast_possible_truncation)] // 65 KiB fits any usize ember runs on.
+const RX_BUFFER_LEN: usize = MAX_TX_LEN as usize;
+
+const fn bit(feature: u32) -> u64 {
+    1 << feature
+}
+
+/// A virtio-net device on a TAP.
+pub struct Net {
+    tap: Tap,
+    config: [u8; 6],
+    acked: u64,
+    /// The guest's offload choice is applied on the event loop, not the vCPU thread.
+    offload_pending: bool,
+    rx_frame: Vec<u8>,
+    /// Bytes of a frame read from the TAP and not yet delivered (0: none).
+    rx_pending: usize,
+    rx_pool: RxPool,
+    /// The guest has no room for the pending frame: stop reading the TAP.
+    rx_waiting: bool,
+    /// A frame the TAP would not take yet; sent before any other.
+    tx_pending: Option<TxFrame>,
+    active: bool,
+    counters: Arc<NetCounters>,
+    errors: GuestErrors,
+}
+
+impl Net {
+    /// A device on `tap` with MAC address `mac`.
+    pub fn new(tap: Tap, mac: [u8; 6]) -> Self {
+        Net {
+            tap,
+            config: mac,
+            acked: 0,
+            offload_pending: false,
+            rx_frame: vec![0; RX_BUFFER_LEN],
+            rx_pending: 0,
+            rx_pool: RxPool::default(),
+            rx_waiting: false,
+            tx_pending: None,
+            active: false,
+            counters: Arc::new(NetCounters::default()),
+            errors: GuestErrors::default(),
+        }
+    }
+
+    /// Shared counters.
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.counters.clone()
+    }
+
+    fn mergeable(&self) -> bool {
+        self.acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0
+    }
+
+    /// What the TAP may hand us, from what the guest accepts. TSO needs checksum offload.
+    fn tap_offloads(&self) -> libc::c_uint {
+        if self.acked & bit(VIRTIO_NET_F_GUEST_CSUM) == 0 {
+            return 0;
+        }
+        let mut flags = libc::TUN_F_CSUM;
+        if self.acked & bit(VIRTIO_NET_F_GUEST_TSO4) != 0 {
+            flags |= libc::TUN_F_TSO4;
+        }
+        if self.acked & bit(VIRTIO_NET_F_GUEST_TSO6) != 0 {
+            flags |= libc::TUN_F_TSO6;
+        }
+        flags
+    }
+
+    fn apply_offloads(&mut self) {
+        if std::mem::take(&mut self.offload_pending) {
+            if let Err(e) = self.tap.set_offload(self.tap_offloads()) {
+                log::warn!("virtio-net: {e}");
+            }
+        }
+    }
+
+    /// Moves frames from the TAP to the guest until one side runs dry.
+    fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used_any = false;
+        loop {
+            if self.rx_pending == 0 {
+                match self.tap.read_frame(&mut self.rx_frame) {
+                    Ok(n) if n > VNET_HDR_LEN => self.rx_pending = n,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        bump(&self.counters.rx_errors, 1);
+                        log::warn!("virtio-net: cannot read TAP {}: {e}", self.tap.name());
+                        break;
+                    }
+                }
+            }
+            let mergeable = self.mergeable();
+            let frame = &mut self.rx_frame[..self.rx_pending];
+            let (delivery, moved) =
+                self.rx_pool
+                    .deliver(queue, mem, frame, mergeable, &self.errors);
+            used_any |= moved;
+            match delivery {
+                Delivery::Delivered(_) => {
+                    bump(&self.counters.rx_packets, 1);
+                    bump(
+                        &self.counters.rx_bytes,
+                        (self.rx_pending - VNET_HDR_LEN) as u64,
+                    );
+                    self.rx_pending = 0;
+                }
+                Delivery::TooBig => {
+                    bump(&self.counters.rx_drops, 1);
+                    self.rx_pending = 0;
+                }
+                Delivery::NoBuffers => {
+                    // Ask to be told when buffers come, unless some came meanwhile.
+                    match queue.enable_notification(mem) {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(e) => self
+                            .errors
+                            .record(|| format!("virtio-net: broken receive ring: {e:?}")),
+                    }
+                    self.rx_waiting = true;
+                    break;
+                }
+            }
+        }
+        used_any
+    }
+
+    /// Sends every frame the guest queued, until the TAP would block.
+    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used_any = false;
+        loop {
+            if let Err(e) = queue.disable_notification(mem) {
+                self.errors
+                    .record(|| format!("virtio-net: broken transmit ring: {e:?}"));
+                return used_any;
+            }
+            loop {
+                let frame = match self.tx_pending.take() {
+                    Some(frame) => frame,
+                    None => {
+                        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                            break;
+                        };
+                        let head = chain.head_index();
+                        match tx::parse(chain, mem) {
+                            Ok(frame) => frame,
+                            Err(why) => {
+                                bump(&self.counters.tx_drops, 1);
+                                self.errors.record(|| format!("virtio-net: dropped {why}"));
+                                self.complete(queue, mem, head);
+                                used_any = true;
+                                continue;
+                            }
+                        }
+                    }
+                };
+                match tx::send(&self.tap, mem, &frame) {
+                    Ok(n) if n as u64 == frame.len => {
+                        bump(&self.counters.tx_packets, 1);
+                        bump(&self.counters.tx_bytes, frame.len - VNET_HDR_LEN as u64);
+                    }
+                    Ok(n) => {
+                        bump(&self.counters.tx_errors, 1);
+                        self.errors
+                            .record(|| format!("virtio-net: TAP took {n} of {} bytes", frame.len));
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        self.tx_pending = Some(frame);
+                        return used_any;
+                    }
+                    Err(e) => {
+                        // E.g. a header the kernel rejects, or the TAP is down.
+                        bump(&self.counters.tx_errors, 1);
+                        self.errors
+                            .record(|| format!("virtio-net: TAP refused a frame: {e}"));
+                    }
+                }
+                self.complete(queue, mem, frame.head);
+                used_any = true;
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) => continue,
+                Ok(false) => return used_any,
+                Err(e) => {
+                    self.errors
+                        .record(|| format!("virtio-net: broken transmit ring: {e:?}"));
+                    return used_any;
+                }
+            }
+        }
+    }
+
+    fn complete(&self, queue: &mut Queue, mem: &GuestMemoryMmap, head: u16) {
+        if let Err(e) = queue.add_used(mem, head, 0) {
+            self.errors
+                .record(|| format!("virtio-net: cannot return a chain: {e:?}"));
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | bit(VIRTIO_NET_F_MAC)
+            | bit(VIRTIO_NET_F_MRG_RXBUF)
+            | bit(VIRTIO_NET_F_CSUM)
+            | bit(VIRTIO_NET_F_GUEST_CSUM)
+            | bit(VIRTIO_NET_F_GUEST_TSO4)
+            | bit(VIRTIO_NET_F_GUEST_TSO6)
+            | bit(VIRTIO_NET_F_HOST_TSO4)
+            | bit(VIRTIO_NET_F_HOST_TSO6)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(src) = self.config.get(start..) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    fn activate(&mut self, features: u64) {
+        self.acked = features;
+        self.offload_pending = true;
+        self.active = true;
+    }
+
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        self.apply_offloads();
+        match index {
+            RX => {
+                // New buffers: deliver what waits, and watch the TAP again.
+                self.rx_waiting = false;
+                self.receive(queue, mem)
+            }
+            TX => self.transmit(queue, mem),
+            _ => false,
+        }
+    }
+
+    fn backend(&self) -> Option<(RawFd, EventSet)> {
+        if !self.active {
+            return None;
+        }
+        let mut events = EventSet::empty();
+        if !self.rx_waiting {
+            events |= EventSet::IN;
+        }
+        if self.tx_pending.is_some() {
+            events |= EventSet::OUT;
+        }
+        Some((self.tap.as_raw_fd(), events))
+    }
+
+    fn process_backend(
+        &mut self,
+        events: EventSet,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> u32 {
+        self.apply_offloads();
+        let mut moved = 0;
+        if events.contains(EventSet::OUT) {
+            if let Some(queue) = queues.get_mut(TX) {
+                if self.transmit(queue, mem) {
+                    moved |= 1 << TX;
+                }
+            }
+        }
+        if events.contains(EventSet::IN) && !self.rx_waiting {
+            if let Some(queue) = queues.get_mut(RX) {
+                if self.receive(queue, mem) {
+                    moved |= 1 << RX;
+                }
+            }
+        }
+        moved
+    }
+
+    fn reset(&mut self) {
+        self.active = false;
+        self.acked = 0;
+        self.rx_pending = 0;
+        self.rx_pool.clear();
+        self.rx_waiting = false;
+        self.tx_pending = None;
+    }
+}

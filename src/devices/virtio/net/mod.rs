@@ -1,0 +1,83 @@
+//! virtio-net on a host TAP: the device ([`Net`]), its receive and transmit paths, and the TAP.
+
+mod device;
+mod rx;
+pub mod tap;
+mod tx;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use device::Net;
+pub use tap::{Tap, TapError};
+
+/// What one interface has done, updated by the event loop and readable while the VM runs.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    rx_drops: AtomicU64,
+    rx_errors: AtomicU64,
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    tx_drops: AtomicU64,
+    tx_errors: AtomicU64,
+}
+
+/// A snapshot of [`NetCounters`]. Bytes count frames without the virtio-net header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Frames delivered to the guest.
+    pub rx_packets: u64,
+    /// Bytes delivered to the guest.
+    pub rx_bytes: u64,
+    /// Frames read from the TAP that did not fit the guest's buffers.
+    pub rx_drops: u64,
+    /// Receive buffers the guest got wrong (read-only, outside its memory), and TAP read errors.
+    pub rx_errors: u64,
+    /// Frames written to the TAP.
+    pub tx_packets: u64,
+    /// Bytes written to the TAP.
+    pub tx_bytes: u64,
+    /// Malformed transmit chains from the guest, dropped.
+    pub tx_drops: u64,
+    /// Frames the TAP refused or failed to take.
+    pub tx_errors: u64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+impl NetCounters {
+    /// The current values.
+    pub fn snapshot(&self) -> NetStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NetStats {
+            rx_packets: get(&self.rx_packets),
+            rx_bytes: get(&self.rx_bytes),
+            rx_drops: get(&self.rx_drops),
+            rx_errors: get(&self.rx_errors),
+            tx_packets: get(&self.tx_packets),
+            tx_bytes: get(&self.tx_bytes),
+            tx_drops: get(&self.tx_drops),
+            tx_errors: get(&self.tx_errors),
+        }
+    }
+}
+
+impl std::fmt::Display for NetStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rx {} packets {} bytes {} dropped {} errors, tx {} packets {} bytes {} dropped {} errors",
+            self.rx_packets,
+            self.rx_bytes,
+            self.rx_drops,
+            self.rx_errors,
+            self.tx_packets,
+            self.tx_bytes,
+            self.tx_drops,
+            self.tx_errors
+        )
+    }
+}
