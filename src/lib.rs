@@ -23,6 +23,7 @@ pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod loader;
+pub mod sandbox;
 pub mod timing;
 pub mod vmm;
 pub mod vstate;

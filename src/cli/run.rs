@@ -7,6 +7,7 @@ use clap::{Args, ValueEnum};
 use super::exit_code;
 use super::signals::SignalGuard;
 use super::terminal::RawTerminal;
+use ember::sandbox::{ThreadKind, seccomp};
 use ember::{
     BootProtocol, ConfigError, ConsoleConfig, DEFAULT_CMDLINE, DiskConfig, ExitReason, NetConfig,
     Vm, VmConfig,
@@ -58,9 +59,37 @@ pub struct RunArgs {
     #[arg(long)]
     pub boot_timer: bool,
 
+    /// Seccomp filters on ember's threads: on, or off for debugging (never with untrusted guests).
+    #[arg(long, value_enum, default_value_t = Switch::On, value_name = "on|off")]
+    pub seccomp: Switch,
+
+    /// Debug builds only: a thread (vcpu or events) makes a forbidden system call once filtered.
+    #[cfg(debug_assertions)]
+    #[arg(long, hide = true, value_enum, value_name = "THREAD")]
+    pub seccomp_selftest: Option<SelftestThread>,
+
     /// Entry protocol: auto (PVH if the kernel has the note), linux (64-bit boot protocol) or pvh.
     #[arg(long, value_enum, default_value_t = Protocol::Auto, value_name = "PROTOCOL")]
     pub boot_protocol: Protocol,
+}
+
+/// On or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
+/// `--seccomp-selftest` values.
+#[cfg(debug_assertions)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum SelftestThread {
+    /// A vCPU thread.
+    Vcpu,
+    /// The event-loop thread.
+    Events,
 }
 
 /// `--boot-protocol` values.
@@ -160,6 +189,14 @@ impl RunArgs {
             .map(NetSpec::to_config)
             .collect::<Result<_, _>>()?;
         config.boot_timer = self.boot_timer;
+        config.seccomp = self.seccomp == Switch::On;
+        #[cfg(debug_assertions)]
+        {
+            config.seccomp_selftest = self.seccomp_selftest.map(|t| match t {
+                SelftestThread::Vcpu => ember::sandbox::ThreadKind::Vcpu,
+                SelftestThread::Events => ember::sandbox::ThreadKind::Events,
+            });
+        }
         config.vcpus = self.cpus;
         config.memory_mib = self.memory;
         config.console = self.serial.clone();
@@ -183,6 +220,14 @@ pub fn run(args: &RunArgs) -> Result<i32, ember::StartError> {
     let raw = (config.console == ConsoleConfig::Stdio)
         .then(RawTerminal::enable)
         .flatten();
+    if config.seccomp {
+        // From here this thread only waits, tears down and restores the terminal.
+        let filter = seccomp::filter(ThreadKind::Main).and_then(|f| seccomp::apply(&f));
+        if let Err(e) = filter {
+            drop(raw);
+            return Err(e.into());
+        }
+    }
     let reason = vm.wait();
     drop(raw);
     for (phase, at) in vm.timeline() {

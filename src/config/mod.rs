@@ -119,6 +119,13 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// The Firecracker-compatible boot timer at 0xC000_0000.
     pub boot_timer: bool,
+    /// Seccomp filters on ember's vCPU and event-loop threads (on unless debugging).
+    pub seccomp: bool,
+    /// Debug builds only: make this thread call a forbidden system call once filtered, to test
+    /// that violations are caught.
+    #[cfg(debug_assertions)]
+    #[doc(hidden)]
+    pub seccomp_selftest: Option<crate::sandbox::ThreadKind>,
 }
 
 impl VmConfig {
@@ -136,6 +143,9 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             boot_timer: false,
+            seccomp: true,
+            #[cfg(debug_assertions)]
+            seccomp_selftest: None,
         }
     }
 

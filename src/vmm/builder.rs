@@ -28,6 +28,8 @@ use crate::devices::virtio::block::{Block, DiskFile};
 use crate::devices::virtio::net::{Net, Tap};
 use crate::exit::ExitReason;
 use crate::loader::{self, LoadedKernel};
+use crate::sandbox::ThreadKind;
+use crate::sandbox::seccomp::{self, ThreadFilter};
 use crate::timing::{Phase, Timeline};
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::memory::create_guest_memory;
@@ -57,6 +59,8 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
         .into());
     }
     let timeline = Arc::new(Timeline::default());
+    // Opened now: the thread that measures the overhead at teardown may not open files then.
+    let statm = std::fs::File::open("/proc/self/statm").ok();
     let memory = create_guest_memory(config.memory_mib)?;
     let vm = Vm::new(&kvm)?;
     timeline.mark(Phase::VmCreated);
@@ -112,16 +116,25 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
         vcpus.push(vcpu);
     }
 
-    let events = event_loop::start(subscribers)?;
+    let filters = ThreadFilters::new(config)?;
+    let events = event_loop::start(subscribers, filters.events.clone())?;
     let stop = Arc::new(AtomicBool::new(false));
     let buses = Arc::new(buses);
     let mut threads = Vec::with_capacity(vcpus.len());
     for mut vcpu in vcpus {
         let (buses, stop, exit) = (buses.clone(), stop.clone(), exit.clone());
         let timeline = (vcpu.index() == 0).then(|| timeline.clone());
+        let filter = filters.vcpu.clone();
         let thread = std::thread::Builder::new()
             .name(format!("ember-vcpu{}", vcpu.index()))
             .spawn(move || {
+                if let Some(filter) = filter {
+                    if let Err(e) = seccomp::apply(&filter.program) {
+                        exit.report(ExitReason::VmmError(e.to_string()));
+                        return;
+                    }
+                    filter.selftest();
+                }
                 if let Some(timeline) = timeline {
                     timeline.mark(Phase::FirstKvmRun);
                 }
@@ -144,6 +157,7 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
         timeline,
         debug_codes,
         nets,
+        statm,
     }))
 }
 
@@ -230,4 +244,30 @@ fn create_devices(
         Arc::new(Mutex::new(i8042)),
     )?;
     Ok((buses, subscribers, ends.embedder))
+}
+
+/// The compiled filters for the threads a VM starts; `None` with seccomp off.
+struct ThreadFilters {
+    vcpu: Option<ThreadFilter>,
+    events: Option<ThreadFilter>,
+}
+
+impl ThreadFilters {
+    fn new(config: &VmConfig) -> Result<Self, StartError> {
+        if !config.seccomp {
+            log::warn!("seccomp is off: a guest that escapes into ember may make any system call");
+            return Ok(ThreadFilters {
+                vcpu: None,
+                events: None,
+            });
+        }
+        #[cfg(debug_assertions)]
+        let selftest = config.seccomp_selftest;
+        #[cfg(not(debug_assertions))]
+        let selftest = None;
+        Ok(ThreadFilters {
+            vcpu: Some(ThreadFilter::new(ThreadKind::Vcpu, selftest)?),
+            events: Some(ThreadFilter::new(ThreadKind::Events, selftest)?),
+        })
+    }
 }

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::console::EscapeFilter;
 use crate::devices::legacy::SerialDevice;
+use crate::sandbox::seccomp::{self, ThreadFilter};
 
 /// A subscriber shared with the event manager.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -193,7 +194,10 @@ impl EventLoopHandle {
 }
 
 /// Starts the `ember-events` thread serving `subscribers`.
-pub fn start(subscribers: Vec<Subscriber>) -> Result<EventLoopHandle, EventLoopError> {
+pub fn start(
+    subscribers: Vec<Subscriber>,
+    filter: Option<ThreadFilter>,
+) -> Result<EventLoopHandle, EventLoopError> {
     let mut manager = EventManager::<Subscriber>::new()
         .map_err(|e| EventLoopError::Create(std::io::Error::other(format!("{e:?}"))))?;
     let stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::Create)?;
@@ -209,6 +213,13 @@ pub fn start(subscribers: Vec<Subscriber>) -> Result<EventLoopHandle, EventLoopE
     let thread = std::thread::Builder::new()
         .name("ember-events".into())
         .spawn(move || {
+            if let Some(filter) = filter {
+                if let Err(e) = seccomp::apply(&filter.program) {
+                    log::error!("event loop not started: {e}");
+                    return;
+                }
+                filter.selftest();
+            }
             while !thread_stop.load(Ordering::Acquire) {
                 if let Err(e) = manager.run() {
                     log::error!("event loop failed: {e:?}");

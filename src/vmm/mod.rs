@@ -76,6 +76,9 @@ pub enum StartError {
     /// A TAP device.
     #[error(transparent)]
     Tap(#[from] crate::devices::virtio::net::TapError),
+    /// A seccomp filter.
+    #[error(transparent)]
+    Seccomp(#[from] crate::sandbox::SeccompError),
     /// A virtio queue.
     #[error("cannot create a virtio queue: {0:?}")]
     Queue(virtio_queue::Error),
@@ -98,6 +101,7 @@ struct Running {
     timeline: Arc<Timeline>,
     debug_codes: DebugCodes,
     nets: Vec<(String, Arc<NetCounters>)>,
+    statm: Option<std::fs::File>,
     vm: vstate::vm::Vm,
     memory: GuestMemoryMmap,
 }
@@ -231,8 +235,8 @@ impl VmHandle {
             for (tap, stats) in self.net_stats() {
                 log::debug!("net {tap}: {stats}");
             }
-            if log::log_enabled!(log::Level::Info) {
-                match vstate::memory::overhead_kib(&running.memory) {
+            if let (true, Some(statm)) = (log::log_enabled!(log::Level::Info), &running.statm) {
+                match vstate::memory::overhead_kib(&running.memory, statm) {
                     Ok(kib) => log::info!("memory overhead: {kib} KiB outside guest memory"),
                     Err(e) => log::debug!("cannot measure the memory overhead: {e}"),
                 }

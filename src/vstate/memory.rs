@@ -36,8 +36,13 @@ pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
 /// guest RAM. Whole-process residency (/proc/self/statm) minus the guest pages `mincore` finds
 /// resident; smaps cannot separate them, as the kernel may merge the guest mapping with a
 /// neighbouring one.
-pub fn overhead_kib(mem: &GuestMemoryMmap) -> std::io::Result<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm")?;
+///
+/// `statm` is this process's `/proc/self/statm`, opened beforehand: the thread that measures
+/// may not be allowed to open files any more.
+pub fn overhead_kib(mem: &GuestMemoryMmap, statm: &std::fs::File) -> std::io::Result<u64> {
+    let mut buf = [0u8; 256];
+    let n = std::os::unix::fs::FileExt::read_at(statm, &mut buf, 0)?;
+    let statm = String::from_utf8_lossy(&buf[..n]);
     let resident: u64 = statm
         .split_whitespace()
         .nth(1)
@@ -76,10 +81,11 @@ mod tests {
     fn touched_guest_memory_does_not_count_as_overhead() {
         use vm_memory::{Bytes, GuestAddress};
         let mem = create_guest_memory(64).unwrap();
-        let before = overhead_kib(&mem).unwrap();
+        let statm = std::fs::File::open("/proc/self/statm").unwrap();
+        let before = overhead_kib(&mem, &statm).unwrap();
         mem.write_slice(&vec![1u8; 32 << 20], GuestAddress(0))
             .unwrap();
-        let after = overhead_kib(&mem).unwrap();
+        let after = overhead_kib(&mem, &statm).unwrap();
         assert!(before > 0);
         // 32 MiB of guest pages became resident; the overhead must not grow by anything close.
         assert!(

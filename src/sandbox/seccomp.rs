@@ -1,0 +1,256 @@
+//! Seccomp allow-lists, one per kind of thread, built with `seccompiler`. Each ember thread
+//! installs its own before it touches guest-controlled input; anything else traps, and the
+//! SIGSYS handler reports the thread and call and kills the process.
+//!
+//! docs/security.md lists every allowed call with its reason; keep the two in step.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+use super::sigsys;
+use kvm_numbers::{KVM_GET_REGS, KVM_RUN};
+
+/// The KVM ioctl numbers the vCPU filter allows (kvm-ioctls keeps its own private).
+mod kvm_numbers {
+    use kvm_bindings::{KVMIO, kvm_regs};
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr};
+
+    ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+    ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+}
+
+/// The threads ember runs, each with its own list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// `ember-vcpuN`: KVM_RUN and the device register accesses it exits for.
+    Vcpu,
+    /// `ember-events`: queue work, disk and TAP I/O, console input.
+    Events,
+    /// The `ember` binary's main thread once the VM runs: waiting, signals, teardown.
+    Main,
+}
+
+/// Building or installing a filter failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The rules do not compile.
+    #[error("cannot build the {0:?} seccomp filter")]
+    Build(ThreadKind, #[source] seccompiler::Error),
+    /// The kernel refused the filter.
+    #[error("cannot install the seccomp filter")]
+    Install(#[source] seccompiler::Error),
+    /// The SIGSYS handler.
+    #[error("cannot install the SIGSYS handler")]
+    Handler(#[source] std::io::Error),
+}
+
+type Rules = Vec<(i64, Vec<SeccompRule>)>;
+
+fn backend(kind: ThreadKind, e: seccompiler::BackendError) -> SeccompError {
+    SeccompError::Build(kind, seccompiler::Error::Backend(e))
+}
+
+fn arg_is(kind: ThreadKind, index: u8, value: u64) -> Result<SeccompRule, SeccompError> {
+    let condition = SeccompCondition::new(index, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, value)
+        .map_err(|e| backend(kind, e))?;
+    SeccompRule::new(vec![condition]).map_err(|e| backend(kind, e))
+}
+
+/// `syscall` allowed when argument `index` is one of `values`.
+fn with_arg(
+    kind: ThreadKind,
+    syscall: i64,
+    index: u8,
+    values: &[u64],
+) -> Result<(i64, Vec<SeccompRule>), SeccompError> {
+    let rules = values
+        .iter()
+        .map(|&v| arg_is(kind, index, v))
+        .collect::<Result<_, _>>()?;
+    Ok((syscall, rules))
+}
+
+/// `syscall` allowed when the protection in argument 2 lacks PROT_EXEC: no new code.
+fn without_exec(kind: ThreadKind, syscall: i64) -> Result<(i64, Vec<SeccompRule>), SeccompError> {
+    let exec = libc::PROT_EXEC as u64;
+    let condition =
+        SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(exec), 0)
+            .map_err(|e| backend(kind, e))?;
+    let rule = SeccompRule::new(vec![condition]).map_err(|e| backend(kind, e))?;
+    Ok((syscall, vec![rule]))
+}
+
+fn any(syscalls: &[i64]) -> Rules {
+    syscalls.iter().map(|&s| (s, Vec::new())).collect()
+}
+
+/// What every ember thread needs: memory allocation, locks, logging to stderr, time, its own
+/// end, and an abort on a bug.
+fn common(kind: ThreadKind) -> Result<Rules, SeccompError> {
+    let mut rules = any(&[
+        libc::SYS_brk,
+        libc::SYS_munmap,
+        libc::SYS_mremap,
+        libc::SYS_madvise,
+        libc::SYS_futex,
+        libc::SYS_write,
+        libc::SYS_close,
+        libc::SYS_clock_gettime,
+        libc::SYS_sched_yield,
+        libc::SYS_getrandom,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_sigaltstack,
+        libc::SYS_getpid,
+        libc::SYS_gettid,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+    ]);
+    rules.push(without_exec(kind, libc::SYS_mmap)?);
+    rules.push(without_exec(kind, libc::SYS_mprotect)?);
+    let mut signals = vec![libc::SIGABRT as u64];
+    if kind == ThreadKind::Main {
+        // Kicking vCPU threads out of KVM_RUN at teardown.
+        signals.push(u64::try_from(crate::vstate::vcpu::kick_signal()).unwrap_or_default());
+    }
+    rules.push(with_arg(kind, libc::SYS_tgkill, 2, &signals)?);
+    // std checks that a descriptor is open before closing it.
+    rules.push(with_arg(kind, libc::SYS_fcntl, 1, &[libc::F_GETFD as u64])?);
+    Ok(rules)
+}
+
+fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
+    let mut rules = common(kind)?;
+    match kind {
+        ThreadKind::Vcpu => {
+            rules.push(with_arg(
+                kind,
+                libc::SYS_ioctl,
+                1,
+                &[KVM_RUN(), KVM_GET_REGS()],
+            )?);
+            // The boot timer reports the VMM's CPU time.
+            rules.extend(any(&[libc::SYS_getrusage]));
+        }
+        ThreadKind::Events => {
+            rules.extend(any(&[
+                libc::SYS_epoll_wait,
+                libc::SYS_epoll_pwait,
+                libc::SYS_epoll_ctl,
+                libc::SYS_read,
+                libc::SYS_writev,
+                libc::SYS_preadv,
+                libc::SYS_pwritev,
+                libc::SYS_fdatasync,
+            ]));
+            let punch = (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64;
+            rules.push(with_arg(kind, libc::SYS_fallocate, 1, &[punch])?);
+            rules.push(with_arg(kind, libc::SYS_ioctl, 1, &[libc::TUNSETOFFLOAD])?);
+        }
+        ThreadKind::Main => {
+            rules.extend(any(&[
+                libc::SYS_read,
+                libc::SYS_poll,
+                libc::SYS_ppoll,
+                libc::SYS_pread64,
+                libc::SYS_mincore,
+                libc::SYS_getrusage,
+                libc::SYS_rt_sigaction,
+            ]));
+            let terminal = [libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TCSETSF];
+            rules.push(with_arg(kind, libc::SYS_ioctl, 1, &terminal)?);
+        }
+    }
+    Ok(rules)
+}
+
+/// The compiled filter for `kind`: listed calls allowed, everything else traps.
+pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = rules(kind)?.into_iter().collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| backend(kind, e))?;
+    filter.try_into().map_err(|e| backend(kind, e))
+}
+
+/// A compiled filter for one kind of thread, ready to hand to the thread that installs it.
+#[derive(Clone, Debug)]
+pub struct ThreadFilter {
+    /// The BPF program.
+    pub program: std::sync::Arc<BpfProgram>,
+    kind: ThreadKind,
+    selftest: bool,
+}
+
+impl ThreadFilter {
+    /// The filter for `kind`; `selftest` names the kind that tests a violation (debug builds).
+    pub fn new(kind: ThreadKind, selftest: Option<ThreadKind>) -> Result<Self, SeccompError> {
+        Ok(ThreadFilter {
+            program: std::sync::Arc::new(filter(kind)?),
+            kind,
+            selftest: selftest == Some(kind),
+        })
+    }
+
+    /// In a thread that installed this filter: if it was asked to, makes a forbidden call
+    /// (debug builds only), which the SIGSYS handler reports before the process dies.
+    pub fn selftest(&self) {
+        #[cfg(debug_assertions)]
+        if self.selftest {
+            log::warn!(
+                "seccomp self-test: {:?} thread makes a forbidden call",
+                self.kind
+            );
+            // SAFETY: socket(2) has no memory arguments; the filter refuses it anyway.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        }
+    }
+}
+
+/// Installs `program` on the calling thread (with no_new_privs), after the SIGSYS handler
+/// that reports violations.
+pub fn apply(program: &BpfProgram) -> Result<(), SeccompError> {
+    sigsys::install_handler().map_err(SeccompError::Handler)?;
+    sigsys::remember_thread_name();
+    seccompiler::apply_filter(program).map_err(SeccompError::Install)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_compiles() {
+        for kind in [ThreadKind::Vcpu, ThreadKind::Events, ThreadKind::Main] {
+            assert!(!filter(kind).unwrap().is_empty(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn kvm_ioctl_numbers_match_the_kernel_abi() {
+        assert_eq!(KVM_RUN(), 0xae80);
+        assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
+    }
+
+    #[test]
+    fn a_filtered_thread_can_run_and_allowed_calls_work() {
+        let program = filter(ThreadKind::Events).unwrap();
+        std::thread::spawn(move || {
+            apply(&program).unwrap();
+            // Allocation, a lock and a write to stderr are allowed.
+            let v = vec![1u8; 1 << 20];
+            let m = std::sync::Mutex::new(v.len());
+            eprintln!("filtered thread: {}", m.lock().unwrap());
+        })
+        .join()
+        .unwrap();
+    }
+}
