@@ -1,9 +1,11 @@
 //! What the guest does after its reports: the port/MMIO operations of the command line, then the
-//! final action (reset, triple fault, halt, or the interrupt-driven serial echo).
+//! final action (reset, triple fault, halt, the interrupt-driven serial echo, or the network
+//! responder).
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::cmdline::{self, Action, Op};
+use crate::net::{self, Nets};
 use crate::serial::{self, Hex};
 use crate::{apic, cpu, idt, report};
 
@@ -35,14 +37,15 @@ pub fn run_ops(cmdline: &[u8]) {
     });
 }
 
-/// Reports `action=` and carries the action out.
-pub fn run(action: Action, bsp_id: u8) -> ! {
+/// Reports `action=` and carries the action out (`nets`: the net devices, for the responder).
+pub fn run(action: Action, bsp_id: u8, mut nets: Nets) -> ! {
     report!("action=", action.name());
     match action {
         Action::Reset => cpu::reset(),
         Action::TripleFault => cpu::triple_fault(),
         Action::Halt => cpu::halt_forever(),
         Action::Echo => echo(bsp_id),
+        Action::Net => net::serve(&mut nets),
     }
 }
 

@@ -121,7 +121,7 @@ impl Blk {
         let features = mmio.negotiate(KNOWN)?;
         let area = AREAS + n as u64 * AREA_SIZE;
         // SAFETY: device n's area is RAM (checked by `run`) that nothing else uses.
-        let queue = unsafe { Queue::new(mmio, features, area, n, dest)? };
+        let queue = unsafe { Queue::new(mmio, features, area, dest)? };
         let optional = |feature, offset| match features & feature {
             0 => 0,
             _ => mmio.config32(offset),

@@ -1,6 +1,7 @@
 //! The `guest.*` command-line parameters (docs/test-guest.md): the final action, the list of
 //! port/MMIO operations and the `guest.blk` operations, in command-line order; and the VMM's
-//! `virtio_mmio.device=` entries. Other words are ignored.
+//! `virtio_mmio.device=` entries. Other words are ignored. The `guest.net*` parameters are parsed
+//! in `net/args.rs` with the helpers here.
 
 /// What the guest does after its reports.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -9,6 +10,8 @@ pub enum Action {
     TripleFault,
     Halt,
     Echo,
+    /// The network responder (`net/respond.rs`).
+    Net,
 }
 
 impl Action {
@@ -19,6 +22,7 @@ impl Action {
             Action::TripleFault => "triple-fault",
             Action::Halt => "halt",
             Action::Echo => "echo",
+            Action::Net => "net",
         }
     }
 
@@ -28,6 +32,7 @@ impl Action {
             Action::TripleFault,
             Action::Halt,
             Action::Echo,
+            Action::Net,
         ]
         .into_iter()
         .find(|a| a.name().as_bytes() == word)
@@ -49,14 +54,14 @@ pub struct BadItem<'a> {
     pub item: &'a [u8],
 }
 
-fn words(cmdline: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub fn words(cmdline: &[u8]) -> impl Iterator<Item = &[u8]> {
     cmdline
         .split(|b| b.is_ascii_whitespace())
         .filter(|w| !w.is_empty())
 }
 
 /// Splits `key=value` at the first `=`.
-fn key_value(word: &[u8]) -> Option<(&[u8], &[u8])> {
+pub fn key_value(word: &[u8]) -> Option<(&[u8], &[u8])> {
     let eq = word.iter().position(|&b| b == b'=')?;
     Some((&word[..eq], &word[eq + 1..]))
 }
@@ -356,7 +361,7 @@ fn blk_bench(item: &[u8]) -> Option<(usize, BlkOp)> {
 }
 
 /// Parses a decimal number, or hex with `0x`.
-fn number(s: &[u8]) -> Option<u64> {
+pub fn number(s: &[u8]) -> Option<u64> {
     match s.strip_prefix(b"0x").or_else(|| s.strip_prefix(b"0X")) {
         Some(digits) => hex(digits),
         None if !s.is_empty() && s.len() <= 20 => s.iter().try_fold(0u64, |acc, &c| {

@@ -3,10 +3,11 @@
 //! and BSP stack, and the 16-bit AP trampoline that takes an AP from real mode to `ap_entry64`.
 //!
 //! Both boot entries end in `common64` with the same state: long mode on our page tables (first
-//! 4 GiB identity mapped with 2 MiB pages), our GDT, flat data segments, the BSP stack, `.bss`
-//! zeroed, interrupts off. Nothing of the VMM's (GDT at 0x500, page tables at 0x9000, stack at
-//! 0x8ff0) is used after the first few instructions, so the guest may reuse low memory once the
-//! boot information is copied out.
+//! 4 GiB identity mapped with 2 MiB pages, all user-accessible so that ring 3 code, see user.rs,
+//! can reach RAM and MMIO), our GDT, flat data segments, the BSP stack, `.bss` zeroed, interrupts
+//! off. Nothing of the VMM's (GDT at 0x500, page tables at 0x9000, stack at 0x8ff0) is used after
+//! the first few instructions, so the guest may reuse low memory once the boot information is
+//! copied out.
 
 use core::arch::global_asm;
 
@@ -26,6 +27,10 @@ const BSP_STACK_SIZE: u32 = 32 * 1024;
 const CODE64: u32 = 0x08;
 const DATA: u32 = 0x10;
 const CODE32: u32 = 0x18;
+/// Ring-3 selectors (RPL 3) of the GDT below, and its TSS descriptor's (filled in by user.rs).
+pub const USER_CODE64: u16 = 0x33;
+pub const USER_DATA: u16 = 0x2b;
+pub const TSS_SELECTOR: u16 = 0x38;
 
 // CR0.PE | CR0.PG; CR4.PAE; EFER.LME. The guest uses no x87/SSE (see .cargo/config.toml).
 const CR0_SET: u32 = 0x8000_0001;
@@ -61,14 +66,22 @@ global_asm!(
     .long pvh_entry
     .popsection
 
-    /* GDT: accessed bits preset so the CPU never writes to it. */
-    .pushsection .rodata.gdt, "a"
+    /* GDT: accessed bits preset so the CPU never writes to it, except the TSS descriptor, which
+       user.rs fills in (and `ltr` marks busy). The user segments take Linux's selectors
+       (0x23/0x2b/0x33), the conventional layout (PVM hosts do not insist on it). */
+    .pushsection .data.gdt, "aw"
     .balign 16
     gdt:
     .quad 0
     .quad 0x00af9b000000ffff    /* 0x08: 64-bit code */
     .quad 0x00cf93000000ffff    /* 0x10: flat data */
     .quad 0x00cf9b000000ffff    /* 0x18: flat 32-bit code (AP trampoline) */
+    .quad 0x00cffb000000ffff    /* 0x20: user 32-bit code (unused, keeps Linux's layout) */
+    .quad 0x00cff3000000ffff    /* 0x28: user data */
+    .quad 0x00affb000000ffff    /* 0x30: user 64-bit code */
+    .global gdt_tss
+    gdt_tss:
+    .quad 0, 0                  /* 0x38: 64-bit TSS, 16 bytes */
     gdt_end:
     .balign 8
     gdt_ptr:                    /* 32-bit lgdt reads the first 6 bytes, 64-bit lgdt all 10 */
@@ -107,14 +120,14 @@ global_asm!(
     mov $pml4, %edi
     mov $2048, %ecx
     rep stosl
-    movl $pdpt + 3, pml4
-    movl $pd + 0x0003, pdpt
-    movl $pd + 0x1003, pdpt + 8
-    movl $pd + 0x2003, pdpt + 16
-    movl $pd + 0x3003, pdpt + 24
-    /* 2048 PDEs: present | writable | 2 MiB page. */
+    movl $pdpt + 7, pml4
+    movl $pd + 0x0007, pdpt
+    movl $pd + 0x1007, pdpt + 8
+    movl $pd + 0x2007, pdpt + 16
+    movl $pd + 0x3007, pdpt + 24
+    /* 2048 PDEs: present | writable | user | 2 MiB page (user: ring 3 reaches RAM and MMIO). */
     mov $pd, %edi
-    mov $0x83, %eax
+    mov $0x87, %eax
     1:
     movl %eax, (%edi)
     movl $0, 4(%edi)
@@ -157,13 +170,13 @@ global_asm!(
     mov $pml4, %edi
     mov $1024, %ecx
     rep stosq
-    movq $pdpt + 3, pml4
-    movq $pd + 0x0003, pdpt
-    movq $pd + 0x1003, pdpt + 8
-    movq $pd + 0x2003, pdpt + 16
-    movq $pd + 0x3003, pdpt + 24
+    movq $pdpt + 7, pml4
+    movq $pd + 0x0007, pdpt
+    movq $pd + 0x1007, pdpt + 8
+    movq $pd + 0x2007, pdpt + 16
+    movq $pd + 0x3007, pdpt + 24
     mov $pd, %edi
-    mov $0x83, %eax
+    mov $0x87, %eax
     1:
     stosq
     add $0x200000, %rax

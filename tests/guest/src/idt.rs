@@ -1,7 +1,7 @@
-//! The interrupt descriptor table: the 32 exception vectors report `guest: panic` and halt, one
-//! vector serves the serial IRQ (echo mode), one the virtio-mmio IRQs, one the LAPIC timer tick,
-//! one is the LAPIC's spurious vector. Every other vector is not present, so raising it ends up as
-//! a reported `#GP`/`#NP`.
+//! The interrupt descriptor table: the 32 exception vectors report `guest: panic` and halt (#UD
+//! first checks whether it is ring 3 coming back, see user.rs), one vector serves the serial IRQ
+//! (echo mode), one the virtio-mmio IRQs, one the LAPIC timer tick, one is the LAPIC's spurious
+//! vector. Every other vector is not present, so raising it ends up as a reported `#GP`/`#NP`.
 
 use core::arch::{asm, global_asm};
 
@@ -24,8 +24,8 @@ const INTERRUPT_GATE: u64 = 0x8e; // present, DPL 0, 64-bit interrupt gate (clea
 static mut IDT: [u64; 512] = [0; 512];
 
 unsafe extern "C" {
-    /// Entry stubs of vectors 0..32 (below).
-    static exception_stubs: [u64; 32];
+    /// Entry stubs of vectors 0..32 (below; user.rs's #UD gate falls back to its entry).
+    pub static exception_stubs: [u64; 32];
     fn irq_serial_stub();
     fn irq_virtio_stub();
     fn irq_tick_stub();
@@ -124,6 +124,8 @@ pub fn init() {
     set_gate(VIRTIO_VECTOR, irq_virtio_stub as *const () as u64);
     set_gate(TICK_VECTOR, irq_tick_stub as *const () as u64);
     set_gate(SPURIOUS_VECTOR, irq_spurious_stub as *const () as u64);
+    // #UD is also how ring 3 comes back (user.rs).
+    set_gate(6, crate::user::user_ud_entry as *const () as u64);
 }
 
 /// Loads the IDT on this CPU.

@@ -2,11 +2,13 @@
 //! protocol, command line, memory map, MP table, CPUs that start) and then acts on its command
 //! line. docs/test-guest.md is the contract for the report lines and parameters.
 //!
-//! Module map: `entry` (asm entry points, page tables, AP trampoline), `bootinfo` (zero page /
-//! `hvm_start_info`), `cmdline`, `mptable`, `smp` (INIT/SIPI), `apic` (LAPIC, I/O APIC, PIC),
-//! `pit` (delays), `idt` (exceptions, IRQ stubs), `actions` (ops and final action), `virtio`
-//! (virtio-mmio transport, split queue), `blk` (virtio-blk driver, `guest.blk`), `data` (its
-//! transfer buffer), `serial` (COM1 and report lines), `cpu` (port/MMIO/halt primitives), `mem`
+//! Module map: `entry` (asm entry points, GDT, page tables, AP trampoline), `bootinfo` (zero
+//! page / `hvm_start_info`), `cmdline`, `mptable`, `smp` (INIT/SIPI), `apic` (LAPIC, I/O APIC,
+//! PIC), `pit` (delays), `idt` (exceptions, IRQ stubs), `user` (running a function in ring 3,
+//! where PVM hosts run guest code natively), `actions` (ops and final action), `virtio`
+//! (virtio-mmio transport; `virtio/queue` the split queue), `blk` (virtio-blk driver,
+//! `guest.blk`), `data` (its transfer buffer), `net` (virtio-net driver, `guest.net`, the `net`
+//! responder), `serial` (COM1 and report lines), `cpu` (port/MMIO/halt primitives), `mem`
 //! (memcpy and friends).
 
 #![no_std]
@@ -23,9 +25,11 @@ mod entry;
 mod idt;
 mod mem;
 mod mptable;
+mod net;
 mod pit;
 mod serial;
 mod smp;
+mod user;
 mod virtio;
 
 use bootinfo::BootInfo;
@@ -89,11 +93,12 @@ extern "C" fn rust_main(protocol: u32, info: u64) -> ! {
     let action = cmdline::action(boot.cmdline());
     actions::run_ops(boot.cmdline());
     blk::run(&boot, bsp_id);
+    let nets = net::run(&boot, bsp_id, action == Ok(cmdline::Action::Net));
     let action = action.unwrap_or_else(|bad| {
         report!("guest: bad guest.action ", bad, ", using reset");
         cmdline::Action::Reset
     });
-    actions::run(action, bsp_id)
+    actions::run(action, bsp_id, nets)
 }
 
 #[panic_handler]

@@ -1,0 +1,383 @@
+//! virtio-net over TAP, with the test guest's network driver and responder
+//! (docs/test-guest.md, "virtio-net"). Every test runs ember inside a network namespace of its
+//! own, with its own TAPs, and talks to the guest from inside that namespace.
+
+mod common;
+
+use std::fs::File;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use common::netns::NetNs;
+use common::{Ember, Finished, GUEST_TIMEOUT, ember, kvm_available, test_guest};
+
+const ECHO_PORT: u16 = 7;
+const RESET_PORT: u16 = 9999;
+/// The raw-frame ethertype of the guest's send/recv ops.
+const ETHERTYPE: u16 = 0x88b5;
+
+/// Starts ember in `ns` on the test guest with `args` after the kernel.
+fn spawn_in(ns: &NetNs, args: &[&str]) -> Ember {
+    let mut command = ns.command(ember());
+    command
+        .args(["--log-level", "debug", "run", "--kernel"])
+        .arg(test_guest())
+        .args(["--serial", "stdio"])
+        .args(args);
+    Ember::spawn_command(command)
+}
+
+/// Sends `payload` to the guest's UDP echo port from `local` and returns the echo.
+fn echo(socket: &UdpSocket, guest: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    socket.send_to(payload, guest).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("no echo of {} bytes: {e}", payload.len()));
+    assert_eq!(from, guest);
+    buf.truncate(n);
+    buf
+}
+
+fn low_byte(x: usize) -> u8 {
+    x.to_le_bytes()[0]
+}
+
+fn socklen<T>() -> libc::socklen_t {
+    libc::socklen_t::try_from(std::mem::size_of::<T>()).unwrap()
+}
+
+fn pattern(seed: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|i| low_byte((i * 7 + seed) % 251)).collect()
+}
+
+/// Pings `addr` three times from inside `ns`; panics unless every reply comes.
+fn ping(ns: &NetNs, addr: &str) {
+    let out = ns
+        .command("ping")
+        .args(["-c", "3", "-i", "0.2", "-W", "10", addr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ping {addr}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asks the responder to reset, from inside `ns`, and waits for ember to exit cleanly.
+fn reset_guest(ns: &NetNs, mut ember: Ember, guest_ip: &str) -> Finished {
+    let target: SocketAddr = format!("{guest_ip}:{RESET_PORT}").parse().unwrap();
+    ns.run(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.send_to(b"reset", target).unwrap();
+    });
+    ember.expect_line(GUEST_TIMEOUT, |l| l == "net=bye");
+    let finished = ember.finish(GUEST_TIMEOUT);
+    finished.assert_success();
+    finished
+}
+
+/// The counters ember logged for `tap` at exit: (name, value) pairs in the log's order.
+fn exit_stats(finished: &Finished, tap: &str) -> Vec<(String, u64)> {
+    let prefix = format!("net {tap}: rx ");
+    let line = finished
+        .stderr
+        .lines()
+        .find_map(|l| l.split_once(&prefix).map(|(_, rest)| format!("rx {rest}")))
+        .unwrap_or_else(|| panic!("no counters for {tap} in:\n{}", finished.stderr));
+    // "rx 3 packets 300 bytes 0 dropped 0 errors, tx ..."
+    let mut stats = Vec::new();
+    for half in line.split(", ") {
+        let words: Vec<&str> = half.split_whitespace().collect();
+        let dir = words[0];
+        for pair in words[1..].chunks(2) {
+            stats.push((format!("{dir} {}", pair[1]), pair[0].parse().unwrap()));
+        }
+    }
+    stats
+}
+
+fn stat(stats: &[(String, u64)], name: &str) -> u64 {
+    stats
+        .iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no {name} in {stats:?}"))
+        .1
+}
+
+#[test]
+fn the_guest_answers_ping_and_echoes_udp_of_every_size_intact() {
+    if !kvm_available() {
+        return;
+    }
+    let ns = NetNs::new("echo");
+    // A large MTU lets datagrams up to 64 KiB cross as one frame, exercising the offloads and
+    // mergeable receive buffers.
+    ns.add_tap("tap0", "10.0.0.1/24", 65_000);
+    let mut vm = spawn_in(
+        &ns,
+        &[
+            "--net",
+            "tap=tap0,mac=06:00:0a:00:00:02",
+            "--cmdline",
+            "guest.net.ip=10.0.0.2 guest.net.peer=10.0.0.1 guest.action=net",
+        ],
+    );
+    vm.expect_line(GUEST_TIMEOUT, |l| l == "net0.mac=06:00:0a:00:00:02");
+    vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("net0.peer_mac="));
+    vm.expect_line(GUEST_TIMEOUT, |l| l == "net=ready");
+    ping(&ns, "10.0.0.2");
+    let sizes = [
+        1usize, 2, 3, 17, 64, 100, 511, 512, 999, 1400, 1471, 1472, 1473, 2000, 4095, 4096, 8972,
+        16_000, 32_768, 50_000, 64_000,
+    ];
+    let guest: SocketAddr = format!("10.0.0.2:{ECHO_PORT}").parse().unwrap();
+    ns.run(|| {
+        let socket = UdpSocket::bind("10.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        for (i, &size) in sizes.iter().enumerate() {
+            let payload = pattern(i, size);
+            let back = echo(&socket, guest, &payload);
+            assert_eq!(back.len(), size, "echo length for {size} bytes");
+            assert!(back == payload, "echo of {size} bytes differs");
+        }
+    });
+    let finished = reset_guest(&ns, vm, "10.0.0.2");
+    let stats = exit_stats(&finished, "tap0");
+    assert!(
+        stat(&stats, "tx packets") >= sizes.len() as u64 + 3,
+        "{stats:?}"
+    );
+    assert!(
+        stat(&stats, "rx packets") >= sizes.len() as u64 + 4,
+        "{stats:?}"
+    );
+    for counter in ["rx dropped", "rx errors", "tx dropped", "tx errors"] {
+        assert_eq!(stat(&stats, counter), 0, "{counter}: {stats:?}");
+    }
+}
+
+#[test]
+fn two_interfaces_each_reach_their_own_peer() {
+    if !kvm_available() {
+        return;
+    }
+    let ns = NetNs::new("two");
+    ns.add_tap("tap-a", "10.0.10.1/24", 1500);
+    ns.add_tap("tap-b", "10.0.11.1/24", 1500);
+    let mut vm = spawn_in(
+        &ns,
+        &[
+            "--net",
+            "tap=tap-a",
+            "--net",
+            "tap=tap-b",
+            "--cmdline",
+            "guest.net.ip=10.0.10.2,10.0.11.2 guest.net.peer=10.0.10.1,10.0.11.1 guest.action=net",
+        ],
+    );
+    // Each interface has its own stable default MAC, and found its own peer.
+    let mac0 = vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("net0.mac="));
+    vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("net0.peer_mac="));
+    let mac1 = vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("net1.mac="));
+    vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("net1.peer_mac="));
+    assert_ne!(mac0[9..], mac1[9..]);
+    assert!(mac0.starts_with("net0.mac=06:00:"), "{mac0}");
+    vm.expect_line(GUEST_TIMEOUT, |l| l == "net=ready");
+    ping(&ns, "10.0.10.2");
+    ping(&ns, "10.0.11.2");
+    ns.run(|| {
+        for (local, guest) in [("10.0.10.1:0", "10.0.10.2"), ("10.0.11.1:0", "10.0.11.2")] {
+            let socket = UdpSocket::bind(local).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let guest: SocketAddr = format!("{guest}:{ECHO_PORT}").parse().unwrap();
+            let payload = pattern(3, 1000);
+            assert!(echo(&socket, guest, &payload) == payload);
+        }
+    });
+    let finished = reset_guest(&ns, vm, "10.0.10.2");
+    for tap in ["tap-a", "tap-b"] {
+        let stats = exit_stats(&finished, tap);
+        assert!(stat(&stats, "tx packets") >= 4, "{tap}: {stats:?}");
+        assert!(stat(&stats, "rx packets") >= 4, "{tap}: {stats:?}");
+    }
+}
+
+#[test]
+fn malformed_transmit_chains_are_dropped_and_counted_and_the_device_keeps_working() {
+    if !kvm_available() {
+        return;
+    }
+    let ns = NetNs::new("bad");
+    ns.add_tap("tap0", "10.0.0.1/24", 1500);
+    let kinds = ["short", "outside", "huge", "writeonly", "loop"];
+    let ops: Vec<String> = kinds.iter().map(|k| format!("0:bad:{k}")).collect();
+    let cmdline = format!(
+        "guest.net.ip=10.0.0.2 guest.net.peer=10.0.0.1 guest.net={} guest.action=net",
+        ops.join(",")
+    );
+    let mut vm = spawn_in(&ns, &["--net", "tap=tap0", "--cmdline", &cmdline]);
+    for kind in kinds {
+        let want = format!("net0.bad={kind}:used");
+        vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("net0.bad="));
+        assert_eq!(vm.seen.last().unwrap(), &want);
+    }
+    vm.expect_line(GUEST_TIMEOUT, |l| l == "net=ready");
+    ping(&ns, "10.0.0.2");
+    let finished = reset_guest(&ns, vm, "10.0.0.2");
+    let stats = exit_stats(&finished, "tap0");
+    assert_eq!(stat(&stats, "tx dropped"), kinds.len() as u64, "{stats:?}");
+    assert_eq!(stat(&stats, "tx errors"), 0, "{stats:?}");
+    assert!(
+        finished.stderr.contains("virtio-net: dropped"),
+        "{}",
+        finished.stderr
+    );
+}
+
+/// An AF_PACKET socket on `ifname` for the guest's raw ethertype, with a large buffer.
+fn packet_socket(ifname: &str) -> (OwnedFd, i32) {
+    let proto = i32::from(ETHERTYPE.to_be());
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+    assert!(
+        fd >= 0,
+        "packet socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let name = std::ffi::CString::new(ifname).unwrap();
+    // SAFETY: `name` is NUL-terminated and outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert!(index > 0, "no interface {ifname}");
+    let size: libc::c_int = 64 << 20;
+    // SAFETY: setsockopt with a pointer to an int of the given length.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            socklen::<libc::c_int>(),
+        );
+    }
+    // SAFETY: sockaddr_ll is plain data; all zeroes is valid.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
+    addr.sll_protocol = ETHERTYPE.to_be();
+    addr.sll_ifindex = i32::try_from(index).unwrap();
+    // SAFETY: `addr` is a sockaddr_ll of the length given.
+    let ret = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            socklen::<libc::sockaddr_ll>(),
+        )
+    };
+    assert_eq!(ret, 0, "bind: {}", std::io::Error::last_os_error());
+    (fd, addr.sll_ifindex)
+}
+
+/// A frame as the guest's send op builds it: sequence number, then (seq + i) bytes.
+fn guest_frame(dst: [u8; 6], src: [u8; 6], seq: u32, size: usize) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(size);
+    frame.extend_from_slice(&dst);
+    frame.extend_from_slice(&src);
+    frame.extend_from_slice(&ETHERTYPE.to_be_bytes());
+    frame.extend_from_slice(&seq.to_be_bytes());
+    for i in 0..size - 18 {
+        frame.push(low_byte(seq as usize + i));
+    }
+    frame
+}
+
+#[test]
+fn raw_frames_cross_both_ways_in_order_and_intact() {
+    if !kvm_available() {
+        return;
+    }
+    let ns = NetNs::new("raw");
+    ns.add_tap("tap0", "10.0.0.1/24", 1500);
+    const SENT: u32 = 2000;
+    const RECEIVED: u32 = 300;
+    let cmdline = format!(
+        "guest.net.ip=10.0.0.2 guest.net.peer=10.0.0.1 guest.net=0:send:1514:{SENT},0:send:60:{SENT},0:recv:{RECEIVED} guest.action=reset"
+    );
+    let (socket, ifindex) = ns.run(|| packet_socket("tap0"));
+    let mut vm = spawn_in(
+        &ns,
+        &[
+            "--net",
+            "tap=tap0,mac=06:00:0a:00:00:02",
+            "--cmdline",
+            &cmdline,
+        ],
+    );
+    let peer_mac = vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("net0.peer_mac="));
+    for size in [1514usize, 60] {
+        let line = vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("net0.send="));
+        assert!(
+            line.starts_with(&format!("net0.send={size}:{SENT}:")),
+            "{line}"
+        );
+        assert!(line.ends_with(":0"), "send errors: {line}");
+    }
+    // Every frame the guest sent arrived, in order, byte for byte.
+    let file = File::from(socket);
+    let mut buf = vec![0u8; 2048];
+    let mut got = 0u32;
+    for size in [1514usize, 60] {
+        for seq in 0..SENT {
+            // SAFETY: recv into a buffer we own, of its length.
+            let n = unsafe { libc::recv(file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n = usize::try_from(n).expect("recv failed");
+            assert_eq!(n, size, "frame {seq} of {size}");
+            let want = guest_frame([0; 6], [0; 6], seq, size);
+            assert_eq!(&buf[12..n], &want[12..], "frame {seq} of {size} bytes");
+            got += 1;
+        }
+    }
+    assert_eq!(got, 2 * SENT);
+    let _ = peer_mac;
+    // Now the other way: frames from the host to the guest's MAC.
+    let guest_mac = [6, 0, 0x0a, 0, 0, 2];
+    for seq in 0..RECEIVED {
+        let frame = guest_frame(guest_mac, [2, 0, 0, 0, 0, 1], seq, 1000);
+        // SAFETY: sockaddr_ll is plain data; all zeroes is valid.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
+        addr.sll_ifindex = ifindex;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&guest_mac);
+        // SAFETY: sendto with a buffer and address we own, of their lengths.
+        let n = unsafe {
+            libc::sendto(
+                file.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                socklen::<libc::sockaddr_ll>(),
+            )
+        };
+        assert_eq!(n, 1000, "sendto: {}", std::io::Error::last_os_error());
+        if seq % 50 == 49 {
+            // The TAP's queue holds 1000 frames; pacing keeps a slow guest from losing any.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let line = vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("net0.recv="));
+    let fields: Vec<&str> = line["net0.recv=".len()..].split(':').collect();
+    assert_eq!(fields[0], RECEIVED.to_string(), "{line}");
+    assert_eq!(fields[1], (RECEIVED * 1000).to_string(), "{line}");
+    assert_eq!(fields[3], "0", "bad frames: {line}");
+    vm.finish(GUEST_TIMEOUT).assert_success();
+}
