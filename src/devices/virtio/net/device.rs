@@ -338,3 +338,94 @@ impl VirtioDevice for Net {
         self.tx_pending = None;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::process::Command;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    const TAP: &str = "ember-t1";
+
+    /// Sends one Ethernet frame out of interface `TAP` from the host side: it becomes readable
+    /// on the TAP's descriptor.
+    fn inject(frame: &[u8]) {
+        // SAFETY: socket(2) with constant arguments; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+        // SAFETY: a new descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(TAP).unwrap();
+        // SAFETY: `name` is NUL-terminated and outlives the call.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        // SAFETY: sockaddr_ll is plain data; all zeroes is valid.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
+        addr.sll_ifindex = i32::try_from(index).unwrap();
+        // SAFETY: buffer and address are ours, with their lengths.
+        let sent = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap(),
+            )
+        };
+        assert_eq!(usize::try_from(sent).ok(), Some(frame.len()));
+    }
+
+    #[test]
+    fn without_receive_buffers_the_tap_is_not_read_until_the_guest_adds_some() {
+        std::thread::spawn(|| {
+            // SAFETY: unshare affects only this thread's namespaces; the result is checked.
+            let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0;
+            assert!(unshared, "this test needs root (CAP_NET_ADMIN) for a TAP");
+            // No IPv6 chatter (router solicitations, MLD) on the new link: only our frame.
+            for conf in ["all", "default"] {
+                let path = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
+                let _ = std::fs::write(path, "1");
+            }
+            let tap = Tap::open(TAP).unwrap();
+            let up = Command::new("ip").args(["link", "set", TAP, "up"]).status();
+            assert!(up.unwrap().success());
+            let mut net = Net::new(tap, [6, 0, 0, 0, 0, 1]);
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+            let rx = MockSplitQueue::new(&mem, 16);
+            let tx = MockSplitQueue::new(&mem, 16);
+            let mut queues = [rx.create_queue().unwrap(), tx.create_queue().unwrap()];
+            net.activate(VIRTIO_F_VERSION_1 | bit(VIRTIO_NET_F_MRG_RXBUF));
+            assert!(!net.process_queue(RX, &mut queues[RX], &mem));
+            assert!(net.backend().unwrap().1.contains(EventSet::IN));
+
+            // A frame arrives while the guest has given no buffer: it is held, and the TAP is
+            // no longer watched for input.
+            let frame: Vec<u8> = (0..100u8).collect();
+            inject(&frame);
+            assert_eq!(net.process_backend(EventSet::IN, &mut queues, &mem), 0);
+            assert!(!net.backend().unwrap().1.contains(EventSet::IN));
+
+            // The guest adds a buffer and notifies: the held frame goes in, and the TAP is
+            // watched again.
+            let buf = RawDescriptor::from(Descriptor::new(0x10_0000, 2048, 2, 0));
+            rx.add_desc_chains(&[buf], 0).unwrap();
+            assert!(net.process_queue(RX, &mut queues[RX], &mem));
+            assert!(net.backend().unwrap().1.contains(EventSet::IN));
+            let len_addr = rx.used_addr().unchecked_add(4 + 4);
+            let used_len: u32 = mem.read_obj(len_addr).unwrap();
+            assert_eq!(used_len as usize, VNET_HDR_LEN + frame.len());
+            let mut got = vec![0u8; frame.len()];
+            mem.read_slice(&mut got, GuestAddress(0x10_0000 + VNET_HDR_LEN as u64))
+                .unwrap();
+            assert_eq!(got, frame);
+            assert_eq!(net.counters().snapshot().rx_packets, 1);
+        })
+        .join()
+        .unwrap();
+    }
+}
