@@ -381,3 +381,35 @@ fn raw_frames_cross_both_ways_in_order_and_intact() {
     assert_eq!(fields[3], "0", "bad frames: {line}");
     vm.finish(GUEST_TIMEOUT).assert_success();
 }
+
+#[test]
+fn an_embedder_reads_each_interfaces_counters() {
+    if !kvm_available() {
+        return;
+    }
+    let ns = NetNs::new("embed");
+    ns.add_tap("tap0", "10.0.0.1/24", 1500);
+    // The VM is started from a thread inside the namespace, so its TAP is found there.
+    let (reason, stats) = ns.run(|| {
+        let mut config = ember::VmConfig::new(test_guest());
+        config.console = ember::ConsoleConfig::None;
+        config.nets = vec![ember::NetConfig::new("tap0")];
+        config.cmdline = "guest.net.ip=10.0.0.2 guest.net.peer=10.0.0.1 guest.net=0:send:100:50,0:bad:short guest.action=reset".into();
+        let mut vm = ember::Vm::start(&config).unwrap();
+        let reason = vm.wait_timeout(GUEST_TIMEOUT).expect("the guest did not reset");
+        (reason, vm.net_stats())
+    });
+    assert_eq!(reason, ember::ExitReason::Reset);
+    assert_eq!(stats.len(), 1);
+    let (tap, stats) = &stats[0];
+    assert_eq!(tap, "tap0");
+    // 50 test frames of 100 bytes plus at least one ARP request for the peer.
+    assert!(stats.tx_packets > 50, "{stats:?}");
+    assert!(stats.tx_bytes >= 50 * 100, "{stats:?}");
+    assert_eq!(stats.tx_drops, 1, "the short chain: {stats:?}");
+    assert!(stats.rx_packets >= 1, "the peer's ARP reply: {stats:?}");
+    assert_eq!(
+        (stats.rx_drops, stats.rx_errors, stats.tx_errors),
+        (0, 0, 0)
+    );
+}
