@@ -20,7 +20,7 @@ use vm_memory::GuestMemoryMmap;
 use super::rx::{Delivery, RxPool};
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::tx::{self, MAX_TX_LEN, TxFrame};
-use super::{NetCounters, bump};
+use super::{NetCounters, bump, next_chain};
 use crate::devices::GuestErrors;
 use crate::devices::virtio::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
@@ -147,6 +147,11 @@ impl Net {
                     bump(&self.counters.rx_drops, 1);
                     self.rx_pending = 0;
                 }
+                Delivery::Broken => {
+                    // Retried when the guest notifies again or resets the device.
+                    self.rx_waiting = true;
+                    break;
+                }
                 Delivery::NoBuffers => {
                     // Ask to be told when buffers come, unless some came meanwhile.
                     match queue.enable_notification(mem) {
@@ -177,8 +182,15 @@ impl Net {
                 let frame = match self.tx_pending.take() {
                     Some(frame) => frame,
                     None => {
-                        let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                            break;
+                        let chain = match next_chain(queue, mem) {
+                            Ok(Some(chain)) => chain,
+                            Ok(None) => break,
+                            Err(e) => {
+                                // Retried when the guest notifies again, not spun on.
+                                self.errors
+                                    .record(|| format!("virtio-net: broken transmit ring: {e:?}"));
+                                return used_any;
+                            }
                         };
                         let head = chain.head_index();
                         match tx::parse(chain, mem) {
@@ -380,13 +392,14 @@ mod tests {
         assert_eq!(usize::try_from(sent).ok(), Some(frame.len()));
     }
 
-    #[test]
-    fn without_receive_buffers_the_tap_is_not_read_until_the_guest_adds_some() {
+    /// Runs `f` with a device on a fresh TAP (up, no IPv6 chatter) in a network namespace of
+    /// its own thread.
+    fn with_net(f: impl FnOnce(Net) + Send + 'static) {
         std::thread::spawn(|| {
             // SAFETY: unshare affects only this thread's namespaces; the result is checked.
             let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0;
             assert!(unshared, "this test needs root (CAP_NET_ADMIN) for a TAP");
-            // No IPv6 chatter (router solicitations, MLD) on the new link: only our frame.
+            // No router solicitations or MLD reports on the new link: only the test's frames.
             for conf in ["all", "default"] {
                 let path = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
                 let _ = std::fs::write(path, "1");
@@ -394,7 +407,15 @@ mod tests {
             let tap = Tap::open(TAP).unwrap();
             let up = Command::new("ip").args(["link", "set", TAP, "up"]).status();
             assert!(up.unwrap().success());
-            let mut net = Net::new(tap, [6, 0, 0, 0, 0, 1]);
+            f(Net::new(tap, [6, 0, 0, 0, 0, 1]));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn without_receive_buffers_the_tap_is_not_read_until_the_guest_adds_some() {
+        with_net(|mut net| {
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
             let rx = MockSplitQueue::new(&mem, 16);
             let tx = MockSplitQueue::new(&mem, 16);
@@ -424,8 +445,30 @@ mod tests {
                 .unwrap();
             assert_eq!(got, frame);
             assert_eq!(net.counters().snapshot().rx_packets, 1);
-        })
-        .join()
-        .unwrap();
+        });
+    }
+
+    #[test]
+    fn rings_whose_index_runs_ahead_are_refused_without_spinning() {
+        with_net(|mut net| {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+            let rx = MockSplitQueue::new(&mem, 16);
+            let tx = MockSplitQueue::new(&mem, 16);
+            let mut queues: [Queue; 2] = [rx.create_queue().unwrap(), tx.create_queue().unwrap()];
+            net.activate(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+            for queue in &mut queues {
+                queue.set_event_idx(true);
+            }
+            // The guest claims 1000 new chains in 16-entry rings.
+            rx.avail().idx().store(1000);
+            tx.avail().idx().store(1000);
+            // Each pass ends (a spin would hang this test), counting the broken ring.
+            assert!(!net.process_queue(TX, &mut queues[TX], &mem));
+            inject(&[0xff; 64]);
+            assert!(!net.process_queue(RX, &mut queues[RX], &mem));
+            assert!(net.errors.count() >= 2);
+            // The frame waits; the TAP is not watched until the guest notifies again.
+            assert!(!net.backend().unwrap().1.contains(EventSet::IN));
+        });
     }
 }

@@ -7,6 +7,9 @@ mod tx;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
+use vm_memory::GuestMemoryMmap;
+
 pub use device::Net;
 pub use tap::{Tap, TapError};
 
@@ -42,6 +45,16 @@ pub struct NetStats {
     pub tx_drops: u64,
     /// Frames the TAP refused or failed to take.
     pub tx_errors: u64,
+}
+
+/// The next chain the guest made available. `Err` when its ring is broken (say, an available
+/// index more than a queue ahead), which must end the pass rather than be retried: unlike
+/// `pop_descriptor_chain`, this keeps "nothing more" and "broken" apart.
+fn next_chain<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, virtio_queue::Error> {
+    Ok(queue.iter(mem)?.next())
 }
 
 fn bump(counter: &AtomicU64, by: u64) {

@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::next_chain;
 use super::tap::VNET_HDR_LEN;
 use crate::devices::GuestErrors;
 
@@ -29,6 +30,8 @@ pub enum Delivery {
     NoBuffers,
     /// Larger than the guest's buffer (without MRG_RXBUF): dropped.
     TooBig,
+    /// The receive ring is broken: wait for the guest to notify or reset.
+    Broken,
 }
 
 /// Receive chains popped but not yet filled.
@@ -46,7 +49,8 @@ impl RxPool {
     }
 
     /// Pops chains until the pool holds `wanted` bytes (or, without `mergeable`, one chain).
-    /// Malformed chains are returned to the guest empty and counted; returns whether any were.
+    /// Malformed chains are returned to the guest empty and counted. Returns whether any were,
+    /// and whether the ring is broken.
     fn fill(
         &mut self,
         queue: &mut Queue,
@@ -54,11 +58,16 @@ impl RxPool {
         wanted: u64,
         mergeable: bool,
         errors: &GuestErrors,
-    ) -> bool {
+    ) -> (bool, bool) {
         let mut used_any = false;
         while self.capacity < wanted && (mergeable || self.chains.is_empty()) {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
+            let chain = match next_chain(queue, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    errors.record(|| format!("virtio-net: broken receive ring: {e:?}"));
+                    return (used_any, true);
+                }
             };
             let head = chain.head_index();
             let mut buffers = Vec::new();
@@ -99,7 +108,7 @@ impl RxPool {
                 capacity,
             });
         }
-        used_any
+        (used_any, false)
     }
 
     /// Delivers `frame` (a virtio-net header, then the Ethernet frame). Returns what happened
@@ -113,7 +122,10 @@ impl RxPool {
         errors: &GuestErrors,
     ) -> (Delivery, bool) {
         let len = frame.len() as u64;
-        let used_any = self.fill(queue, mem, len, mergeable, errors);
+        let (used_any, broken) = self.fill(queue, mem, len, mergeable, errors);
+        if broken {
+            return (Delivery::Broken, used_any);
+        }
         if !mergeable {
             match self.chains.front() {
                 None => return (Delivery::NoBuffers, used_any),
