@@ -329,20 +329,25 @@ fn wait_with_timeout(child: &mut std::process::Child, timeout: Duration) -> Opti
 
 /// Per-phase summaries of `runs`.
 pub fn summarize(runs: &[BootRun]) -> Vec<(&'static str, Summary)> {
-    let phase = |name, f: fn(&BootRun) -> Option<Duration>| {
-        let samples: Vec<Duration> = runs.iter().filter_map(f).collect();
-        Summary::of(&samples).map(|s| (name, s))
-    };
-    [
-        phase("spawn->first serial byte", |r| Some(r.first_serial)),
-        phase("spawn->boot timer", |r| r.boot_timer),
-        phase("spawn->marker", |r| Some(r.marker)),
-        phase("spawn->exit", |r| Some(r.exit)),
-    ]
-    .into_iter()
-    .flatten()
-    .collect()
+    PHASES
+        .iter()
+        .filter_map(|&(name, sample)| {
+            let samples: Vec<Duration> = runs.iter().filter_map(sample).collect();
+            Summary::of(&samples).map(|s| (name, s))
+        })
+        .collect()
 }
+
+/// Reads one phase's time off a run (`None`: this run has none).
+pub type PhaseSample = fn(&BootRun) -> Option<Duration>;
+
+/// The end-to-end phases, each with how to read it off a run.
+pub const PHASES: [(&str, PhaseSample); 4] = [
+    ("spawn->first serial byte", |r| Some(r.first_serial)),
+    ("spawn->boot timer", |r| r.boot_timer),
+    ("spawn->marker", |r| Some(r.marker)),
+    ("spawn->exit", |r| Some(r.exit)),
+];
 
 #[cfg(test)]
 mod tests {

@@ -1,4 +1,5 @@
 //! Boot benchmarking: repeated runs of the `ember` binary, their phases, and statistics.
 
 pub mod boot;
+pub mod plot;
 pub mod stats;

@@ -59,6 +59,10 @@ pub struct BootArgs {
     /// Also boot the same guest with another VMM, run by run (A B A B ...), and compare.
     #[arg(long, value_enum, value_name = "VMM")]
     pub compare: Option<CompareWith>,
+
+    /// Also draw every run, per phase and VMM, into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 /// VMMs `--compare` knows.
@@ -90,6 +94,9 @@ pub enum BenchCliError {
     /// A boot failed.
     #[error(transparent)]
     Boot(#[from] boot::BenchError),
+    /// The plot.
+    #[error(transparent)]
+    Plot(#[from] ember::bench::plot::PlotError),
 }
 
 /// Runs the benchmark and prints its result.
@@ -172,6 +179,14 @@ pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
         (bench.run()?, vec![None; bench.targets.len()])
     };
     let names: Vec<&str> = bench.targets.iter().map(|t| t.name.as_str()).collect();
+    if let Some(path) = &args.plot {
+        let named: Vec<(&str, &[BootRun])> = names
+            .iter()
+            .zip(&results)
+            .map(|(name, runs)| (*name, runs.as_slice()))
+            .collect();
+        ember::bench::plot::plot(path, &named)?;
+    }
     if args.json {
         let value = match results.as_slice() {
             [only] => json(args, &kernel, only, rates[0]),
