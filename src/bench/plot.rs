@@ -132,7 +132,12 @@ mod tests {
         assert!(svg.starts_with("<svg"));
         // 5 runs x 3 phases with samples, plus one legend dot per VMM.
         assert_eq!(svg.matches("<circle").count(), 5 * 3 + 2);
-        for label in ["ember", "qemu", "spawn-&gt;marker", "milliseconds since spawn"] {
+        for label in [
+            "ember",
+            "qemu",
+            "spawn-&gt;marker",
+            "milliseconds since spawn",
+        ] {
             assert!(svg.contains(label), "{label}");
         }
     }
