@@ -413,3 +413,42 @@ fn an_embedder_reads_each_interfaces_counters() {
         (0, 0, 0)
     );
 }
+
+#[test]
+fn a_missing_tap_is_created_for_the_vms_lifetime() {
+    if !kvm_available() {
+        return;
+    }
+    let ns = NetNs::new("create");
+    let mut vm = spawn_in(
+        &ns,
+        &[
+            "--net",
+            "tap=tap9",
+            "--cmdline",
+            "guest.net.ip=10.0.0.2 guest.action=halt",
+        ],
+    );
+    vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("net0.mac=06:00:"));
+    vm.expect_line(GUEST_TIMEOUT, |l| l == "action=halt");
+    let link = ns
+        .command("ip")
+        .args(["link", "show", "tap9"])
+        .output()
+        .unwrap();
+    assert!(link.status.success(), "ember created no tap9");
+    vm.signal(libc::SIGTERM);
+    let finished = vm.finish(GUEST_TIMEOUT);
+    assert!(
+        finished.stderr.contains("created TAP tap9"),
+        "{}",
+        finished.stderr
+    );
+    // Not persistent: it went away with ember.
+    let link = ns
+        .command("ip")
+        .args(["link", "show", "tap9"])
+        .output()
+        .unwrap();
+    assert!(!link.status.success(), "tap9 outlived ember");
+}
