@@ -222,7 +222,8 @@ pub fn run(args: &RunArgs) -> Result<i32, ember::StartError> {
         .flatten();
     if config.seccomp {
         // From here this thread only waits, tears down and restores the terminal.
-        let filter = seccomp::filter(ThreadKind::Main).and_then(|f| seccomp::apply(&f));
+        let filter =
+            seccomp::ThreadFilter::new(ThreadKind::Main, None).and_then(|f| seccomp::apply(&f));
         if let Err(e) = filter {
             drop(raw);
             return Err(e.into());

@@ -129,7 +129,7 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
             .name(format!("ember-vcpu{}", vcpu.index()))
             .spawn(move || {
                 if let Some(filter) = filter {
-                    if let Err(e) = seccomp::apply(&filter.program) {
+                    if let Err(e) = seccomp::apply(&filter) {
                         exit.report(ExitReason::VmmError(e.to_string()));
                         return;
                     }

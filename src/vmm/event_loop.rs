@@ -214,7 +214,7 @@ pub fn start(
         .name("ember-events".into())
         .spawn(move || {
             if let Some(filter) = filter {
-                if let Err(e) = seccomp::apply(&filter.program) {
+                if let Err(e) = seccomp::apply(&filter) {
                     log::error!("event loop not started: {e}");
                     return;
                 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Interrupt, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING, VirtioDevice};
@@ -142,38 +142,38 @@ impl MmioTransport {
             0x024 => self.driver_features_sel = value,
             0x030 => self.queue_sel = value,
             0x038 => self.with_queue(offset, value, |q| {
-                q.set_size(u16::try_from(value).unwrap_or(0))
+                q.try_set_size(u16::try_from(value).unwrap_or(0))
             }),
-            0x044 => self.with_queue(offset, value, |q| q.set_ready(value == 1)),
+            0x044 => self.with_queue(offset, value, |q| {
+                q.set_ready(value == 1);
+                Ok(())
+            }),
             0x050 => self.notify_without_ioeventfd(value),
             0x064 => self.interrupt.ack(value),
             0x070 => self.set_status(value),
-            0x080 => self.with_queue(offset, value, |q| {
-                q.set_desc_table_address(Some(value), None)
+            // Checked setters: virtio-queue's plain ones log every refusal, unthrottled.
+            0x080 | 0x084 => self.with_queue(offset, value, |q| {
+                q.try_set_desc_table_address(with_half(q.desc_table(), offset, value))
             }),
-            0x084 => self.with_queue(offset, value, |q| {
-                q.set_desc_table_address(None, Some(value))
+            0x090 | 0x094 => self.with_queue(offset, value, |q| {
+                q.try_set_avail_ring_address(with_half(q.avail_ring(), offset, value))
             }),
-            0x090 => self.with_queue(offset, value, |q| {
-                q.set_avail_ring_address(Some(value), None)
-            }),
-            0x094 => self.with_queue(offset, value, |q| {
-                q.set_avail_ring_address(None, Some(value))
-            }),
-            0x0a0 => self.with_queue(offset, value, |q| {
-                q.set_used_ring_address(Some(value), None)
-            }),
-            0x0a4 => self.with_queue(offset, value, |q| {
-                q.set_used_ring_address(None, Some(value))
+            0x0a0 | 0x0a4 => self.with_queue(offset, value, |q| {
+                q.try_set_used_ring_address(with_half(q.used_ring(), offset, value))
             }),
             _ => self.refuse(offset, value),
         }
     }
 
-    fn with_queue(&mut self, offset: u64, value: u32, f: impl FnOnce(&mut Queue)) {
-        match self.selected_queue() {
-            Some(queue) => f(queue),
-            None => self.refuse(offset, value),
+    fn with_queue(
+        &mut self,
+        offset: u64,
+        value: u32,
+        f: impl FnOnce(&mut Queue) -> Result<(), virtio_queue::Error>,
+    ) {
+        match self.selected_queue().map(f) {
+            Some(Ok(())) => {}
+            _ => self.refuse(offset, value),
         }
     }
 
@@ -228,7 +228,7 @@ impl MmioTransport {
         let queues_ok = self
             .queues
             .iter()
-            .all(|q| !q.ready() || q.is_valid(&self.mem));
+            .all(|q| !q.ready() || rings_fit(q, &self.mem));
         if self.status & required != required || self.status & STATUS_FAILED != 0 || !queues_ok {
             self.errors.record(|| {
                 format!(
@@ -336,6 +336,27 @@ impl MmioTransport {
             }
         }
     }
+}
+
+/// `current` with the half that register `offset` holds (low at the 8-aligned offset, high at
+/// +4) replaced by `value`.
+fn with_half(current: u64, offset: u64, value: u32) -> GuestAddress {
+    let value = u64::from(value);
+    GuestAddress(if offset % 8 == 0 {
+        (current & !0xffff_ffff) | value
+    } else {
+        (current & 0xffff_ffff) | (value << 32)
+    })
+}
+
+/// Whether a queue's table and rings lie in guest memory (virtio-queue's `is_valid` does the
+/// same, but logs each failure unthrottled).
+fn rings_fit(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    let size = usize::from(queue.size());
+    let fits = |addr: u64, len: usize| mem.check_range(GuestAddress(addr), len);
+    fits(queue.desc_table(), 16 * size)
+        && fits(queue.avail_ring(), 6 + 2 * size)
+        && fits(queue.used_ring(), 6 + 8 * size)
 }
 
 fn low_half(v: u64) -> u32 {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use event_manager::EventSet;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -58,6 +58,25 @@ pub trait VirtioDevice: Send {
         _mem: &GuestMemoryMmap,
     ) -> u32 {
         0
+    }
+}
+
+/// Returns chain `head` to the guest with `len` bytes written. A head the guest put in its
+/// available ring may be any number: one past the queue is counted here, not handed to
+/// virtio-queue (which would refuse it with an unthrottled log line).
+pub fn return_chain(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+    errors: &crate::devices::GuestErrors,
+) {
+    if head >= queue.size() {
+        errors.record(|| format!("virtio: chain head {head} is past the queue's end"));
+        return;
+    }
+    if let Err(e) = queue.add_used(mem, head, len) {
+        errors.record(|| format!("virtio: cannot return a chain: {e:?}"));
     }
 }
 

@@ -11,6 +11,7 @@ use super::request::{self, Request, RequestKind, SEGMENT_SIZE};
 use crate::devices::GuestErrors;
 use crate::devices::virtio::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
+    return_chain,
 };
 
 const VIRTIO_ID_BLOCK: u32 = 2;
@@ -60,6 +61,7 @@ pub struct Block {
     features: u64,
     counters: Arc<BlockCounters>,
     guest_errors: GuestErrors,
+    io_errors: GuestErrors,
 }
 
 impl Block {
@@ -86,6 +88,7 @@ impl Block {
             features,
             counters: Arc::new(BlockCounters::default()),
             guest_errors: GuestErrors::default(),
+            io_errors: GuestErrors::default(),
         }
     }
 
@@ -192,6 +195,10 @@ impl Block {
                 if flags & !allowed_flags != 0 {
                     return Err(VIRTIO_BLK_S_UNSUPP);
                 }
+                if sectors == 0 {
+                    // Nothing to deallocate (fallocate would refuse a zero length).
+                    continue;
+                }
                 let bytes = u64::from(sectors) * SECTOR_SIZE;
                 if !self.in_bounds(sector, bytes) {
                     self.guest_errors.record(|| {
@@ -209,8 +216,11 @@ impl Block {
         Ok(())
     }
 
+    /// A host I/O error: IOERR for the guest, and a log line rate-limited like guest errors,
+    /// since a guest can cause the same failure over and over (misaligned O_DIRECT requests).
     fn io_failed(&self, what: &str, e: std::io::Error) -> u8 {
-        log::warn!("virtio-blk: {what} failed: {e}");
+        self.io_errors
+            .record(|| format!("virtio-blk: {what} failed: {e}"));
         VIRTIO_BLK_S_IOERR
     }
 }
@@ -301,10 +311,7 @@ impl VirtioDevice for Block {
                         }
                     }
                 };
-                if let Err(e) = queue.add_used(mem, head, used_len) {
-                    self.guest_errors
-                        .record(|| format!("virtio-blk: cannot complete a request: {e:?}"));
-                }
+                return_chain(queue, mem, head, used_len, &self.guest_errors);
                 used_any = true;
             }
             match queue.enable_notification(mem) {

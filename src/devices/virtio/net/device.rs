@@ -24,6 +24,7 @@ use super::{NetCounters, bump, next_chain};
 use crate::devices::GuestErrors;
 use crate::devices::virtio::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
+    return_chain,
 };
 
 const VIRTIO_ID_NET: u32 = 1;
@@ -242,10 +243,7 @@ impl Net {
     }
 
     fn complete(&self, queue: &mut Queue, mem: &GuestMemoryMmap, head: u16) {
-        if let Err(e) = queue.add_used(mem, head, 0) {
-            self.errors
-                .record(|| format!("virtio-net: cannot return a chain: {e:?}"));
-        }
+        return_chain(queue, mem, head, 0, &self.errors);
     }
 }
 

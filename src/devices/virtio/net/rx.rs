@@ -6,12 +6,20 @@
 
 use std::collections::VecDeque;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::next_chain;
 use super::tap::VNET_HDR_LEN;
 use crate::devices::GuestErrors;
+use crate::devices::virtio::return_chain;
+
+/// Most chains the pool holds, and so most buffers one frame may span: a driver has at most a
+/// queue's worth outstanding. A guest that re-publishes heads could otherwise grow it forever.
+const MAX_POOLED_CHAINS: usize = 256;
+/// Most buffers in one receive chain (Linux uses 1 with mergeable buffers, 19 without); an
+/// indirect table may list 65535.
+const MAX_CHAIN_BUFFERS: usize = 256;
 
 /// One receive chain: its head and its writable buffers.
 #[derive(Debug)]
@@ -60,7 +68,10 @@ impl RxPool {
         errors: &GuestErrors,
     ) -> (bool, bool) {
         let mut used_any = false;
-        while self.capacity < wanted && (mergeable || self.chains.is_empty()) {
+        while self.capacity < wanted
+            && self.chains.len() < MAX_POOLED_CHAINS
+            && (mergeable || self.chains.is_empty())
+        {
             let chain = match next_chain(queue, mem) {
                 Ok(Some(chain)) => chain,
                 Ok(None) => break,
@@ -84,6 +95,13 @@ impl RxPool {
                     refused = Some("a receive buffer outside guest memory");
                     break;
                 }
+                if desc.len() == 0 {
+                    continue;
+                }
+                if buffers.len() == MAX_CHAIN_BUFFERS {
+                    refused = Some("a receive chain of more than 256 buffers");
+                    break;
+                }
                 buffers.push((desc.addr(), desc.len()));
                 capacity += u64::from(desc.len());
             }
@@ -95,9 +113,7 @@ impl RxPool {
             }
             if let Some(why) = refused {
                 errors.record(|| format!("virtio-net: refused {why}"));
-                if let Err(e) = queue.add_used(mem, head, 0) {
-                    errors.record(|| format!("virtio-net: cannot return a chain: {e:?}"));
-                }
+                return_chain(queue, mem, head, 0, errors);
                 used_any = true;
                 continue;
             }
@@ -134,6 +150,10 @@ impl RxPool {
                 Some(_) => {}
             }
         } else if self.capacity < len {
+            // A full pool that still cannot hold the frame never will: drop it.
+            if self.chains.len() == MAX_POOLED_CHAINS {
+                return (Delivery::TooBig, used_any);
+            }
             return (Delivery::NoBuffers, used_any);
         }
         // How many chains the frame takes, for the header's num_buffers.
@@ -170,9 +190,7 @@ impl RxPool {
                 // n <= buf_len, a u32.
                 written += u32::try_from(n).unwrap_or(0);
             }
-            if let Err(e) = queue.add_used(mem, chain.head, written) {
-                errors.record(|| format!("virtio-net: cannot return a chain: {e:?}"));
-            }
+            return_chain(queue, mem, chain.head, written, errors);
         }
         (Delivery::Delivered(count), true)
     }
@@ -181,6 +199,7 @@ impl RxPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_queue::QueueT;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::mock::MockSplitQueue;
@@ -286,6 +305,27 @@ mod tests {
         let mut hdr = [0u8; 12];
         mem.read_slice(&mut hdr, GuestAddress(BUFS)).unwrap();
         assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 1, "num_buffers");
+    }
+
+    #[test]
+    fn crumbs_of_buffers_are_pooled_only_up_to_a_queue_and_a_frame_too_big_for_them_is_dropped() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 256);
+        for i in 0..256u16 {
+            let addr = BUFS + u64::from(i) * 16;
+            let desc = RawDescriptor::from(Descriptor::new(addr, 1, WRITE, 0));
+            vq.add_desc_chains(&[desc], i).unwrap();
+        }
+        let mut queue: Queue = vq.create_queue().unwrap();
+        let mut pool = RxPool::default();
+        let errors = GuestErrors::default();
+        let (delivery, _) = pool.deliver(&mut queue, &mem, &mut frame(1000), true, &errors);
+        assert_eq!(delivery, Delivery::TooBig);
+        assert_eq!(pool.chains.len(), MAX_POOLED_CHAINS);
+        // A frame the crumbs can hold still goes in, one byte per buffer.
+        let (delivery, _) = pool.deliver(&mut queue, &mem, &mut frame(100), true, &errors);
+        assert_eq!(delivery, Delivery::Delivered(100));
+        assert_eq!(used_lens(&vq, &queue, &mem), [1; 100]);
     }
 
     #[test]
