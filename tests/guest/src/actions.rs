@@ -1,13 +1,14 @@
 //! What the guest does after its reports: the port/MMIO operations of the command line, then the
-//! final action (reset, triple fault, halt, the interrupt-driven serial echo, or the network
-//! responder).
+//! final action (reset, triple fault, halt, the interrupt-driven serial echo, the network
+//! responder, or the hostile mode followed by a reset).
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::bootinfo::BootInfo;
 use crate::cmdline::{self, Action, Op};
 use crate::net::{self, Nets};
 use crate::serial::{self, Hex};
-use crate::{apic, cpu, idt, report};
+use crate::{apic, cpu, hostile, idt, report};
 
 /// COM1's line on the I/O APIC.
 const SERIAL_IOAPIC_PIN: u8 = 4;
@@ -37,8 +38,9 @@ pub fn run_ops(cmdline: &[u8]) {
     });
 }
 
-/// Reports `action=` and carries the action out (`nets`: the net devices, for the responder).
-pub fn run(action: Action, bsp_id: u8, mut nets: Nets) -> ! {
+/// Reports `action=` and carries the action out (`nets`: the net devices, for the responder;
+/// `boot`: the memory map and command line, for the hostile mode).
+pub fn run(action: Action, bsp_id: u8, mut nets: Nets, boot: &BootInfo) -> ! {
     report!("action=", action.name());
     match action {
         Action::Reset => cpu::reset(),
@@ -46,6 +48,10 @@ pub fn run(action: Action, bsp_id: u8, mut nets: Nets) -> ! {
         Action::Halt => cpu::halt_forever(),
         Action::Echo => echo(bsp_id),
         Action::Net => net::serve(&mut nets),
+        Action::Hostile => {
+            hostile::run(boot);
+            cpu::reset()
+        }
     }
 }
 

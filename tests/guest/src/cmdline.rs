@@ -12,6 +12,8 @@ pub enum Action {
     Echo,
     /// The network responder (`net/respond.rs`).
     Net,
+    /// Attack every device for a while, then reset (`hostile.rs`).
+    Hostile,
 }
 
 impl Action {
@@ -23,6 +25,7 @@ impl Action {
             Action::Halt => "halt",
             Action::Echo => "echo",
             Action::Net => "net",
+            Action::Hostile => "hostile",
         }
     }
 
@@ -33,6 +36,7 @@ impl Action {
             Action::Halt,
             Action::Echo,
             Action::Net,
+            Action::Hostile,
         ]
         .into_iter()
         .find(|a| a.name().as_bytes() == word)

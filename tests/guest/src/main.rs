@@ -8,8 +8,9 @@
 //! where PVM hosts run guest code natively), `actions` (ops and final action), `virtio`
 //! (virtio-mmio transport; `virtio/queue` the split queue), `blk` (virtio-blk driver,
 //! `guest.blk`), `data` (its transfer buffer), `net` (virtio-net driver, `guest.net`, the `net`
-//! responder), `serial` (COM1 and report lines), `cpu` (port/MMIO/halt primitives), `mem`
-//! (memcpy and friends).
+//! responder), `hostile` (`guest.action=hostile`: attacks every device ember exposes),
+//! `serial` (COM1 and report lines), `cpu` (port/MMIO/halt primitives), `mem` (memcpy and
+//! friends).
 
 #![no_std]
 #![no_main]
@@ -22,6 +23,7 @@ mod cmdline;
 mod cpu;
 mod data;
 mod entry;
+mod hostile;
 mod idt;
 mod mem;
 mod mptable;
@@ -98,7 +100,7 @@ extern "C" fn rust_main(protocol: u32, info: u64) -> ! {
         report!("guest: bad guest.action ", bad, ", using reset");
         cmdline::Action::Reset
     });
-    actions::run(action, bsp_id, nets)
+    actions::run(action, bsp_id, nets, &boot)
 }
 
 #[panic_handler]

@@ -21,7 +21,7 @@ use crate::{apic, cmdline, report, user};
 mod args;
 mod bad;
 mod bytes;
-mod clock;
+pub mod clock;
 mod recv;
 mod respond;
 mod rx;

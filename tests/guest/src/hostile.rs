@@ -1,0 +1,216 @@
+//! `guest.action=hostile` (docs/test-guest.md, "Hostile mode"): for `SECONDS`, attack every
+//! surface ember exposes, drawn from xorshift seeded with `SEED` (`guest.hostile=SEED:SECONDS`),
+//! then report and let the action reset the VM through the i8042, which shows ember still
+//! serves the guest.
+//!
+//! The hot loop runs in ring 3 (user.rs), natively on PVM hosts: MMIO register attacks on the
+//! virtio windows, the boot timer and the MMIO gap (`regs.rs`), handshakes proper and broken
+//! (`device.rs`), adversarial virtqueues (`chains.rs`, `payload.rs`), all in a dedicated attack
+//! area (`arena.rs`). Between bursts of about 200 ms, ring 0 performs the port I/O the burst
+//! drew (`ports.rs`: ring 3 cannot do port I/O on PVM) and prints the progress lines.
+//!
+//! Module map: `rng` (xorshift64), `arena`, `regs`, `ports`, `device`, `chains`, `payload`.
+
+mod arena;
+mod chains;
+mod device;
+mod payload;
+mod ports;
+mod regs;
+mod rng;
+
+use arena::{Arena, GAP, GAP_END};
+use device::{Dev, MAX_DEVS};
+use ports::Plan;
+use rng::Rng;
+
+use crate::bootinfo::BootInfo;
+use crate::cmdline::{self, key_value, number, words};
+use crate::net::clock;
+use crate::serial::{Dec, Hex};
+use crate::{apic, cpu, report, user};
+
+/// `guest.hostile=SEED:SECONDS` when absent.
+const DEFAULT_SEED: u64 = 1;
+const DEFAULT_SECONDS: u64 = 30;
+/// Ring-3 time between two rounds of port I/O in ring 0.
+const ROUND_US: u64 = 200_000;
+
+/// Everything the ring-3 burst works on (it lives on the kernel stack, which ring 3 may touch).
+struct Hostile {
+    rng: Rng,
+    arena: Arena,
+    devs: [Option<Dev>; MAX_DEVS],
+    ndevs: usize,
+    plan: Plan,
+    ops: u64,
+    /// TSC value at which the current burst ends.
+    deadline: u64,
+    /// Whether this burst may still hoard (once per burst: it costs the VMM memory), and how
+    /// many chains the last hoard gave.
+    hoard: bool,
+    hoards: u16,
+}
+
+/// Runs the hostile mode for the configured time; returns after `hostile=done:<ops>`.
+pub fn run(boot: &BootInfo) {
+    let cmdline = boot.cmdline();
+    let (seed, seconds) = parse(cmdline);
+    apic::mask_pic();
+    clock::calibrate();
+    let Some(arena) = Arena::find(boot).filter(Arena::ram_below_4g) else {
+        report!("guest: hostile needs 16 MiB of RAM above 0x5000000, and none above 4 GiB");
+        report!("hostile=done:0");
+        return;
+    };
+    let mut h = Hostile {
+        rng: Rng::new(seed),
+        arena,
+        devs: [None; MAX_DEVS],
+        ndevs: 0,
+        plan: Plan::new(),
+        ops: 0,
+        deadline: 0,
+        hoard: false,
+        hoards: 0,
+    };
+    cmdline::for_each_virtio_mmio(cmdline, |entry| {
+        // Only windows inside the MMIO gap: attacking anything else would hit the guest's RAM.
+        if let Ok((base, _)) = entry {
+            let inside = base >= GAP && base % regs::WINDOW == 0 && base + regs::WINDOW <= GAP_END;
+            if inside && h.ndevs < MAX_DEVS && regs::read32(base, 0) == 0x7472_6976 {
+                h.devs[h.ndevs] = Some(Dev::new(h.ndevs, base));
+                h.ndevs += 1;
+            }
+        }
+    });
+    report!(
+        "guest: hostile seed=",
+        Dec(seed),
+        " seconds=",
+        Dec(seconds),
+        " devices=",
+        Dec(h.ndevs as u64),
+        " area=",
+        Hex(h.arena.base)
+    );
+    let ctx = &raw mut h as u64;
+    user::run(start, ctx);
+    let (t0, hz) = (clock::now(), clock::hz());
+    let end = t0 + seconds * hz;
+    let mut reported = 0;
+    loop {
+        let now = clock::now();
+        if now >= end {
+            break;
+        }
+        h.deadline = end.min(now + clock::ticks(ROUND_US));
+        h.hoard = true;
+        user::run(burst, ctx);
+        h.ops += h.plan.run();
+        let secs = (clock::now() - t0) / hz;
+        if secs > reported && secs < seconds {
+            reported = secs;
+            report!("hostile=", Dec(secs), ":", Dec(h.ops));
+        }
+    }
+    report!("hostile=done:", Dec(h.ops));
+}
+
+/// `guest.hostile=SEED:SECONDS` (decimal; the last one counts).
+fn parse(cmdline: &[u8]) -> (u64, u64) {
+    let mut got = (DEFAULT_SEED, DEFAULT_SECONDS);
+    for (key, value) in words(cmdline).filter_map(key_value) {
+        if key != b"guest.hostile" {
+            continue;
+        }
+        let mut fields = value.split(|&b| b == b':');
+        match (
+            fields.next().and_then(number),
+            fields.next().and_then(number),
+        ) {
+            (Some(seed), Some(secs)) if fields.next().is_none() => got = (seed, secs),
+            _ => report!("guest: bad guest.hostile ", value),
+        }
+    }
+    got
+}
+
+/// Ring 3: touches the whole attack area (so the guest's memory does not grow later) and sets
+/// every device up properly.
+extern "C" fn start(ctx: u64) -> u64 {
+    // SAFETY: `run` passes its `Hostile` and leaves it alone until `user::run` returns.
+    let h = unsafe { &mut *(ctx as *mut Hostile) };
+    h.arena.zero(h.arena.base, arena::LEN);
+    for dev in h.devs.iter_mut().flatten() {
+        h.ops += dev.handshake(&mut h.rng, &h.arena);
+    }
+    0
+}
+
+/// Ring 3: attack steps until the deadline, then draw the next port plan.
+extern "C" fn burst(ctx: u64) -> u64 {
+    // SAFETY: as in `start`.
+    let h = unsafe { &mut *(ctx as *mut Hostile) };
+    while cpu::rdtsc() < h.deadline {
+        h.ops += step(h);
+    }
+    h.plan.fill(&mut h.rng);
+    0
+}
+
+/// One attack on a random device (or, without devices, on the MMIO gap); returns its operations.
+fn step(h: &mut Hostile) -> u64 {
+    let Hostile {
+        rng, arena, devs, ..
+    } = h;
+    let pick = rng.below(h.ndevs as u64) as usize;
+    let Some(dev) = devs.get_mut(pick).and_then(Option::as_mut) else {
+        regs::gap(rng, arena);
+        return 1;
+    };
+    let q = rng.below(dev.nqueues() as u64) as usize;
+    let times = |rng: &mut Rng, n: u64, f: &mut dyn FnMut(&mut Rng)| {
+        let n = 1 + rng.below(n);
+        (0..n).for_each(|_| f(rng));
+        n
+    };
+    match rng.below(100) {
+        0..45 => chains::publish(rng, arena, dev, q),
+        45..57 => times(rng, 16, &mut |rng| regs::window(rng, arena, dev.base)),
+        57..60 => times(rng, 4, &mut |rng| regs::boot_timer(rng, arena)),
+        60..65 => times(rng, 8, &mut |rng| regs::gap(rng, arena)),
+        65..73 => dev.handshake(rng, arena),
+        73..76 => {
+            let steps = 3 + rng.below(20);
+            dev.scramble(rng, arena, steps)
+        }
+        76..80 => {
+            // A reset while the device works on fresh chains; half the time set up again.
+            let ops = chains::publish(rng, arena, dev, q) + 1;
+            dev.reset(arena);
+            ops + if rng.one_in(2) {
+                dev.handshake(rng, arena)
+            } else {
+                0
+            }
+        }
+        80..82 => chains::storm(rng, arena, dev, q),
+        82..87 => chains::rewrite(rng, arena, dev.queues[q]) + chains::publish(rng, arena, dev, q),
+        87..90 => chains::jump(rng, arena, dev, q),
+        90..92 => chains::crumbs(rng, arena, dev, h.deadline),
+        92 if h.hoard && dev.id == device::ID_NET => {
+            // Once a burst, four chains more each time, up to a queue: the VMM's memory would
+            // grow through the run (up to 256 MiB, not more) if each costs it a megabyte.
+            h.hoard = false;
+            h.hoards = h.hoards.saturating_add(4);
+            chains::hoard(rng, arena, dev, h.hoards)
+        }
+        _ => {
+            // Acknowledge whatever is pending, as an interrupt handler would.
+            let pending = regs::read32(dev.base, 0x060);
+            regs::write32(arena, dev.base, 0x064, pending);
+            2
+        }
+    }
+}
