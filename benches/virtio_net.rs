@@ -20,10 +20,11 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use common::netns::NetNs;
+use common::packet::{bind_packet, ifindex, packet_socket, set_int, socklen};
 use common::{Ember, ember, test_guest};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -58,10 +59,6 @@ const ROUND_BIG: u64 = 1_000;
 const BATCH: usize = 64;
 /// Generous bound for one guest operation (a lossy `recv` waits 10 s for the missing frames).
 const OP_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn socklen<T>() -> libc::socklen_t {
-    libc::socklen_t::try_from(std::mem::size_of::<T>()).unwrap()
-}
 
 fn low_byte(x: u64) -> u8 {
     x.to_le_bytes()[0]
@@ -167,63 +164,6 @@ impl Spent {
                 .map_or("-".to_owned(), |w| format!("{:.0}%", w / self.wall * 100.0)),
         )
     }
-}
-
-fn set_int(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
-    // SAFETY: setsockopt reads an int of the given length.
-    let ret = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            socklen::<libc::c_int>(),
-        )
-    };
-    assert_eq!(
-        ret,
-        0,
-        "setsockopt {level}/{name}: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-fn ifindex(name: &str) -> i32 {
-    let cname = std::ffi::CString::new(name).unwrap();
-    // SAFETY: `cname` is NUL-terminated and outlives the call.
-    let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-    assert!(index > 0, "no interface {name}");
-    i32::try_from(index).unwrap()
-}
-
-/// A raw AF_PACKET socket that receives nothing until bound to a protocol.
-fn packet_socket() -> OwnedFd {
-    // SAFETY: socket(2) with constant arguments; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    assert!(
-        fd >= 0,
-        "packet socket: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: `fd` is a new descriptor that nothing else owns.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
-fn bind_packet(fd: &OwnedFd, ifindex: i32, protocol: u16) {
-    // SAFETY: sockaddr_ll is plain data; all zeroes is valid.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
-    addr.sll_protocol = protocol.to_be();
-    addr.sll_ifindex = ifindex;
-    // SAFETY: `addr` is a sockaddr_ll of the length given.
-    let ret = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_ll).cast(),
-            socklen::<libc::sockaddr_ll>(),
-        )
-    };
-    assert_eq!(ret, 0, "bind: {}", std::io::Error::last_os_error());
 }
 
 fn bpf(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {

@@ -6,10 +6,11 @@ mod common;
 
 use std::fs::File;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
 use common::netns::NetNs;
+use common::packet::{bind_packet, ifindex, packet_socket, set_int, socklen};
 use common::{Ember, Finished, GUEST_TIMEOUT, ember, kvm_available, test_guest};
 
 const ECHO_PORT: u16 = 7;
@@ -42,10 +43,6 @@ fn echo(socket: &UdpSocket, guest: SocketAddr, payload: &[u8]) -> Vec<u8> {
 
 fn low_byte(x: usize) -> u8 {
     x.to_le_bytes()[0]
-}
-
-fn socklen<T>() -> libc::socklen_t {
-    libc::socklen_t::try_from(std::mem::size_of::<T>()).unwrap()
 }
 
 fn pattern(seed: usize, len: usize) -> Vec<u8> {
@@ -243,47 +240,12 @@ fn malformed_transmit_chains_are_dropped_and_counted_and_the_device_keeps_workin
 }
 
 /// An AF_PACKET socket on `ifname` for the guest's raw ethertype, with a large buffer.
-fn packet_socket(ifname: &str) -> (OwnedFd, i32) {
-    let proto = i32::from(ETHERTYPE.to_be());
-    // SAFETY: socket(2) with constant arguments; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
-    assert!(
-        fd >= 0,
-        "packet socket: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: `fd` is a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let name = std::ffi::CString::new(ifname).unwrap();
-    // SAFETY: `name` is NUL-terminated and outlives the call.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert!(index > 0, "no interface {ifname}");
-    let size: libc::c_int = 64 << 20;
-    // SAFETY: setsockopt with a pointer to an int of the given length.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&size as *const libc::c_int).cast(),
-            socklen::<libc::c_int>(),
-        );
-    }
-    // SAFETY: sockaddr_ll is plain data; all zeroes is valid.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
-    addr.sll_protocol = ETHERTYPE.to_be();
-    addr.sll_ifindex = i32::try_from(index).unwrap();
-    // SAFETY: `addr` is a sockaddr_ll of the length given.
-    let ret = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_ll).cast(),
-            socklen::<libc::sockaddr_ll>(),
-        )
-    };
-    assert_eq!(ret, 0, "bind: {}", std::io::Error::last_os_error());
-    (fd, addr.sll_ifindex)
+fn guest_frame_socket(ifname: &str) -> (OwnedFd, i32) {
+    let fd = packet_socket();
+    set_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 64 << 20);
+    let index = ifindex(ifname);
+    bind_packet(&fd, index, ETHERTYPE);
+    (fd, index)
 }
 
 /// A frame as the guest's send op builds it: sequence number, then (seq + i) bytes.
@@ -311,7 +273,7 @@ fn raw_frames_cross_both_ways_in_order_and_intact() {
     let cmdline = format!(
         "guest.net.ip=10.0.0.2 guest.net.peer=10.0.0.1 guest.net=0:send:1514:{SENT},0:send:60:{SENT},0:recv:{RECEIVED} guest.action=reset"
     );
-    let (socket, ifindex) = ns.run(|| packet_socket("tap0"));
+    let (socket, ifindex) = ns.run(|| guest_frame_socket("tap0"));
     let mut vm = spawn_in(
         &ns,
         &[

@@ -370,7 +370,16 @@ fn high_half(v: u64) -> u32 {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
-            self.device.read_config(offset - CONFIG_SPACE, data);
+            // Bytes past the device's config space read as zero.
+            data.fill(0);
+            let config = self.device.config_space();
+            if let Some(src) = usize::try_from(offset - CONFIG_SPACE)
+                .ok()
+                .and_then(|start| config.get(start..))
+            {
+                let n = src.len().min(data.len());
+                data[..n].copy_from_slice(&src[..n]);
+            }
             return;
         }
         let value = match data.len() {

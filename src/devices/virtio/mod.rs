@@ -37,8 +37,8 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Feature bits offered to the driver.
     fn features(&self) -> u64;
-    /// Reads the device-specific config space at `offset`; out-of-range bytes read as zero.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The device-specific config space (read-only to the driver).
+    fn config_space(&self) -> &[u8];
     /// The driver accepted `features` and set DRIVER_OK.
     fn activate(&mut self, features: u64);
     /// Serves queue `index`; returns true if the used ring moved.

@@ -256,15 +256,8 @@ impl VirtioDevice for Block {
         self.features
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = self.config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
     fn activate(&mut self, _features: u64) {}
@@ -686,15 +679,31 @@ mod tests {
 
     #[test]
     fn config_space_reads_capacity_and_zero_past_its_end() {
-        let f = fixture("config", false);
+        use crate::devices::bus::BusDevice;
+        use crate::devices::virtio::mmio::MmioTransport;
+        use vmm_sys_util::eventfd::EventFd;
+
+        let image = std::env::temp_dir().join(format!("ember-blk-{}-config", std::process::id()));
+        std::fs::write(
+            &image,
+            vec![0u8; usize::try_from(IMAGE_SECTORS * SECTOR_SIZE).unwrap()],
+        )
+        .unwrap();
+        let block = Block::new(DiskFile::open(&image, false, false).unwrap(), "test-id");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut transport = MmioTransport::new(Box::new(block), mem, evt(), vec![evt()]).unwrap();
+        // The device's config space starts at 0x100 in its window.
         let mut capacity = [0u8; 8];
-        f.block.read_config(0, &mut capacity);
+        transport.read(0x100, &mut capacity);
         assert_eq!(u64::from_le_bytes(capacity), IMAGE_SECTORS);
         let mut past = [0xffu8; 4];
-        f.block.read_config(1 << 40, &mut past);
+        transport.read(0x100 + (1 << 40), &mut past);
         assert_eq!(past, [0; 4]);
         let mut straddling = [0xffu8; 8];
-        f.block.read_config(56, &mut straddling);
+        transport.read(0x100 + 56, &mut straddling);
         assert_eq!(straddling, [1, 0, 0, 0, 0, 0, 0, 0]);
+        drop(transport);
+        std::fs::remove_file(image).unwrap();
     }
 }

@@ -270,15 +270,8 @@ impl VirtioDevice for Net {
             | bit(VIRTIO_NET_F_HOST_TSO6)
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = self.config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
     fn activate(&mut self, features: u64) {
