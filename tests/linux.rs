@@ -301,6 +301,18 @@ fn root_on_virtio_blk_keeps_what_the_guest_wrote_and_a_second_disk_shows_its_id(
     ember.expect_line(timeout, |l| l.contains("EMBER-CMD-EXIT=0"));
     ember.finish(timeout).assert_success();
 
+    // The guest remounted its root read-only before the reset: the journal is checkpointed, so
+    // debugfs (which does not replay it) sees the file.
+    let header = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(&root)
+        .output()
+        .unwrap();
+    let header = String::from_utf8_lossy(&header.stdout);
+    assert!(
+        !header.contains("needs_recovery"),
+        "the root image was left with an unreplayed journal:\n{header}"
+    );
     let cat = Command::new("debugfs")
         .args(["-R", "cat /proof"])
         .arg(&root)
