@@ -101,3 +101,30 @@ fn bench_boot_concurrently_reports_a_rate_and_every_run() {
     );
     assert_eq!(json["samples"].as_array().map(Vec::len), Some(4));
 }
+
+#[test]
+fn bench_boot_defaults_to_the_minimal_test_guest_and_sees_its_boot_timer() {
+    if !kvm_available() {
+        return;
+    }
+    test_guest();
+    let out = Command::new(ember())
+        .args(["bench", "boot", "--json", "-n", "2"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("well-formed JSON");
+    assert_eq!(json["marker"], "guest: minimal boot", "{json}");
+    for s in json["samples"].as_array().unwrap() {
+        let timer = s["boot_timer_us"]
+            .as_u64()
+            .expect("the boot timer was reported");
+        let marker = s["marker_us"].as_u64().unwrap();
+        assert!(timer > 0 && timer <= marker, "{s}");
+    }
+}

@@ -1,5 +1,5 @@
-//! The boot sequence, in order: KVM -> memory -> VM (irqchip, PIT) -> kernel and boot tables ->
-//! devices -> vCPUs -> threads.
+//! The boot sequence, in order: KVM -> memory -> VM -> memslots -> irqchip and PIT -> kernel
+//! and boot tables -> devices -> vCPUs -> threads.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -65,6 +65,7 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
     let vm = Vm::new(&kvm)?;
     timeline.mark(Phase::VmCreated);
     vm.register_memory(&memory)?;
+    vm.create_irqchip()?;
     timeline.mark(Phase::MemoryMapped);
 
     let kernel = load_kernel_and_tables(config, &memory)?;

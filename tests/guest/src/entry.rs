@@ -109,6 +109,9 @@ global_asm!(
     pvh_entry:
     cli
     cld
+    jmp minimal_check           /* minimal.rs: guest.minimal, or back to pvh_full */
+    .global pvh_full
+    pvh_full:
     mov %ebx, %esi
     mov $__bss_start, %edi
     mov $__bss_end, %ecx

@@ -10,7 +10,7 @@
 //! `guest.blk`), `data` (its transfer buffer), `net` (virtio-net driver, `guest.net`, the `net`
 //! responder), `hostile` (`guest.action=hostile`: attacks every device ember exposes),
 //! `serial` (COM1 and report lines), `cpu` (port/MMIO/halt primitives), `mem` (memcpy and
-//! friends).
+//! friends), `minimal` (`guest.minimal`: boot timer, marker, reset, nothing else).
 
 #![no_std]
 #![no_main]
@@ -26,6 +26,7 @@ mod entry;
 mod hostile;
 mod idt;
 mod mem;
+mod minimal;
 mod mptable;
 mod net;
 mod pit;
