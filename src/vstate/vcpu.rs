@@ -84,6 +84,25 @@ extern "C" fn handle_kick(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
     }
 }
 
+/// The width of each access in the current port-I/O exit. A string instruction (`rep outsb`)
+/// exits once with `count` accesses of `size` bytes, all to the same port, which the device
+/// must see one by one.
+fn pio_access_size(data_len: usize) -> usize {
+    let run = KVM_RUN.with(Cell::get);
+    if run.is_null() {
+        return data_len.max(1);
+    }
+    // SAFETY: `run` is this thread's kvm_run mapping, set before its first KVM_RUN and live until
+    // the loop ends; this is called right after a KVM_EXIT_IO exit, which makes `io` the valid
+    // member of the exit union.
+    let size = usize::from(unsafe { (*run).__bindgen_anon_1.io.size });
+    if size == 0 || data_len % size != 0 {
+        data_len.max(1)
+    } else {
+        size
+    }
+}
+
 /// The signal that kicks a vCPU thread out of KVM_RUN.
 pub fn kick_signal() -> c_int {
     SIGRTMIN()
@@ -176,23 +195,25 @@ impl Vcpu {
             }
             match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    if !buses.pio.write(u64::from(port), data) {
-                        unhandled.record(|| {
-                            format!(
-                                "vCPU {vcpu}: unhandled write to port {:#x}",
-                                u64::from(port)
-                            )
-                        });
+                    let size = pio_access_size(data.len());
+                    let port = u64::from(port);
+                    if !data
+                        .chunks(size)
+                        .all(|access| buses.pio.write(port, access))
+                    {
+                        unhandled
+                            .record(|| format!("vCPU {vcpu}: unhandled write to port {port:#x}"));
                     }
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    if !buses.pio.read(u64::from(port), data) {
-                        unhandled.record(|| {
-                            format!(
-                                "vCPU {vcpu}: unhandled read from port {:#x}",
-                                u64::from(port)
-                            )
-                        });
+                    let size = pio_access_size(data.len());
+                    let port = u64::from(port);
+                    if !data
+                        .chunks_mut(size)
+                        .all(|access| buses.pio.read(port, access))
+                    {
+                        unhandled
+                            .record(|| format!("vCPU {vcpu}: unhandled read from port {port:#x}"));
                     }
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
