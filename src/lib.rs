@@ -38,3 +38,15 @@ pub use vmm::{Console, StartError, StopTrigger, VmHandle};
 
 /// The embedding API's entry point: `Vm::start(&config)`.
 pub type Vm = VmHandle;
+
+/// An error and its causes on one line, joined by ": ", as ember prints them.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}

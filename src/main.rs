@@ -3,12 +3,12 @@
 
 mod cli;
 
-use std::error::Error;
 use std::process::ExitCode;
 
 use clap::Parser;
 
 use cli::{Cli, Command, exit_code};
+use ember::error_chain;
 
 fn main() -> ExitCode {
     ember::timing::mark_process_start();
@@ -20,6 +20,10 @@ fn main() -> ExitCode {
         .init();
     let code = match &cli.command {
         Command::Run(args) => cli::run::run(args).unwrap_or_else(|e| {
+            eprintln!("ember: {}", error_chain(&e));
+            exit_code::ERROR
+        }),
+        Command::Jail(args) => cli::jail::run(args).unwrap_or_else(|e| {
             eprintln!("ember: {}", error_chain(&e));
             exit_code::ERROR
         }),
@@ -45,18 +49,6 @@ fn reserve_standard_fds() {
             unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
         }
     }
-}
-
-/// "error: cause: cause".
-fn error_chain(error: &dyn Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
 }
 
 // plotters (`ember bench boot --plot`) is the only user of glibc's `log` and `pow`. Defining them

@@ -1,6 +1,7 @@
 //! The `ember` command line: clap definitions, one file per subcommand.
 
 pub mod bench;
+pub mod jail;
 pub mod run;
 mod signals;
 mod terminal;
@@ -26,6 +27,8 @@ pub struct Cli {
 pub enum Command {
     /// Boot a kernel in a new microVM, its serial console on this terminal.
     Run(run::RunArgs),
+    /// Run `ember run` in a jail: chroot, namespaces, cgroup, no privileges.
+    Jail(jail::JailArgs),
     /// Measure ember: `ember bench boot`.
     #[command(subcommand)]
     Bench(bench::BenchCommand),

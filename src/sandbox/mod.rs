@@ -1,5 +1,7 @@
-//! What keeps a hostile guest that escapes into ember contained: a seccomp filter per thread.
+//! What keeps a hostile guest that escapes into ember contained: a seccomp filter per thread,
+//! and the jailer around the whole process.
 
+pub mod jail;
 pub mod seccomp;
 mod sigsys;
 

@@ -1,0 +1,189 @@
+//! What the jailed process does to itself before it runs the VMM, in order: its own mount, IPC
+//! and UTS namespaces (and the given network namespace), `pivot_root` into the jail, resource
+//! limits, no inherited descriptors, and the drop to an unprivileged uid/gid with no
+//! capabilities and `no_new_privs`. Each step is a system call; a failure names the step.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use super::JailError;
+
+/// Capability sets of the calling thread for `capset` (version 3: two 32-bit words).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+/// SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP(_LOCKED) |
+/// SECBIT_KEEP_CAPS_LOCKED | SECBIT_NO_CAP_AMBIENT_RAISE(_LOCKED): uid 0 (if allowed) grants no
+/// capability, now or after an exec, and nothing can raise one again.
+const SECURE_BITS: libc::c_ulong = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80;
+
+fn check(rc: libc::c_int, step: &'static str) -> Result<(), JailError> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(JailError::Isolation {
+            step,
+            source: std::io::Error::last_os_error(),
+        })
+    }
+}
+
+/// Joins the network namespace at `path` (e.g. /var/run/netns/NAME).
+pub fn join_netns(path: &Path) -> Result<(), JailError> {
+    let ns = File::open(path).map_err(|source| JailError::File {
+        path: path.to_owned(),
+        source,
+    })?;
+    // SAFETY: setns on a descriptor this function owns; the result is checked.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    check(rc, "join the network namespace")
+}
+
+/// New mount, IPC and UTS namespaces, the host name set to `id`.
+pub fn unshare_namespaces(id: &str) -> Result<(), JailError> {
+    // SAFETY: unshare only changes this (single-threaded) process's namespaces.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) };
+    check(rc, "create mount, IPC and UTS namespaces")?;
+    // SAFETY: the pointer and length describe `id`'s bytes.
+    let rc = unsafe { libc::sethostname(id.as_ptr().cast(), id.len()) };
+    check(rc, "set the host name")
+}
+
+/// Makes `root` this process's `/`, with the host's tree detached from its mount namespace.
+pub fn pivot_into(root: &Path) -> Result<(), JailError> {
+    let root = CString::new(root.as_os_str().as_bytes()).map_err(|_| JailError::Isolation {
+        step: "name the jail root",
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    })?;
+    let none = std::ptr::null::<libc::c_char>();
+    // SAFETY: mount with valid NUL-terminated strings (or null where the call allows it); it
+    // changes propagation in this process's own mount namespace only.
+    let rc = unsafe {
+        libc::mount(
+            none,
+            c"/".as_ptr(),
+            none,
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    };
+    check(rc, "make the mounts private")?;
+    // SAFETY: as above; binds the jail root onto itself so that it is a mount point.
+    let rc = unsafe {
+        libc::mount(
+            root.as_ptr(),
+            root.as_ptr(),
+            none,
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        )
+    };
+    check(rc, "bind the jail root")?;
+    // SAFETY: chdir to a NUL-terminated path.
+    check(unsafe { libc::chdir(root.as_ptr()) }, "enter the jail root")?;
+    // SAFETY: pivot_root(".", ".") stacks the old root on the new one; both arguments are
+    // valid NUL-terminated strings.
+    let rc = unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) };
+    check(
+        i32::from(rc != 0).wrapping_neg(),
+        "pivot_root into the jail",
+    )?;
+    // SAFETY: detaches the old root, now stacked on ".", from this mount namespace.
+    let rc = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
+    check(rc, "detach the host's root")?;
+    // SAFETY: chdir to a NUL-terminated path.
+    check(unsafe { libc::chdir(c"/".as_ptr()) }, "enter the new root")
+}
+
+/// RLIMIT_NOFILE, and RLIMIT_FSIZE when given (bytes).
+pub fn set_rlimits(nofile: u64, fsize: Option<u64>) -> Result<(), JailError> {
+    let mut limits = vec![(libc::RLIMIT_NOFILE, nofile, "limit open files")];
+    if let Some(fsize) = fsize {
+        limits.push((libc::RLIMIT_FSIZE, fsize, "limit the file size"));
+    }
+    for (resource, value, step) in limits {
+        let limit = libc::rlimit {
+            rlim_cur: value,
+            rlim_max: value,
+        };
+        // SAFETY: setrlimit reads the struct it is given.
+        check(unsafe { libc::setrlimit(resource, &limit) }, step)?;
+    }
+    Ok(())
+}
+
+/// Closes every descriptor but stdin, stdout and stderr.
+pub fn close_inherited_fds() -> Result<(), JailError> {
+    // SAFETY: close_range on descriptors this process does not use after this point (the jail
+    // setup owns none that outlives it).
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    check(
+        i32::from(rc != 0).wrapping_neg(),
+        "close inherited descriptors",
+    )
+}
+
+/// Becomes `uid`:`gid` with no supplementary groups, no capability in any set (bounding and
+/// ambient included), locked securebits and `no_new_privs`.
+pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), JailError> {
+    // SAFETY: prctl with integer arguments; each result is checked.
+    let rc = unsafe { libc::prctl(libc::PR_SET_SECUREBITS, SECURE_BITS, 0, 0, 0) };
+    check(rc, "lock the securebits")?;
+    for cap in 0..=63 {
+        // SAFETY: as above. EINVAL past the last capability the kernel knows ends the loop.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(JailError::Isolation {
+                step: "drop the capability bounding set",
+                source: error,
+            });
+        }
+    }
+    // SAFETY: setgroups with an empty list.
+    let rc = unsafe { libc::setgroups(0, std::ptr::null()) };
+    check(rc, "drop supplementary groups")?;
+    // SAFETY: plain id changes; results checked.
+    check(unsafe { libc::setresgid(gid, gid, gid) }, "set the gid")?;
+    // SAFETY: as above.
+    check(unsafe { libc::setresuid(uid, uid, uid) }, "set the uid")?;
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData::default(); 2];
+    // SAFETY: capset reads a version-3 header and two data words, which both point to.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
+    check(i32::from(rc != 0).wrapping_neg(), "clear the capabilities")?;
+    // SAFETY: prctl with integer arguments.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    check(rc, "clear the ambient capabilities")?;
+    // SAFETY: as above.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    check(rc, "set no_new_privs")
+}
