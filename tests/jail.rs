@@ -291,7 +291,9 @@ fn a_jailed_guest_writes_its_disk_and_resets_and_the_jail_is_removed() {
     assert_eq!(finished.value("blk0.write"), "0:8:0");
     assert_eq!(finished.value("blk0.flush"), "0");
     let data = std::fs::read(&image).unwrap();
-    let expected: Vec<u8> = (0..4096usize).map(|i| (5 + i * 7).to_le_bytes()[0]).collect();
+    let expected: Vec<u8> = (0..4096usize)
+        .map(|i| (5 + i * 7).to_le_bytes()[0])
+        .collect();
     assert!(
         data[..4096] == expected[..],
         "the guest's write reached the host image"
@@ -470,4 +472,37 @@ fn bad_jail_input_is_one_line_exit_1_and_leaves_nothing() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("/nonexistent/vmlinux"), "{stderr}");
     assert!(!base.jail_dir("nokernel").exists());
+}
+
+#[test]
+fn a_seccomp_kill_inside_the_jail_is_reported_by_the_jailer() {
+    if !kvm_available() {
+        return;
+    }
+    let base = Base::new("sigsys");
+    let out = jail_command(
+        &base,
+        "sigsys",
+        &[],
+        &[
+            "--cmdline",
+            "guest.action=halt",
+            "--seccomp-selftest",
+            "vcpu",
+        ],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + libc::SIGSYS), "{stderr}");
+    let thread_line = format!(
+        "ember: seccomp: thread ember-vcpu0 made forbidden system call {}; killing the process",
+        libc::SYS_socket
+    );
+    assert!(stderr.lines().any(|l| l == thread_line), "{stderr}");
+    assert!(
+        stderr.contains("ember jail: the VMM was killed by its seccomp filter (SIGSYS)"),
+        "{stderr}"
+    );
+    assert!(!base.jail_dir("sigsys").exists(), "the jail is removed");
 }
