@@ -56,7 +56,8 @@ pub struct JailArgs {
     #[arg(long)]
     pub keep: bool,
 
-    /// The VMM command: `run` and its options.
+    /// The VMM command: `run` and its options (give `--log-level` before `jail`: it applies to
+    /// both).
     #[arg(last = true, required = true, value_name = "run OPTIONS")]
     pub vmm: Vec<OsString>,
 }
