@@ -120,6 +120,10 @@ fn bench_boot_defaults_to_the_minimal_test_guest_and_sees_its_boot_timer() {
     );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("well-formed JSON");
     assert_eq!(json["marker"], "guest: minimal boot", "{json}");
+    let idle = json["idle_overhead_kib"]["ember"]
+        .as_u64()
+        .expect("ember's memory measured from smaps with the guest idle");
+    assert!(idle > 100 && idle < 1 << 20, "{idle} KiB");
     for s in json["samples"].as_array().unwrap() {
         let timer = s["boot_timer_us"]
             .as_u64()

@@ -16,6 +16,10 @@ const TEST_GUEST: &str = "tests/guest/target/release/ember-test-guest";
 const TEST_GUEST_CMDLINE: &str = "guest.minimal";
 /// The line the minimal boot prints right after its boot-timer write.
 const TEST_GUEST_MARKER: &str = "guest: minimal boot";
+/// The test guest reporting and then idling, for the memory measurement of each VMM.
+const TEST_GUEST_IDLE_CMDLINE: &str = "guest.action=halt";
+/// The last line it prints before it idles.
+const TEST_GUEST_IDLE_MARKER: &str = "action=halt";
 
 /// `ember bench` subcommands.
 #[derive(Debug, Subcommand)]
@@ -143,24 +147,46 @@ pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
         run_args.extend(["--rootfs".to_owned(), rootfs.display().to_string()]);
     }
     run_args.extend([
-        "--cmdline".to_owned(),
-        cmdline.clone(),
         "--cpus".to_owned(),
         args.cpus.to_string(),
         "--memory".to_owned(),
         args.memory.to_string(),
     ]);
     let ember = std::env::current_exe().map_err(BenchCliError::CurrentExe)?;
-    let mut targets = vec![Target::ember(ember, &run_args)];
-    if let Some(CompareWith::Qemu) = args.compare {
-        targets.push(Target::qemu(
-            &kernel_arg,
-            initrd_arg.as_deref(),
-            &cmdline,
-            args.cpus,
-            args.memory,
-        ));
-    }
+    let targets_for = |cmdline: &str| {
+        let mut with_cmdline = run_args.clone();
+        with_cmdline.extend(["--cmdline".to_owned(), cmdline.to_owned()]);
+        let mut targets = vec![Target::ember(ember.clone(), &with_cmdline)];
+        if let Some(CompareWith::Qemu) = args.compare {
+            targets.push(Target::qemu(
+                &kernel_arg,
+                initrd_arg.as_deref(),
+                cmdline,
+                args.cpus,
+                args.memory,
+            ));
+        }
+        targets
+    };
+    let targets = targets_for(&cmdline);
+    // The same smaps measurement for every VMM, on the test guest idling after its report.
+    let idle_kib: Vec<Option<u64>> = if args.kernel.is_none() {
+        targets_for(TEST_GUEST_IDLE_CMDLINE)
+            .iter()
+            .map(|target| {
+                ember::bench::memory::idle_overhead_kib(
+                    target,
+                    TEST_GUEST_IDLE_MARKER,
+                    args.memory,
+                    Duration::from_millis(300),
+                    Duration::from_secs(60),
+                )
+                .ok()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let bench = BootBench {
         targets,
         marker,
@@ -207,6 +233,15 @@ pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
                 serde_json::Value::Object(map)
             }
         };
+        let mut value = value;
+        if let Some(map) = value.as_object_mut() {
+            let idle: serde_json::Map<String, serde_json::Value> = names
+                .iter()
+                .zip(&idle_kib)
+                .map(|(name, kib)| ((*name).to_owned(), serde_json::json!(kib)))
+                .collect();
+            map.insert("idle_overhead_kib".into(), serde_json::Value::Object(idle));
+        }
         println!("{value}");
     } else {
         for ((name, runs), rate) in names.iter().zip(&results).zip(&rates) {
@@ -220,6 +255,17 @@ pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
         }
         if results.len() == 2 {
             print_ratios(names[1], &results);
+        }
+        let idle: Vec<String> = names
+            .iter()
+            .zip(&idle_kib)
+            .filter_map(|(name, kib)| kib.map(|kib| format!("{name} {kib} KiB")))
+            .collect();
+        if !idle.is_empty() {
+            println!(
+                "memory outside guest RAM, test guest idle (smaps Rss): {}",
+                idle.join(", ")
+            );
         }
     }
     Ok(())
