@@ -110,6 +110,12 @@ pub fn write_zero_page(
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
     }
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    // Fields the boot loader owns start empty, whatever the image's header holds: a setup_data
+    // list ember never wrote, or an initrd it never loaded, would send the kernel to read
+    // arbitrary guest memory.
+    params.hdr.setup_data = 0;
+    params.hdr.ramdisk_image = 0;
+    params.hdr.ramdisk_size = 0;
     // Both fit in 32 bits: the command line sits at a fixed low address, and its size is capped
     // at CMDLINE_MAX_SIZE.
     params.hdr.cmd_line_ptr = u32::try_from(CMDLINE_START).unwrap_or_default();
@@ -245,6 +251,27 @@ mod tests {
         assert_eq!(params.e820_entries, 3);
         assert_eq!({ params.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
         assert_eq!({ params.acpi_rsdp_addr }, 0xe0000);
+    }
+
+    /// Found by the `loader` fuzz target: a bzImage whose header carried a `setup_data` pointer
+    /// (or initrd fields) had it copied into the zero page, so the kernel would walk a list ember
+    /// never wrote.
+    #[test]
+    fn loader_owned_header_fields_start_empty() {
+        let m = mem(64 << 20);
+        let e820 = e820_map(&crate::arch::x86_64::memory_ranges(64 << 20));
+        let mut hdr = setup_header {
+            setup_data: 0x1013_0000,
+            ramdisk_image: 0x0200_0000,
+            ramdisk_size: 0x1000,
+            ..Default::default()
+        };
+        hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+        write_zero_page(&m, Some(hdr), 10, None, &e820, GuestAddress(0xe0000)).unwrap();
+        let params: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!({ params.hdr.setup_data }, 0);
+        assert_eq!({ params.hdr.ramdisk_image }, 0);
+        assert_eq!({ params.hdr.ramdisk_size }, 0);
     }
 
     #[test]
