@@ -159,12 +159,20 @@ fn elf_entry(
 }
 
 fn bzimage_entry(result: &KernelLoaderResult) -> Result<LoadedKernel, LoaderError> {
-    let hdr = result.setup_header.ok_or(LoaderError::BzImageNot64Bit)?;
+    let mut hdr = result.setup_header.ok_or(LoaderError::BzImageNot64Bit)?;
     if hdr.version < BOOT_PROTOCOL_2_12 || hdr.xloadflags & XLF_KERNEL_64 == 0 {
         return Err(LoaderError::BzImageNot64Bit);
     }
-    // The decompressor needs `init_size` bytes from the load address.
-    let end = result.kernel_load.raw_value() + u64::from(hdr.init_size).max(result.kernel_end);
+    // The boot loader's fields: what the image carries there describes nothing ember loaded (an
+    // initrd, a setup_data list), and the header goes into the zero page as it is.
+    hdr.ramdisk_image = 0;
+    hdr.ramdisk_size = 0;
+    hdr.setup_data = 0;
+    // The decompressor needs `init_size` bytes from the load address, and the image itself is
+    // there too. linux-loader's `kernel_end` is an address, not a length.
+    let load = result.kernel_load.raw_value();
+    let image_len = result.kernel_end.saturating_sub(load);
+    let end = load + u64::from(hdr.init_size).max(image_len);
     Ok(LoadedKernel {
         entry: result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
         mode: EntryMode::Linux64,
@@ -180,8 +188,8 @@ fn is_bzimage(file: &mut File) -> std::io::Result<bool> {
     Ok(file.read_exact(&mut magic).is_ok() && &magic == b"HdrS")
 }
 
-/// Loads the initrd at the top of low memory, page-aligned, above the kernel and below the
-/// kernel's `initrd_addr_max` when its header gives one.
+/// Loads the initrd at the top of low memory, page-aligned, above the kernel and high memory's
+/// start, and below the kernel's `initrd_addr_max` when its header gives one.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     path: &Path,
@@ -202,7 +210,9 @@ pub fn load_initrd(
         _ => low_end,
     };
     let start = top.checked_sub(size).ok_or(too_big)? & !(PAGE_SIZE - 1);
-    if start < kernel.end.next_multiple_of(PAGE_SIZE) {
+    // Never below high memory, where the boot tables go, even when the kernel (an ELF whose
+    // segments all lie low) ends below it.
+    if start < kernel.end.max(HIMEM_START).next_multiple_of(PAGE_SIZE) {
         return Err(LoaderError::InitrdTooBig {
             size_kib: size.div_ceil(1024),
         });
@@ -241,6 +251,72 @@ mod tests {
         std::fs::remove_file(path).unwrap();
     }
 
+    /// A bzImage with a 64-bit entry, loaded at `code32_start`, whose protected-mode payload
+    /// is `payload` bytes and whose decompressor needs `init_size` bytes.
+    fn bzimage(code32_start: u32, init_size: u32, payload: usize) -> Vec<u8> {
+        const SETUP_SECTS: u8 = 4;
+        let mut image = vec![0u8; (usize::from(SETUP_SECTS) + 1) * 512 + payload];
+        image[0x1f1] = SETUP_SECTS;
+        image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        image[0x211] = 1; // loadflags: LOADED_HIGH
+        image[0x214..0x218].copy_from_slice(&code32_start.to_le_bytes());
+        image[0x236..0x238].copy_from_slice(&XLF_KERNEL_64.to_le_bytes());
+        image[0x260..0x264].copy_from_slice(&init_size.to_le_bytes());
+        image
+    }
+
+    /// Found by the `loader` fuzz target (its bzImage seed): the footprint of a bzImage whose
+    /// `init_size` is smaller than its load address plus its payload was computed as load +
+    /// max(init_size, load + payload), an address mixed up with a length, which put `end` a
+    /// whole load address (1 MiB) too high: small kernels were refused as too big for memory
+    /// they fit, and the initrd was kept needlessly far from the kernel.
+    #[test]
+    fn bzimage_footprint_is_the_larger_of_init_size_and_payload_from_the_load_address() {
+        let m = mem(4 << 20);
+        let cases = [
+            (0x10000, 512, 0x11_0000),
+            (0x30_0000, 512, 0x40_0000),
+            (0, 0x2000, 0x10_2000),
+        ];
+        for (i, (init_size, payload, end)) in cases.into_iter().enumerate() {
+            let path = temp_file(&format!("bz{i}"), &bzimage(0x10_0000, init_size, payload));
+            let kernel = load_kernel(&m, &path, BootProtocol::Auto, 4 << 20).unwrap();
+            assert_eq!(
+                kernel.end, end,
+                "init_size {init_size:#x}, payload {payload:#x}"
+            );
+            assert_eq!(kernel.entry, GuestAddress(0x10_0200));
+            std::fs::remove_file(path).unwrap();
+        }
+        // 1 MiB + 512 bytes fits in 2 MiB of memory; the old footprint (2 MiB + 512) did not.
+        let path = temp_file("bz-small", &bzimage(0x10_0000, 0x1000, 512));
+        load_kernel(&mem(2 << 20), &path, BootProtocol::Auto, 2 << 20).unwrap();
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// Found by the `loader` fuzz target: a bzImage whose header carried a ramdisk address and
+    /// size (and a setup_data pointer) kept them in the header ember copies into the zero
+    /// page, so a kernel booted without an initrd was told of one at 0x10140000.
+    #[test]
+    fn bzimage_boot_loader_fields_are_cleared() {
+        let mut image = bzimage(0x10_0000, 0x10000, 512);
+        image[0x218..0x21c].copy_from_slice(&0x1014_0000u32.to_le_bytes());
+        image[0x21c..0x220].copy_from_slice(&0x1000u32.to_le_bytes());
+        image[0x250..0x258].copy_from_slice(&0x8000u64.to_le_bytes());
+        let path = temp_file("bz-ramdisk", &image);
+        let kernel = load_kernel(&mem(4 << 20), &path, BootProtocol::Auto, 4 << 20).unwrap();
+        let hdr = kernel.setup_header.unwrap();
+        assert_eq!(
+            ({ hdr.ramdisk_image }, { hdr.ramdisk_size }, {
+                hdr.setup_data
+            }),
+            (0, 0, 0)
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
     #[test]
     fn initrd_goes_page_aligned_to_the_top_of_low_memory() {
         let path = temp_file("initrd", &[7u8; 5000]);
@@ -255,6 +331,29 @@ mod tests {
         assert_eq!(region.addr.raw_value() % PAGE_SIZE, 0);
         assert!(region.addr.raw_value() + 5000 <= 16 << 20);
         assert_eq!(m.read_obj::<u8>(region.addr).unwrap(), 7);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// Found by the `loader` fuzz target: an ELF kernel whose segments all lie below 1 MiB
+    /// (its entry above) ends low, and a large initrd was then placed under 1 MiB (at 0x2f000),
+    /// across the EBDA, the ACPI and MP tables written after it, and memory the e820 map
+    /// reserves. It must be refused instead.
+    #[test]
+    fn initrd_never_goes_below_high_memory() {
+        let path = temp_file("low-initrd", &vec![1u8; 0x3d_1000]);
+        let kernel = LoadedKernel {
+            entry: GuestAddress(HIMEM_START),
+            mode: EntryMode::Linux64,
+            setup_header: None,
+            end: 0x1_0000,
+        };
+        let err = load_initrd(&mem(4 << 20), &path, &kernel, 4 << 20).unwrap_err();
+        assert!(matches!(err, LoaderError::InitrdTooBig { .. }), "{err}");
+        std::fs::remove_file(path).unwrap();
+        // Just fitting above 1 MiB is fine.
+        let path = temp_file("high-initrd", &vec![1u8; 3 << 20]);
+        let region = load_initrd(&mem(4 << 20), &path, &kernel, 4 << 20).unwrap();
+        assert_eq!(region.addr, GuestAddress(HIMEM_START));
         std::fs::remove_file(path).unwrap();
     }
 

@@ -170,7 +170,13 @@ impl VmConfig {
         }
         for disk in &self.disks {
             let id = disk.serial();
-            if id.len() > MAX_DISK_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
+            // A path without a file name (a directory) derives an empty id; opening the image
+            // reports it. An id given empty is refused here.
+            let given_empty = disk.id.as_deref() == Some("");
+            if given_empty
+                || id.len() > MAX_DISK_ID_LEN
+                || !id.bytes().all(|b| b.is_ascii_graphic())
+            {
                 return Err(ConfigError::BadDiskId(id));
             }
         }
@@ -320,6 +326,20 @@ mod tests {
             matches!(err, ConfigError::Directory { what: "initrd", .. }),
             "{err}"
         );
+    }
+
+    /// Found by the `config` fuzz target: an embedder's `DiskConfig` with `id: Some("")`
+    /// passed validation (only the length limit and the characters were checked), and the
+    /// guest got an empty serial, though the error says ids are 1 to 20 characters.
+    #[test]
+    fn an_empty_disk_id_is_refused() {
+        let mut c = config();
+        let mut disk = DiskConfig::new("/img");
+        disk.id = Some(String::new());
+        c.disks.push(disk);
+        assert!(matches!(c.validate(), Err(ConfigError::BadDiskId(id)) if id.is_empty()));
+        c.disks[0].id = Some("d".into());
+        c.validate().unwrap();
     }
 
     #[test]

@@ -264,6 +264,7 @@ impl VirtioDevice for Block {
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used_any = false;
+        let mut recheck = false;
         loop {
             // With EVENT_IDX, suppress notifications while draining, then re-check for a
             // request that raced with re-enabling them.
@@ -280,6 +281,13 @@ impl VirtioDevice for Block {
                     return used_any;
                 }
             };
+            if recheck && chains.is_empty() {
+                // The re-check saw a request that is not there: the guest's rings overlap, so
+                // that the device's own writes move the available index. Stop, don't spin.
+                self.guest_errors
+                    .record(|| "virtio-blk: available index moves under the device".into());
+                return used_any;
+            }
             for chain in chains {
                 let head = chain.head_index();
                 let descriptors: Vec<_> = chain.clone().take(usize::from(QUEUE_SIZE) + 1).collect();
@@ -308,7 +316,7 @@ impl VirtioDevice for Block {
                 used_any = true;
             }
             match queue.enable_notification(mem) {
-                Ok(true) => continue,
+                Ok(true) => recheck = true,
                 Ok(false) => break,
                 Err(e) => {
                     self.guest_errors
@@ -675,6 +683,37 @@ mod tests {
             },
             VIRTIO_BLK_S_IOERR,
         );
+    }
+
+    /// Found by the `virtio_mmio_registers` fuzz target: a guest that puts its used ring two
+    /// bytes after its available ring (no EVENT_IDX) makes the device's NO_NOTIFY flag write
+    /// set the available index to 1 and the re-enabling write set it back to 0. Each pass then
+    /// found nothing while `enable_notification` kept saying a request had come, and the event
+    /// loop spun forever on one notification (a VM that could not even be stopped).
+    #[test]
+    fn overlapping_rings_do_not_spin_the_event_loop() {
+        let mut f = fixture("overlap", false);
+        let mut queue = Queue::new(QUEUE_SIZE).unwrap();
+        queue.try_set_size(8).unwrap();
+        queue
+            .try_set_desc_table_address(GuestAddress(0x2c70))
+            .unwrap();
+        queue
+            .try_set_avail_ring_address(GuestAddress(0x7676))
+            .unwrap();
+        queue
+            .try_set_used_ring_address(GuestAddress(0x7678))
+            .unwrap();
+        queue.set_ready(true);
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            f.block.process_queue(0, &mut queue, &f.mem);
+            let _ = done.send(f.block.guest_errors.count());
+        });
+        let errors = finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("process_queue spins on overlapping rings");
+        assert!(errors >= 1, "the broken ring is counted");
     }
 
     #[test]

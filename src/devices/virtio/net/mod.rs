@@ -1,9 +1,9 @@
 //! virtio-net on a host TAP: the device ([`Net`]), its receive and transmit paths, and the TAP.
 
 mod device;
-mod rx;
+pub mod rx;
 pub mod tap;
-mod tx;
+pub mod tx;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
