@@ -17,14 +17,14 @@ use ember::devices::virtio::net::tap::VNET_HDR_LEN;
 use ember::devices::virtio::net::tx::{self, MAX_TX_LEN};
 use ember::devices::virtio::return_chain;
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::desc::RawDescriptor;
+use virtio_queue::QueueOwnedT;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-/// Queue size: small, so heads and `next` indices from the input often land in the table.
-const QUEUE_SIZE: u16 = 16;
+#[path = "common/queue.rs"]
+mod queue;
+use queue::QUEUE_SIZE;
+
 /// Guest memory: the queue at 0, frame bytes and indirect tables above it. Large enough for a
 /// 64 KiB frame, so the length limit is reachable.
 const MEM_SIZE: usize = 0x3_0000;
@@ -59,26 +59,20 @@ fuzz_target!(|data: &[u8]| {
     let (table, payload) = rest.split_at(rest.len().min(count * 16));
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let _ = mem.write_slice(&payload[..payload.len().min(0x2000)], GuestAddress(PAYLOAD));
-    let descs: Vec<RawDescriptor> = table
+    let descs: Vec<Descriptor> = table
         .chunks_exact(16)
         .map(|d| {
             let a = addr(u64::from_le_bytes(d[0..8].try_into().unwrap()));
             let l = len(u32::from_le_bytes(d[8..12].try_into().unwrap()));
             let flags = u16::from_le_bytes(d[12..14].try_into().unwrap()) & 0x7;
             let next = u16::from_le_bytes(d[14..16].try_into().unwrap()) % (QUEUE_SIZE + 2);
-            RawDescriptor::from(Descriptor::new(a, l, flags, next))
+            Descriptor::new(a, l, flags, next)
         })
         .collect();
     if descs.is_empty() {
         return;
     }
-    let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
-    if vq.add_desc_chains(&descs, 0).is_err() {
-        return;
-    }
-    let Ok(mut queue) = vq.create_queue::<Queue>() else {
-        return;
-    };
+    let mut queue = queue::with_chains(&mem, &descs);
     let errors = GuestErrors::quiet();
 
     // One transmit pass: every chain the guest made available, until the ring says no more.

@@ -50,7 +50,8 @@ impl FromStr for MacAddr {
         let mut parts = s.split(':');
         for byte in &mut bytes {
             let part = parts.next().ok_or_else(|| MacParseError(s.to_owned()))?;
-            if part.len() != 2 {
+            // from_str_radix alone would take a sign: "+6" is not a hex byte.
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(MacParseError(s.to_owned()));
             }
             *byte = u8::from_str_radix(part, 16).map_err(|_| MacParseError(s.to_owned()))?;
@@ -120,6 +121,20 @@ mod tests {
             "06:00:ac:10:00:02:03",
             "6:0:ac:10:0:2",
             "zz:00:ac:10:00:02",
+        ] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
+        }
+    }
+
+    /// Found with the `config` fuzz target's MAC oracle (parsing must round-trip to the same
+    /// text): `u8::from_str_radix` accepts a leading `+`, so "+6:00:00:00:00:01" parsed as
+    /// 06:00:00:00:00:01.
+    #[test]
+    fn signed_bytes_are_not_mac_bytes() {
+        for bad in [
+            "+6:00:00:00:00:01",
+            "06:00:00:00:00:+1",
+            "06:+0:ac:10:00:02",
         ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
