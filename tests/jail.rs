@@ -389,6 +389,30 @@ fn refused(base: &Base, id: &str, jail_args: &[&str], run_args: &[&str], expect:
     }
 }
 
+/// `ember jail --id ID --uid ID --gid ID --chroot-base BASE -- run --kernel KERNEL`: its exit
+/// code and stderr.
+fn raw_jail(id: &str, ids: &str, base: &Path, kernel: &str) -> (Option<i32>, String) {
+    let out = Command::new(ember())
+        .args([
+            "jail",
+            "--id",
+            id,
+            "--uid",
+            ids,
+            "--gid",
+            ids,
+            "--chroot-base",
+        ])
+        .arg(base)
+        .args(["--", "run", "--kernel", kernel])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn bad_jail_input_is_one_line_exit_1_and_leaves_nothing() {
     let base = Base::new("bad");
@@ -415,61 +439,15 @@ fn bad_jail_input_is_one_line_exit_1_and_leaves_nothing() {
         &[],
         "/nonexistent/netns",
     );
-    let missing = Command::new(ember())
-        .args([
-            "jail",
-            "--id",
-            "m",
-            "--uid",
-            "1",
-            "--gid",
-            "1",
-            "--chroot-base",
-            "/nonexistent",
-        ])
-        .args(["--", "run", "--kernel", "/x"])
-        .output()
-        .unwrap();
-    assert_eq!(missing.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&missing.stderr)
-            .contains("chroot base /nonexistent is not a directory")
-    );
-    let root = Command::new(ember())
-        .args([
-            "jail",
-            "--id",
-            "r",
-            "--uid",
-            "0",
-            "--gid",
-            "0",
-            "--chroot-base",
-        ])
-        .arg(&base.dir)
-        .args(["--", "run", "--kernel", "/x"])
-        .output()
-        .unwrap();
-    assert_eq!(root.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&root.stderr).contains("refusing uid/gid 0"));
+    let (code, stderr) = raw_jail("m", "1", Path::new("/nonexistent"), "/x");
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("chroot base /nonexistent is not a directory"));
+    let (code, stderr) = raw_jail("r", "0", &base.dir, "/x");
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("refusing uid/gid 0"));
     // A missing kernel is named, and the jail made for it is removed again.
-    let out = Command::new(ember())
-        .args([
-            "jail",
-            "--id",
-            "nokernel",
-            "--uid",
-            "1",
-            "--gid",
-            "1",
-            "--chroot-base",
-        ])
-        .arg(&base.dir)
-        .args(["--", "run", "--kernel", "/nonexistent/vmlinux"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, stderr) = raw_jail("nokernel", "1", &base.dir, "/nonexistent/vmlinux");
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("/nonexistent/vmlinux"), "{stderr}");
     assert!(!base.jail_dir("nokernel").exists());
 }
