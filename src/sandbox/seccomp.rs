@@ -12,21 +12,23 @@ use seccompiler::{
 };
 
 use super::sigsys;
-use kvm_numbers::{KVM_GET_REGS, KVM_RUN};
+use kvm_numbers::{KVM_GET_REGS, KVM_RUN, KVM_SET_GSI_ROUTING};
 
 /// The KVM ioctl numbers the vCPU filter allows (kvm-ioctls keeps its own private).
 mod kvm_numbers {
-    use kvm_bindings::{KVMIO, kvm_regs};
-    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr};
+    use kvm_bindings::{KVMIO, kvm_irq_routing, kvm_regs};
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
 
     ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
     ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+    ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
 }
 
 /// The threads ember runs, each with its own list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ThreadKind {
-    /// `ember-vcpuN`: KVM_RUN and the device register accesses it exits for.
+    /// `ember-vcpuN`: KVM_RUN and the device register accesses it exits for (the I/O APIC's
+    /// included, which replace KVM's interrupt routes).
     Vcpu,
     /// `ember-events`: queue work, disk and TAP I/O, console input.
     Events,
@@ -135,7 +137,8 @@ fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
                 kind,
                 libc::SYS_ioctl,
                 1,
-                &[KVM_RUN(), KVM_GET_REGS()],
+                // KVM_SET_GSI_ROUTING: the guest programming the I/O APIC.
+                &[KVM_RUN(), KVM_GET_REGS(), KVM_SET_GSI_ROUTING()],
             )?);
             // The boot timer reports the VMM's CPU time.
             rules.extend(any(&[libc::SYS_getrusage]));
@@ -263,6 +266,7 @@ mod tests {
     fn kvm_ioctl_numbers_match_the_kernel_abi() {
         assert_eq!(KVM_RUN(), 0xae80);
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
+        assert_eq!(KVM_SET_GSI_ROUTING(), 0x4008_ae6a);
     }
 
     #[test]

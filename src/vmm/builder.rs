@@ -1,5 +1,5 @@
-//! The boot sequence, in order: KVM -> memory -> VM -> memslots -> irqchip and PIT -> kernel
-//! and boot tables -> devices -> vCPUs -> threads.
+//! The boot sequence, in order: KVM -> memory -> VM -> memslots -> split irqchip -> kernel and
+//! boot tables -> devices (the I/O APIC first) -> vCPUs -> threads.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -15,12 +15,12 @@ use super::{StartError, VmHandle, virtio};
 use crate::arch::x86_64::boot_params::{self, E820Entry};
 use crate::arch::x86_64::layout::{
     BOOT_TIMER_START, CMDLINE_MAX_SIZE, CMDLINE_START, COM1_IRQ, COM1_PORT, DEBUG_PORT,
-    I8042_DATA_PORT,
+    I8042_DATA_PORT, IOAPIC_START,
 };
 use crate::arch::x86_64::regs::EntryMode;
-use crate::arch::x86_64::{acpi, low_memory_end, memory_ranges, mptable};
+use crate::arch::x86_64::{acpi, ioapic_id, low_memory_end, memory_ranges, mptable};
 use crate::config::{ConfigError, VmConfig};
-use crate::devices::legacy::{I8042, SerialDevice};
+use crate::devices::legacy::{I8042, IoApic, SerialDevice};
 use crate::devices::pseudo::debug_port::DebugCodes;
 use crate::devices::pseudo::{BootTimer, DebugPort};
 use crate::devices::virtio::VirtioDevice;
@@ -205,7 +205,7 @@ fn load_kernel_and_tables(
     Ok(kernel)
 }
 
-/// COM1 and the i8042 on the port bus, and the event-loop subscribers that serve them.
+/// The I/O APIC, COM1 and the i8042 on the buses, and the event-loop subscribers that serve them.
 fn create_devices(
     config: &VmConfig,
     vm: &Vm,
@@ -213,6 +213,10 @@ fn create_devices(
 ) -> Result<(Buses, Vec<Subscriber>, Option<Console>), StartError> {
     let mut buses = Buses::default();
     let mut subscribers: Vec<Subscriber> = Vec::new();
+    let ioapic = IoApic::new(ioapic_id(config.vcpus), Box::new(vm.route_installer()));
+    buses
+        .mmio
+        .insert(IOAPIC_START, IoApic::WINDOW, Arc::new(Mutex::new(ioapic)))?;
     let ends = console::open(&config.console)?;
 
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::Eventfd)?;

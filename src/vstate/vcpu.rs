@@ -254,8 +254,14 @@ impl Vcpu {
                 Ok(VcpuExit::FailEntry(reason, _)) => {
                     return ExitReason::FailEntry { vcpu, reason };
                 }
-                // With the in-kernel irqchip KVM handles HLT itself; these are harmless.
-                Ok(VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen) => {}
+                // With the in-kernel local APIC KVM handles HLT itself; these are harmless, and
+                // there is no level-triggered route for an I/O APIC EOI to complete.
+                Ok(
+                    VcpuExit::Hlt
+                    | VcpuExit::Intr
+                    | VcpuExit::IrqWindowOpen
+                    | VcpuExit::IoapicEoi(_),
+                ) => {}
                 Ok(other) => {
                     return ExitReason::VmmError(format!(
                         "unexpected KVM exit on vCPU {vcpu}: {other:?}"

@@ -15,6 +15,7 @@ use acpi_tables::{Aml, AmlSink};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::addr32;
+use super::ioapic_id;
 use super::layout::{ACPI_END, ACPI_START, APIC_START, IOAPIC_START};
 
 const OEM_ID: [u8; 6] = *b"EMBER ";
@@ -22,8 +23,9 @@ const OEM_REVISION: u32 = 1;
 /// IAPC_BOOT_ARCH: VGA not present (bit 2), MSI not supported (bit 3), no CMOS RTC (bit 5).
 /// The 8042 bit stays clear so kernels do not probe a keyboard controller that is not there.
 const IAPC_BOOT_ARCH: u16 = (1 << 2) | (1 << 3) | (1 << 5);
-/// MADT flags: PCAT_COMPAT, dual 8259s present (KVM's in-kernel PIC).
-const MADT_PCAT_COMPAT: u32 = 1;
+/// MADT flags: no PCAT_COMPAT, since there is no 8259 PIC (Linux then probes, finds none and
+/// uses only the I/O APIC).
+const MADT_FLAGS: u32 = 0;
 const MADT_LOCAL_APIC: u8 = 0;
 const MADT_IO_APIC: u8 = 1;
 const MADT_LOCAL_APIC_NMI: u8 = 4;
@@ -87,12 +89,12 @@ fn madt(cpus: u8) -> Sdt {
     let mut madt = Sdt::new(*b"APIC", 36, 5, OEM_ID, *b"EMBRMADT", OEM_REVISION);
     let mut body = Vec::new();
     body.extend_from_slice(&addr32(APIC_START).to_le_bytes());
-    body.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
+    body.extend_from_slice(&MADT_FLAGS.to_le_bytes());
     for apic_id in 0..cpus {
         body.extend_from_slice(&[MADT_LOCAL_APIC, 8, apic_id, apic_id]);
         body.extend_from_slice(&LOCAL_APIC_ENABLED.to_le_bytes());
     }
-    body.extend_from_slice(&[MADT_IO_APIC, 12, cpus, 0]);
+    body.extend_from_slice(&[MADT_IO_APIC, 12, ioapic_id(cpus), 0]);
     body.extend_from_slice(&addr32(IOAPIC_START).to_le_bytes());
     body.extend_from_slice(&0u32.to_le_bytes()); // GSI base
     body.extend_from_slice(&[MADT_LOCAL_APIC_NMI, 6, ALL_PROCESSORS, 0, 0, 1]);

@@ -1,5 +1,5 @@
-//! Local APIC setup at boot: LINT0 as ExtINT (the 8259 PIC's output) and LINT1 as NMI, the
-//! virtual-wire wiring that the MP table also describes.
+//! Local APIC setup at boot: LINT0 as ExtINT and LINT1 as NMI, the virtual-wire state firmware
+//! leaves. No 8259 PIC drives LINT0 (the tables say there is none); kernels reprogram it.
 
 use kvm_bindings::kvm_lapic_state;
 

@@ -33,6 +33,12 @@ pub(crate) fn addr32(addr: u64) -> u32 {
     u32::try_from(addr).unwrap_or(u32::MAX)
 }
 
+/// The I/O APIC's ID in the MP and ACPI tables and its ID register: the first after the
+/// vCPUs' APIC IDs (0..cpus).
+pub fn ioapic_id(cpus: u8) -> u8 {
+    cpus
+}
+
 /// The end (exclusive) of RAM below the MMIO gap, where the initrd is placed.
 pub fn low_memory_end(size: u64) -> u64 {
     size.min(MMIO_GAP_START)

@@ -2,17 +2,19 @@
 //! the interrupt wiring without ACPI.
 //!
 //! Layout: the floating pointer, then the configuration table (processor entries, the ISA bus,
-//! the IOAPIC, one I/O interrupt entry per IOAPIC pin, LINT0/LINT1), all in the BIOS area.
+//! the IOAPIC, one I/O interrupt entry per IOAPIC pin, LINT1 as NMI), all in the BIOS area.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::addr32;
+use super::ioapic_id;
 use super::layout::{APIC_START, IOAPIC_START, MPTABLE_END, MPTABLE_START};
+use crate::devices::legacy::ioapic;
 
 /// APIC IDs are 8 bits and 0xff is the broadcast ID.
 pub const MAX_SUPPORTED_CPUS: u8 = 254;
-/// Pins on KVM's in-kernel IOAPIC.
-const IOAPIC_PINS: u8 = 24;
+/// Pins on the I/O APIC.
+const IOAPIC_PINS: u8 = ioapic::IOAPIC_PINS;
 const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
 const SPEC_REV: u8 = 4;
@@ -30,7 +32,6 @@ const ENTRY_IO_INTERRUPT: u8 = 3;
 const ENTRY_LOCAL_INTERRUPT: u8 = 4;
 const INT_TYPE_INT: u8 = 0;
 const INT_TYPE_NMI: u8 = 1;
-const INT_TYPE_EXTINT: u8 = 3;
 /// Polarity and trigger "conform to the bus".
 const IRQ_FLAGS_DEFAULT: u16 = 0;
 /// Every local APIC.
@@ -65,7 +66,7 @@ fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     if cpus == 0 || cpus > MAX_SUPPORTED_CPUS {
         return Err(MptableError::TooManyCpus(cpus));
     }
-    let ioapic_id = cpus;
+    let ioapic_id = ioapic_id(cpus);
     let mut entries = Vec::new();
     let mut count: u16 = 0;
     for apic_id in 0..cpus {
@@ -87,12 +88,11 @@ fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
         entries.extend_from_slice(&[BUS_ID_ISA, pin, ioapic_id, pin]);
         count += 1;
     }
-    for (int_type, dst_apic, lint) in [(INT_TYPE_EXTINT, 0, 0), (INT_TYPE_NMI, ALL_LAPICS, 1)] {
-        entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, int_type]);
-        entries.extend_from_slice(&IRQ_FLAGS_DEFAULT.to_le_bytes());
-        entries.extend_from_slice(&[BUS_ID_ISA, 0, dst_apic, lint]);
-        count += 1;
-    }
+    // LINT1 is NMI on every CPU. No ExtINT on LINT0: there is no 8259 PIC.
+    entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_NMI]);
+    entries.extend_from_slice(&IRQ_FLAGS_DEFAULT.to_le_bytes());
+    entries.extend_from_slice(&[BUS_ID_ISA, 0, ALL_LAPICS, 1]);
+    count += 1;
 
     let table_len = CONFIG_HEADER_SIZE + entries.len();
     let total = FLOATING_POINTER_SIZE + table_len;
@@ -165,7 +165,7 @@ mod tests {
             assert_eq!(e[3] & CPU_BSP != 0, id == 0);
         }
         let count = u16::from_le_bytes([t[16 + 34], t[16 + 35]]);
-        assert_eq!(count, 3 + 2 + u16::from(IOAPIC_PINS) + 2);
+        assert_eq!(count, 3 + 2 + u16::from(IOAPIC_PINS) + 1);
     }
 
     #[test]

@@ -1,7 +1,10 @@
-//! Legacy PC devices, wrapping vm-superio: the 8250 UART and the i8042 reset line.
+//! Legacy PC devices: the 8250 UART and the i8042 reset line (wrapping vm-superio), and the
+//! I/O APIC of KVM's split irqchip.
 
 pub mod i8042;
+pub mod ioapic;
 pub mod serial;
 
 pub use i8042::I8042;
+pub use ioapic::IoApic;
 pub use serial::{SerialCounters, SerialDevice};

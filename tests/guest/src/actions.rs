@@ -57,7 +57,6 @@ pub fn run(action: Action, bsp_id: u8, mut nets: Nets, boot: &BootInfo) -> ! {
 
 /// Interrupt-driven echo: COM1 IRQ 4 -> I/O APIC pin 4 -> this CPU's LAPIC -> `on_serial_irq`.
 fn echo(bsp_id: u8) -> ! {
-    apic::mask_pic();
     apic::enable(idt::SPURIOUS_VECTOR);
     apic::route_irq(SERIAL_IOAPIC_PIN, idt::SERIAL_VECTOR, bsp_id);
     serial::enable_rx_interrupt();

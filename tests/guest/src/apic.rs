@@ -107,9 +107,3 @@ pub fn route_irq(pin: u8, vector: u8, dest: u8) {
     ioapic_write(reg + 1, (dest as u32) << 24);
     ioapic_write(reg, vector as u32);
 }
-
-/// Masks every line of both legacy 8259 PICs, so only the I/O APIC delivers interrupts.
-pub fn mask_pic() {
-    crate::cpu::outb(0x21, 0xff);
-    crate::cpu::outb(0xa1, 0xff);
-}

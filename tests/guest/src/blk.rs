@@ -15,7 +15,7 @@ use crate::virtio::{
     self, Completion, DESC_INDIRECT, DESC_NEXT, DESC_WRITE, F_EVENT_IDX, F_INDIRECT_DESC,
     MAX_DEVICES, Mmio, Queue, get, put,
 };
-use crate::{apic, cpu, report};
+use crate::{cpu, report};
 
 mod bad;
 mod bench;
@@ -351,7 +351,6 @@ pub fn run(boot: &BootInfo, dest: u8) {
         );
         return;
     }
-    apic::mask_pic();
     let mut devices: [Option<Result<Blk, &'static str>>; MAX_DEVICES] =
         [const { None }; MAX_DEVICES];
     let mut found = 0;

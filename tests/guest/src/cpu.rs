@@ -88,3 +88,14 @@ pub fn rdtsc() -> u64 {
     unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
     (hi as u64) << 32 | lo as u64
 }
+
+/// Writes model-specific register `msr`.
+///
+/// # Safety
+///
+/// `msr` must exist and `value` be one it accepts without breaking what the guest relies on.
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    let (lo, hi) = (value as u32, (value >> 32) as u32);
+    // SAFETY: the caller vouches for the register and the value.
+    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") lo, in("edx") hi, options(nostack)) };
+}

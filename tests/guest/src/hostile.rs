@@ -28,7 +28,7 @@ use crate::bootinfo::BootInfo;
 use crate::cmdline::{self, key_value, number, words};
 use crate::net::clock;
 use crate::serial::{Dec, Hex};
-use crate::{apic, cpu, report, user};
+use crate::{cpu, report, user};
 
 /// `guest.hostile=SEED:SECONDS` when absent.
 const DEFAULT_SEED: u64 = 1;
@@ -56,7 +56,6 @@ struct Hostile {
 pub fn run(boot: &BootInfo) {
     let cmdline = boot.cmdline();
     let (seed, seconds) = parse(cmdline);
-    apic::mask_pic();
     clock::calibrate();
     let Some(arena) = Arena::find(boot).filter(Arena::ram_below_4g) else {
         report!("guest: hostile needs 16 MiB of RAM above 0x5000000, and none above 4 GiB");

@@ -3,8 +3,8 @@
 //! line. docs/test-guest.md is the contract for the report lines and parameters.
 //!
 //! Module map: `entry` (asm entry points, GDT, page tables, AP trampoline), `bootinfo` (zero
-//! page / `hvm_start_info`), `cmdline`, `mptable`, `smp` (INIT/SIPI), `apic` (LAPIC, I/O APIC,
-//! PIC), `pit` (delays), `idt` (exceptions, IRQ stubs), `user` (running a function in ring 3,
+//! page / `hvm_start_info`), `cmdline`, `mptable`, `smp` (INIT/SIPI), `apic` (LAPIC, I/O APIC),
+//! `clock` (TSC rate from kvm-clock, delays), `idt` (exceptions, IRQ stubs), `user` (running a function in ring 3,
 //! where PVM hosts run guest code natively), `actions` (ops and final action), `virtio`
 //! (virtio-mmio transport; `virtio/queue` the split queue), `blk` (virtio-blk driver,
 //! `guest.blk`), `data` (its transfer buffer), `net` (virtio-net driver, `guest.net`, the `net`
@@ -19,6 +19,7 @@ mod actions;
 mod apic;
 mod blk;
 mod bootinfo;
+mod clock;
 mod cmdline;
 mod cpu;
 mod data;
@@ -29,7 +30,6 @@ mod mem;
 mod minimal;
 mod mptable;
 mod net;
-mod pit;
 mod serial;
 mod smp;
 mod user;

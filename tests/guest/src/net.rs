@@ -16,7 +16,7 @@
 use crate::bootinfo::BootInfo;
 use crate::serial::{Dec, Hex, Put};
 use crate::virtio::{F_EVENT_IDX, Mmio, Queue};
-use crate::{apic, cmdline, report, user};
+use crate::{cmdline, report, user};
 
 mod args;
 mod bad;
@@ -290,7 +290,6 @@ pub fn run(boot: &BootInfo, dest: u8, responder: bool) -> Nets {
         report!("guest: no RAM at ", Hex(PATTERN), " for the net driver");
         return nets;
     }
-    apic::mask_pic();
     clock::calibrate();
     bytes::fill_pattern();
     let ips = args::addresses(cmdline, b"guest.net.ip");

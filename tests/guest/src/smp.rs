@@ -9,7 +9,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 
 use crate::entry::{MAX_APS, TRAMPOLINE_PHYS, trampoline};
 use crate::mptable::MpTable;
-use crate::{apic, cpu, idt, pit};
+use crate::{apic, clock, cpu, idt};
 
 /// Next free AP stack slot; incremented by `ap_entry64` (asm) before it has a stack.
 pub static AP_NEXT_SLOT: AtomicU32 = AtomicU32::new(0);
@@ -67,13 +67,13 @@ pub fn start_aps(mp: &MpTable, bsp_id: u8) -> ApsUp {
 
     let page = (TRAMPOLINE_PHYS >> 12) as u8;
     targets.clone().for_each(apic::send_init);
-    pit::delay_us(INIT_DELAY_US);
+    clock::delay_us(INIT_DELAY_US);
     targets.clone().for_each(|id| apic::send_startup(id, page));
-    pit::delay_us(SIPI_DELAY_US);
+    clock::delay_us(SIPI_DELAY_US);
     targets.clone().for_each(|id| apic::send_startup(id, page));
 
     let expected = targets.clone().count() as u32;
-    pit::wait_until(AP_TIMEOUT_US, || AP_UP.load(Ordering::Acquire) >= expected);
+    clock::wait_until(AP_TIMEOUT_US, || AP_UP.load(Ordering::Acquire) >= expected);
 
     // Report in MP-table order, whatever order the APs arrived in.
     let is_up = |id: u8| {

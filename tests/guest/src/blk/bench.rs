@@ -10,14 +10,14 @@
 //! would dominate the time per request, whereas ring 3 runs natively, so the figures are the
 //! VMM's. Set-up, calibration and reports stay in ring 0.
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use super::{Blk, DESC_INDIRECT, DESC_NEXT, DESC_WRITE, Queue, SECTOR, T_IN, T_OUT, get, put};
 use crate::bootinfo::BootInfo;
 use crate::cmdline::BenchMode;
 use crate::serial::{Dec, Put};
 use crate::virtio::{F_INDIRECT_DESC, IRQS};
-use crate::{cpu, pit, report, user};
+use crate::{clock, cpu, report, user};
 
 /// The slots' tables, headers and status bytes: slot *i* at `META + i * SLOT_META`.
 const META: u64 = 0x0100_0000;
@@ -32,25 +32,15 @@ const TABLE_LEN: u32 = 3 * 16;
 const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 /// Without any completion for this long, the outstanding requests count as errors (timeouts).
 const TIMEOUT_US: u64 = 1_000_000;
-/// TSC calibration: the median of this many measurements over `CALIBRATE_US` of the PIT each.
-const CALIBRATE_RUNS: usize = 3;
-const CALIBRATE_US: u64 = 15_000;
 /// Iterations of the loop timed in ring 0 and in ring 3 (diagnostic, once per boot).
 const SPIN: u64 = 2_000;
 
-/// TSC ticks per second (0 until the first bench measures it).
-static TSC_HZ: AtomicU64 = AtomicU64::new(0);
+/// Whether the spin-loop diagnostic has been reported.
+static SPIN_REPORTED: AtomicBool = AtomicBool::new(false);
 
+/// The TSC's rate (from kvm-clock); the first call also reports the spin-loop diagnostic.
 fn tsc_hz() -> u64 {
-    let mut hz = TSC_HZ.load(Ordering::Relaxed);
-    if hz == 0 {
-        let mut runs = [0u64; CALIBRATE_RUNS];
-        for run in &mut runs {
-            *run = (0..5).find_map(|_| pit::tsc_hz(CALIBRATE_US)).unwrap_or(0);
-        }
-        runs.sort_unstable();
-        hz = runs[CALIBRATE_RUNS / 2].max(1);
-        TSC_HZ.store(hz, Ordering::Relaxed);
+    if !SPIN_REPORTED.swap(true, Ordering::Relaxed) {
         let (ring0, ring3) = user::spin_ticks(SPIN);
         report!(
             "guest: spin loop=",
@@ -61,7 +51,7 @@ fn tsc_hz() -> u64 {
             Dec(ring3)
         );
     }
-    hz
+    clock::tsc_hz()
 }
 
 /// `MODE:BYTES:COUNT:QD:` of a report line.

@@ -15,7 +15,7 @@ use super::{
     F_EVENT_IDX, IRQS, Mmio, QUEUE_DESC, QUEUE_DEVICE, QUEUE_DRIVER, QUEUE_NOTIFY, QUEUE_NUM,
     QUEUE_NUM_MAX, QUEUE_READY, QUEUE_SEL, get, put,
 };
-use crate::{apic, idt, pit};
+use crate::{apic, clock, idt};
 
 const AVAIL_NO_INTERRUPT: u16 = 1;
 const USED_NO_NOTIFY: u16 = 1;
@@ -244,7 +244,7 @@ impl Queue {
         self.publish();
         let mut used_seen = false;
         apic::start_tick(idt::TICK_VECTOR);
-        let interrupted = pit::wait_halting(TIMEOUT_US, || {
+        let interrupted = clock::wait_halting(TIMEOUT_US, || {
             fence(Ordering::SeqCst);
             while !used_seen && self.used_idx() != self.last_used {
                 used_seen = self.pop_used() == head as u32;
