@@ -5,6 +5,8 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
@@ -103,6 +105,8 @@ pub struct BootBench {
     pub targets: Vec<Target>,
     /// The start of the serial line that marks "booted".
     pub marker: String,
+    /// SIGTERM the VMM when the marker arrives (and accept whatever it exits with then).
+    pub stop_at_marker: bool,
     /// How many boots.
     pub runs: usize,
     /// Longest a boot may take.
@@ -121,6 +125,8 @@ pub struct BootRun {
     pub marker: Duration,
     /// The VMM process exited.
     pub exit: Duration,
+    /// Loading the kernel, initrd and boot tables, as ember measured it.
+    pub kernel_load: Option<Duration>,
     /// ember's resident memory outside guest RAM, KiB.
     pub overhead_kib: Option<u64>,
 }
@@ -166,6 +172,7 @@ enum Event {
     Marker(Duration),
     BootTimer(Duration),
     Overhead(u64),
+    KernelLoad(Duration),
 }
 
 impl BootBench {
@@ -223,6 +230,8 @@ impl BootBench {
         let mut stdout = child.stdout.take().expect("piped stdout");
         let marker = self.marker.clone();
         let out_tx = tx.clone();
+        let marker_seen = Arc::new(AtomicBool::new(false));
+        let seen = marker_seen.clone();
         let out = std::thread::spawn(move || {
             let mut first = [0u8; 1];
             if stdout.read(&mut first).unwrap_or(0) == 0 {
@@ -234,6 +243,7 @@ impl BootBench {
             while reader.read_line(&mut line).unwrap_or(0) > 0 {
                 if line.trim_start().starts_with(&marker) {
                     let _ = out_tx.send(Event::Marker(start.elapsed()));
+                    seen.store(true, Ordering::Release);
                 }
                 line.clear();
             }
@@ -248,27 +258,34 @@ impl BootBench {
                 if let Some(kib) = parse_overhead(&line) {
                     let _ = tx.send(Event::Overhead(kib));
                 }
+                if let Some(took) = parse_kernel_load(&line) {
+                    let _ = tx.send(Event::KernelLoad(took));
+                }
                 all.push_str(&line);
                 all.push('\n');
             }
             all
         });
-        let status = wait_with_timeout(&mut child, self.timeout);
+        let stop = self.stop_at_marker.then_some(&*marker_seen);
+        let status = wait_with_timeout(&mut child, self.timeout, stop);
         let exit = start.elapsed();
         let _ = out.join();
         let stderr = err.join().unwrap_or_default();
         let (mut first_serial, mut marker_at, mut boot_timer, mut overhead_kib) =
             (None, None, None, None);
+        let mut kernel_load = None;
         for event in events.try_iter() {
             match event {
                 Event::FirstByte(t) => first_serial = Some(t),
                 Event::Marker(t) => marker_at = marker_at.or(Some(t)),
                 Event::BootTimer(t) => boot_timer = Some(t),
                 Event::Overhead(kib) => overhead_kib = Some(kib),
+                Event::KernelLoad(took) => kernel_load = Some(took),
             }
         }
         let tail = stderr.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
-        let ok = status.is_some_and(|code| target.ok_codes.contains(&code));
+        let ok = status.is_some_and(|code| target.ok_codes.contains(&code))
+            || (self.stop_at_marker && marker_at.is_some());
         if !ok && marker_at.is_some() {
             return Err(BenchError::Failed {
                 run,
@@ -283,6 +300,7 @@ impl BootBench {
                 boot_timer,
                 marker,
                 exit,
+                kernel_load,
                 overhead_kib,
             }),
             _ => Err(BenchError::NoMarker {
@@ -306,18 +324,44 @@ fn parse_boot_timer(line: &str) -> Option<Duration> {
         .map(Duration::from_micros)
 }
 
+/// ember's `kernel loaded in N us` line.
+fn parse_kernel_load(line: &str) -> Option<Duration> {
+    let rest = line.split_once("kernel loaded in ")?.1;
+    rest.split_once(" us")?
+        .0
+        .parse()
+        .ok()
+        .map(Duration::from_micros)
+}
+
 fn parse_overhead(line: &str) -> Option<u64> {
     let rest = line.split_once("memory overhead: ")?.1;
     rest.split_once(" KiB")?.0.parse().ok()
 }
 
-/// Waits for `child`, killing it past `timeout`; the exit code if it exited by itself.
-fn wait_with_timeout(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {
+/// Waits for `child`, killing it past `timeout`, and sending it SIGTERM once `stop` is set; the
+/// exit code if it exited by itself (or on that SIGTERM).
+fn wait_with_timeout(
+    child: &mut std::process::Child,
+    timeout: Duration,
+    stop: Option<&AtomicBool>,
+) -> Option<i32> {
     let deadline = Instant::now() + timeout;
+    let mut stopped = false;
     loop {
         match child.try_wait() {
             Ok(Some(status)) => return status.code(),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_micros(200)),
+            Ok(None) if Instant::now() < deadline => {
+                if !stopped && stop.is_some_and(|s| s.load(Ordering::Acquire)) {
+                    stopped = true;
+                    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                        // SAFETY: kill(2) on our own child, which only this thread reaps and
+                        // which `try_wait` just found not reaped: the PID is still its.
+                        unsafe { libc::kill(pid, libc::SIGTERM) };
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(200))
+            }
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -342,7 +386,8 @@ pub fn summarize(runs: &[BootRun]) -> Vec<(&'static str, Summary)> {
 pub type PhaseSample = fn(&BootRun) -> Option<Duration>;
 
 /// The end-to-end phases, each with how to read it off a run.
-pub const PHASES: [(&str, PhaseSample); 4] = [
+pub const PHASES: [(&str, PhaseSample); 5] = [
+    ("kernel load (in ember)", |r| r.kernel_load),
     ("spawn->first serial byte", |r| Some(r.first_serial)),
     ("spawn->boot timer", |r| r.boot_timer),
     ("spawn->marker", |r| Some(r.marker)),
@@ -355,6 +400,8 @@ mod tests {
 
     #[test]
     fn the_boot_timer_report_parses() {
+        let load = "[INFO  ember::vmm::builder] kernel loaded in 137 us (45208 KiB mapped from the page cache)";
+        assert_eq!(parse_kernel_load(load), Some(Duration::from_micros(137)));
         let line = "[.. INFO ember::devices::pseudo::boot_timer] guest boot time: 1234 us since VMM start, 99 us VMM CPU";
         assert_eq!(parse_boot_timer(line), Some(Duration::from_micros(1234)));
         assert_eq!(parse_boot_timer("guest boot time: soon"), None);
@@ -375,6 +422,7 @@ mod tests {
             boot_timer: None,
             marker: ms(t + 1),
             exit: ms(t + 2),
+            kernel_load: None,
             overhead_kib: None,
         };
         let s = summarize(&[run(10), run(20), run(30)]);

@@ -1,6 +1,7 @@
 //! The same memory figure for every VMM, with no help from it: the resident set of a VMM whose
 //! guest has booted and idles, minus its guest RAM, from `/proc/PID/smaps`. (ember's own report,
-//! `memory overhead: N KiB`, uses `mincore` at teardown; this one works for QEMU too.)
+//! `memory overhead: N KiB`, reads its smaps at teardown knowing its guest's addresses; this one
+//! works for QEMU too.)
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -8,10 +9,11 @@ use std::sync::mpsc::channel;
 use std::time::Duration;
 
 use super::boot::{BenchError, Target};
+use crate::vstate::smaps::{self, Mapping};
 
 /// Boots `target` (whose guest must print a line starting with `ready` and then idle), waits
 /// `settle` after that line, and returns its resident KiB outside guest RAM: every mapping's
-/// `Rss` except those at least `guest_mib` large (the guest's memory).
+/// `Rss` except guest RAM's (see [`is_guest_ram`]).
 pub fn idle_overhead_kib(
     target: &Target,
     ready: &str,
@@ -57,28 +59,52 @@ pub fn idle_overhead_kib(
     })
 }
 
-/// Sum of `Rss` over the mappings in `smaps` whose `Size` is below `guest_kib`.
-fn outside_guest_kib(smaps: &str, guest_kib: u64) -> u64 {
-    let field = |line: &str, name: &str| -> Option<u64> {
-        line.strip_prefix(name)?
-            .trim()
-            .strip_suffix("kB")?
-            .trim()
-            .parse()
-            .ok()
-    };
-    let mut total = 0;
-    let mut size = 0;
-    for line in smaps.lines() {
-        if let Some(kib) = field(line, "Size:") {
-            size = kib;
-        } else if let Some(kib) = field(line, "Rss:") {
-            if size < guest_kib {
-                total += kib;
-            }
-        }
+/// Whether mapping `index` of `mappings` is guest RAM: a mapping at least as large as the
+/// guest's memory (QEMU's), one marked as ember's guest RAM, or a file mapping inside ember's
+/// guest RAM (a kernel segment mapped from the page cache): adjacent file mappings lead to a
+/// marked one on both sides.
+fn is_guest_ram(mappings: &[Mapping], index: usize, guest_kib: u64) -> bool {
+    let m = &mappings[index];
+    if m.size_kib() >= guest_kib || m.is_marked_guest_ram() {
+        return true;
     }
-    total
+    if !m.is_file() {
+        return false;
+    }
+    chain_ends_named(mappings, index, false) && chain_ends_named(mappings, index, true)
+}
+
+/// From file mapping `index`, follows directly adjacent file mappings backwards (or `forward`)
+/// and says whether the first other mapping it meets, adjacent too, is marked guest RAM.
+fn chain_ends_named(mappings: &[Mapping], index: usize, forward: bool) -> bool {
+    let mut i = index;
+    loop {
+        let next = if forward {
+            i.checked_add(1)
+        } else {
+            i.checked_sub(1)
+        };
+        let Some(next) = next.filter(|&n| n < mappings.len()) else {
+            return false;
+        };
+        let (a, b) = if forward { (i, next) } else { (next, i) };
+        if mappings[a].end != mappings[b].start {
+            return false;
+        }
+        if mappings[next].is_marked_guest_ram() {
+            return true;
+        }
+        if !mappings[next].is_file() {
+            return false;
+        }
+        i = next;
+    }
+}
+
+/// Sum of `Rss` over the mappings in `smaps` that are not guest RAM.
+fn outside_guest_kib(smaps: &str, guest_kib: u64) -> u64 {
+    let mappings = smaps::parse(smaps);
+    smaps::outside_kib(&mappings, |i, _| is_guest_ram(&mappings, i, guest_kib))
 }
 
 #[cfg(test)]
@@ -100,5 +126,27 @@ Rss:                  20 kB
 ";
         assert_eq!(outside_guest_kib(smaps, 128 << 10), 1068);
         assert_eq!(outside_guest_kib(smaps, 1 << 30), 1200);
+    }
+
+    #[test]
+    fn named_guest_ram_and_the_kernel_mapped_inside_it_are_left_out() {
+        let smaps = "\
+5619614b6000-5619615cc000 r-xp 00000000 fe:01 1 /usr/bin/ember
+Rss:                1048 kB
+7f6754600000-7f6754800000 rw-p 00000000 00:00 0 [anon:ember-guest-ram]
+Rss:                 132 kB
+7f6754800000-7f6755000000 rw-p 00200000 fe:01 77 /boot/vmlinux
+Rss:                2000 kB
+7f6755000000-7f6755200000 rw-p 00a00000 fe:01 77 /boot/vmlinux
+Rss:                 100 kB
+7f6755200000-7f675c600000 rw-p 00000000 00:00 0 [anon:ember-guest-ram]
+Rss:                  40 kB
+7f675c600000-7f675c700000 r--p 00000000 fe:01 78 /usr/lib/libc.so.6
+Rss:                 300 kB
+7ffc4a2c1000-7ffc4a2e2000 rw-p 00000000 00:00 0 [stack]
+Rss:                  20 kB
+";
+        // libc follows guest RAM directly but has no guest RAM after it: it counts.
+        assert_eq!(outside_guest_kib(smaps, 128 << 10), 1048 + 300 + 20);
     }
 }

@@ -117,6 +117,7 @@ mod tests {
             boot_timer: None,
             marker: Duration::from_millis(ms + 5),
             exit: Duration::from_millis(ms + 10),
+            kernel_load: None,
             overhead_kib: None,
         }
     }

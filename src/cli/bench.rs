@@ -46,6 +46,10 @@ pub struct BootArgs {
     /// The start of the serial line that means "booted"; required with --kernel.
     #[arg(long, value_name = "TEXT")]
     pub marker: Option<String>,
+    /// Stop each VMM (SIGTERM) as soon as the marker arrives, for guests that do not end the VM
+    /// themselves; spawn->exit then includes the VMM's shutdown on a signal.
+    #[arg(long)]
+    pub stop_at_marker: bool,
     /// vCPUs.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub cpus: u8,
@@ -190,6 +194,7 @@ pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
     let bench = BootBench {
         targets,
         marker,
+        stop_at_marker: args.stop_at_marker,
         runs: args.runs,
         timeout: Duration::from_secs(600),
     };

@@ -164,7 +164,6 @@ fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
                 libc::SYS_poll,
                 libc::SYS_ppoll,
                 libc::SYS_pread64,
-                libc::SYS_mincore,
                 libc::SYS_getrusage,
                 libc::SYS_rt_sigaction,
             ]));

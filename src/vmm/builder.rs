@@ -60,7 +60,7 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
     }
     let timeline = Arc::new(Timeline::default());
     // Opened now: the thread that measures the overhead at teardown may not open files then.
-    let statm = std::fs::File::open("/proc/self/statm").ok();
+    let smaps = std::fs::File::open("/proc/self/smaps").ok();
     let memory = create_guest_memory(config.memory_mib)?;
     let vm = Vm::new(&kvm)?;
     timeline.mark(Phase::VmCreated);
@@ -70,6 +70,14 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
 
     let kernel = load_kernel_and_tables(config, &memory)?;
     timeline.mark(Phase::KernelLoaded);
+    if let (Some(from), Some(to)) = (
+        timeline.get(Phase::MemoryMapped),
+        timeline.get(Phase::KernelLoaded),
+    ) {
+        let mapped = kernel.mapped_bytes >> 10;
+        let took = to.saturating_sub(from).as_micros();
+        log::info!("kernel loaded in {took} us ({mapped} KiB mapped from the page cache)");
+    }
     log::debug!("kernel entry {:#x} via {:?}", kernel.entry.0, kernel.mode);
 
     let exit = Arc::new(ExitState::new(timeline.clone()).map_err(StartError::Eventfd)?);
@@ -158,7 +166,7 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
         timeline,
         debug_codes,
         nets,
-        statm,
+        smaps,
     }))
 }
 

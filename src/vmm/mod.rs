@@ -101,7 +101,7 @@ struct Running {
     timeline: Arc<Timeline>,
     debug_codes: DebugCodes,
     nets: Vec<(String, Arc<NetCounters>)>,
-    statm: Option<std::fs::File>,
+    smaps: Option<std::fs::File>,
     vm: vstate::vm::Vm,
     memory: GuestMemoryMmap,
 }
@@ -235,8 +235,8 @@ impl VmHandle {
             for (tap, stats) in self.net_stats() {
                 log::debug!("net {tap}: {stats}");
             }
-            if let (true, Some(statm)) = (log::log_enabled!(log::Level::Info), &running.statm) {
-                match vstate::memory::overhead_kib(&running.memory, statm) {
+            if let (true, Some(smaps)) = (log::log_enabled!(log::Level::Info), &running.smaps) {
+                match vstate::memory::overhead_kib(&running.memory, smaps) {
                     Ok(kib) => log::info!("memory overhead: {kib} KiB outside guest memory"),
                     Err(e) => log::debug!("cannot measure the memory overhead: {e}"),
                 }

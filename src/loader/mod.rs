@@ -1,7 +1,10 @@
 //! Kernel (ELF vmlinux, bzImage) and initrd loading through linux-loader.
 //!
 //! Decides the entry point and protocol: PVH when an ELF carries the Xen PVH note (unless told
-//! otherwise), else the 64-bit Linux boot protocol.
+//! otherwise), else the 64-bit Linux boot protocol. ELF segments are mapped from the page cache
+//! where they can be (`mapped`); a bzImage, which decompresses itself, is copied.
+
+pub mod mapped;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -16,6 +19,7 @@ use crate::arch::x86_64::boot_params::InitrdRegion;
 use crate::arch::x86_64::layout::HIMEM_START;
 use crate::arch::x86_64::regs::EntryMode;
 use crate::config::BootProtocol;
+use mapped::MappedImage;
 
 /// Offset of the 64-bit entry point in a bzImage's protected-mode code.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
@@ -83,6 +87,8 @@ pub struct LoadedKernel {
     pub setup_header: Option<setup_header>,
     /// First byte past the kernel's memory footprint (including bss or `init_size`).
     pub end: u64,
+    /// Bytes of it mapped from the page cache rather than copied.
+    pub mapped_bytes: u64,
 }
 
 /// Loads `path` into `mem`, below `low_end` (the end of RAM under the MMIO gap).
@@ -115,9 +121,13 @@ pub fn load_kernel(
     };
 
     let kernel = if is_elf {
+        let mut image = MappedImage::new(file).map_err(read_err)?;
         let result =
-            Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
-        elf_entry(&result, protocol)?
+            Elf::load(mem, None, &mut image, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+        LoadedKernel {
+            mapped_bytes: image.mapped_bytes(),
+            ..elf_entry(&result, protocol)?
+        }
     } else {
         if !is_bzimage(&mut file).map_err(read_err)? {
             return Err(LoaderError::NotAKernel(path.to_owned()));
@@ -155,6 +165,7 @@ fn elf_entry(
         mode,
         setup_header: None,
         end: result.kernel_end,
+        mapped_bytes: 0,
     })
 }
 
@@ -178,6 +189,7 @@ fn bzimage_entry(result: &KernelLoaderResult) -> Result<LoadedKernel, LoaderErro
         mode: EntryMode::Linux64,
         setup_header: Some(hdr),
         end,
+        mapped_bytes: 0,
     })
 }
 
@@ -325,6 +337,7 @@ mod tests {
             mode: EntryMode::Linux64,
             setup_header: None,
             end: 2 << 20,
+            mapped_bytes: 0,
         };
         let m = mem(16 << 20);
         let region = load_initrd(&m, &path, &kernel, 16 << 20).unwrap();
@@ -346,6 +359,7 @@ mod tests {
             mode: EntryMode::Linux64,
             setup_header: None,
             end: 0x1_0000,
+            mapped_bytes: 0,
         };
         let err = load_initrd(&mem(4 << 20), &path, &kernel, 4 << 20).unwrap_err();
         assert!(matches!(err, LoaderError::InitrdTooBig { .. }), "{err}");
@@ -365,6 +379,7 @@ mod tests {
             mode: EntryMode::Linux64,
             setup_header: None,
             end: 2 << 20,
+            mapped_bytes: 0,
         };
         let err = load_initrd(&mem(4 << 20), &path, &kernel, 4 << 20).unwrap_err();
         assert!(matches!(err, LoaderError::InitrdTooBig { .. }), "{err}");
