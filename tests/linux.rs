@@ -92,6 +92,8 @@ fn check_early_boot(kernel: &Path, protocol: &str, table: CpuTable, timeout: Dur
         std::process::id()
     );
     let mut ember = Ember::spawn(&[
+        "--log-level".as_ref(),
+        "info".as_ref(),
         "run".as_ref(),
         "--kernel".as_ref(),
         kernel.as_os_str(),
@@ -133,6 +135,28 @@ fn check_early_boot(kernel: &Path, protocol: &str, table: CpuTable, timeout: Dur
         "stopped on request: {}",
         out.stderr
     );
+
+    // An ELF vmlinux's segments come from the page cache; a bzImage decompresses itself.
+    let mapped_kib: u64 = out
+        .stderr
+        .lines()
+        .find_map(|l| {
+            l.split_once("kernel loaded in ")?
+                .1
+                .split_once(" us (")?
+                .1
+                .split_once(" KiB mapped")
+        })
+        .and_then(|(kib, _)| kib.parse().ok())
+        .unwrap_or_else(|| panic!("no kernel load line: {}", out.stderr));
+    if kernel.file_name() == Some("vmlinux".as_ref()) {
+        assert!(
+            mapped_kib > 8 << 10,
+            "vmlinux mapped from the page cache: {mapped_kib} KiB"
+        );
+    } else {
+        assert_eq!(mapped_kib, 0, "a bzImage is copied");
+    }
 
     let e820: Vec<&str> = out
         .stdout
