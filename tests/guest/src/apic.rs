@@ -1,10 +1,11 @@
 //! The local APIC (xAPIC MMIO at 0xfee00000) and the I/O APIC (0xfec00000): enough to send
-//! INIT/SIPI, acknowledge interrupts, and route one I/O APIC pin to the BSP.
+//! INIT/SIPI, acknowledge or hold back interrupts, and route one I/O APIC pin to the BSP.
 
 use crate::cpu::{read32, write32};
 
 const LAPIC: u64 = 0xfee0_0000;
 const LAPIC_ID: u64 = 0x20;
+const LAPIC_TPR: u64 = 0x80;
 const LAPIC_EOI: u64 = 0xb0;
 const LAPIC_SVR: u64 = 0xf0;
 const LAPIC_ICR_LOW: u64 = 0x300;
@@ -52,6 +53,13 @@ pub fn id() -> u8 {
 /// Software-enables this CPU's local APIC, with `spurious` as the spurious-interrupt vector.
 pub fn enable(spurious: u8) {
     lapic_write(LAPIC_SVR, SVR_ENABLE | spurious as u32);
+}
+
+/// Sets this CPU's task priority: its local APIC holds back (leaves pending) every interrupt
+/// whose priority class (vector >> 4) is not above `priority >> 4`, so 0xf0 holds back all of
+/// them (NMI, INIT and SMI aside, which have no vector).
+pub fn set_task_priority(priority: u8) {
+    lapic_write(LAPIC_TPR, priority.into());
 }
 
 /// Signals the end of the interrupt being handled.

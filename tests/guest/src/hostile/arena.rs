@@ -40,8 +40,8 @@ const DATA: u64 = 0x50_0000;
 /// Room kept after a queue address (the device takes at most 256 entries: 4 KiB of
 /// descriptors, a 2 KiB used ring).
 const RING_ROOM: u64 = 0x8000;
-/// The 32-bit MMIO gap and where the I/O APIC starts (the LAPIC and IOAPIC are KVM's, not
-/// ember's: the guest leaves them alone).
+/// The 32-bit MMIO gap and where the I/O APIC starts (its page has attacks of its own,
+/// `ioapic.rs`; the local APIC is KVM's: the guest leaves it alone).
 pub const GAP: u64 = 0xc000_0000;
 pub const GAP_END: u64 = 0xfec0_0000;
 const MAX_RAM: usize = 8;
