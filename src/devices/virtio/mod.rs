@@ -6,6 +6,7 @@
 //! leave through an irqfd; vCPU threads only touch registers.
 
 pub mod block;
+pub mod drain;
 pub mod mmio;
 pub mod net;
 

@@ -3,12 +3,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::disk::{DiskFile, SECTOR_SIZE};
 use super::request::{self, Request, RequestKind, SEGMENT_SIZE};
 use crate::devices::GuestErrors;
+use crate::devices::virtio::drain::{Pass, drain};
 use crate::devices::virtio::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
     return_chain,
@@ -264,30 +265,9 @@ impl VirtioDevice for Block {
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used_any = false;
-        let mut recheck = false;
-        loop {
-            // With EVENT_IDX, suppress notifications while draining, then re-check for a
-            // request that raced with re-enabling them.
-            if let Err(e) = queue.disable_notification(mem) {
-                self.guest_errors
-                    .record(|| format!("virtio-blk: broken ring: {e:?}"));
-                return used_any;
-            }
-            let chains: Vec<_> = match queue.iter(mem) {
-                Ok(iter) => iter.collect(),
-                Err(e) => {
-                    self.guest_errors
-                        .record(|| format!("virtio-blk: broken ring: {e:?}"));
-                    return used_any;
-                }
-            };
-            if recheck && chains.is_empty() {
-                // The re-check saw a request that is not there: the guest's rings overlap, so
-                // that the device's own writes move the available index. Stop, don't spin.
-                self.guest_errors
-                    .record(|| "virtio-blk: available index moves under the device".into());
-                return used_any;
-            }
+        let end = drain(queue, mem, |queue| {
+            let chains: Vec<_> = queue.iter(mem)?.collect();
+            let found = !chains.is_empty();
             for chain in chains {
                 let head = chain.head_index();
                 let descriptors: Vec<_> = chain.clone().take(usize::from(QUEUE_SIZE) + 1).collect();
@@ -315,16 +295,9 @@ impl VirtioDevice for Block {
                 return_chain(queue, mem, head, used_len, &self.guest_errors);
                 used_any = true;
             }
-            match queue.enable_notification(mem) {
-                Ok(true) => recheck = true,
-                Ok(false) => break,
-                Err(e) => {
-                    self.guest_errors
-                        .record(|| format!("virtio-blk: broken ring: {e:?}"));
-                    break;
-                }
-            }
-        }
+            Ok(Pass::Drained { found })
+        });
+        end.record(&self.guest_errors, "virtio-blk");
         used_any
     }
 
@@ -338,6 +311,7 @@ mod tests {
         VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     };
     use std::path::PathBuf;
+    use virtio_queue::QueueT;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::mock::MockSplitQueue;

@@ -22,6 +22,7 @@ use super::tap::{Tap, VNET_HDR_LEN};
 use super::tx::{self, MAX_TX_LEN, TxFrame};
 use super::{NetCounters, bump, next_chain};
 use crate::devices::GuestErrors;
+use crate::devices::virtio::drain::{Pass, drain};
 use crate::devices::virtio::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
     return_chain,
@@ -173,37 +174,17 @@ impl Net {
     /// Sends every frame the guest queued, until the TAP would block.
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used_any = false;
-        let mut recheck = false;
-        loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                self.errors
-                    .record(|| format!("virtio-net: broken transmit ring: {e:?}"));
-                return used_any;
-            }
-            let mut chains = 0u32;
+        let end = drain(queue, mem, |queue| {
+            let mut found = false;
             loop {
                 let frame = match self.tx_pending.take() {
                     Some(frame) => frame,
                     None => {
-                        let chain = match next_chain(queue, mem) {
-                            Ok(Some(chain)) => chain,
-                            Ok(None) if recheck && chains == 0 => {
-                                // The re-check saw a frame that is not there: the guest's rings
-                                // overlap, so the device's own writes move the available index.
-                                self.errors.record(|| {
-                                    "virtio-net: transmit index moves under the device".into()
-                                });
-                                return used_any;
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                // Retried when the guest notifies again, not spun on.
-                                self.errors
-                                    .record(|| format!("virtio-net: broken transmit ring: {e:?}"));
-                                return used_any;
-                            }
+                        // A ring error is retried when the guest notifies again, not spun on.
+                        let Some(chain) = next_chain(queue, mem)? else {
+                            return Ok(Pass::Drained { found });
                         };
-                        chains += 1;
+                        found = true;
                         let head = chain.head_index();
                         match tx::parse(chain, mem) {
                             Ok(frame) => frame,
@@ -229,7 +210,7 @@ impl Net {
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
                         self.tx_pending = Some(frame);
-                        return used_any;
+                        return Ok(Pass::Stopped);
                     }
                     Err(e) => {
                         // E.g. a header the kernel rejects, or the TAP is down.
@@ -241,16 +222,9 @@ impl Net {
                 self.complete(queue, mem, frame.head);
                 used_any = true;
             }
-            match queue.enable_notification(mem) {
-                Ok(true) => recheck = true,
-                Ok(false) => return used_any,
-                Err(e) => {
-                    self.errors
-                        .record(|| format!("virtio-net: broken transmit ring: {e:?}"));
-                    return used_any;
-                }
-            }
-        }
+        });
+        end.record(&self.errors, "virtio-net transmit");
+        used_any
     }
 
     fn complete(&self, queue: &mut Queue, mem: &GuestMemoryMmap, head: u16) {
