@@ -20,28 +20,10 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 #[path = "common/queue.rs"]
 mod queue;
-use queue::{END, QUEUE_SIZE, USED_RING};
+use queue::{END, MEM_SIZE, QUEUE_SIZE, USED_RING};
 
-const MEM_SIZE: usize = 0x3_0000;
-const PAYLOAD: u64 = 0x1000;
 const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
-
-fn addr(raw: u64) -> u64 {
-    match raw >> 62 {
-        0 | 1 => raw % MEM_SIZE as u64,
-        2 => MEM_SIZE as u64 - (raw % 0x2000),
-        _ => raw,
-    }
-}
-
-fn len(raw: u32) -> u32 {
-    match raw >> 30 {
-        0 | 1 => raw % 0x800,
-        2 => raw % 0x1_2000,
-        _ => raw,
-    }
-}
 
 /// Every guest range the device may write: write-only buffers in the table and in any indirect
 /// table it points to.
@@ -79,18 +61,7 @@ fuzz_target!(|data: &[u8]| {
     let frames = usize::from(frames % 8);
     let (lens, rest) = rest.split_at(rest.len().min(frames * 2));
     let (table, payload) = rest.split_at(rest.len().min(count * 16));
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let _ = mem.write_slice(&payload[..payload.len().min(0x2000)], GuestAddress(PAYLOAD));
-    let descs: Vec<Descriptor> = table
-        .chunks_exact(16)
-        .map(|d| {
-            let a = addr(u64::from_le_bytes(d[0..8].try_into().unwrap()));
-            let l = len(u32::from_le_bytes(d[8..12].try_into().unwrap()));
-            let flags = u16::from_le_bytes(d[12..14].try_into().unwrap()) & 0x7;
-            let next = u16::from_le_bytes(d[14..16].try_into().unwrap()) % (QUEUE_SIZE + 2);
-            Descriptor::new(a, l, flags, next)
-        })
-        .collect();
+    let (mem, descs) = queue::guest_with_table(table, payload);
     if descs.is_empty() {
         return;
     }

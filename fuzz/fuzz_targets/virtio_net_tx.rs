@@ -19,35 +19,11 @@ use ember::devices::virtio::return_chain;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::QueueOwnedT;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 #[path = "common/queue.rs"]
 mod queue;
 use queue::QUEUE_SIZE;
-
-/// Guest memory: the queue at 0, frame bytes and indirect tables above it. Large enough for a
-/// 64 KiB frame, so the length limit is reachable.
-const MEM_SIZE: usize = 0x3_0000;
-/// Where the input's payload is copied.
-const PAYLOAD: u64 = 0x1000;
-
-/// Maps an address from the input: mostly into guest memory, sometimes near or past its end.
-fn addr(raw: u64) -> u64 {
-    match raw >> 62 {
-        0 | 1 => raw % MEM_SIZE as u64,
-        2 => MEM_SIZE as u64 - (raw % 0x2000),
-        _ => raw,
-    }
-}
-
-/// Maps a length from the input: mostly small, sometimes up to 64 KiB and more, or anything.
-fn len(raw: u32) -> u32 {
-    match raw >> 30 {
-        0 | 1 => raw % 0x800,
-        2 => raw % 0x1_2000,
-        _ => raw,
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     // Layout: one byte of how many descriptors, that many 16-byte descriptors, then up to
@@ -57,18 +33,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let count = usize::from(count % (QUEUE_SIZE as u8 + 1));
     let (table, payload) = rest.split_at(rest.len().min(count * 16));
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let _ = mem.write_slice(&payload[..payload.len().min(0x2000)], GuestAddress(PAYLOAD));
-    let descs: Vec<Descriptor> = table
-        .chunks_exact(16)
-        .map(|d| {
-            let a = addr(u64::from_le_bytes(d[0..8].try_into().unwrap()));
-            let l = len(u32::from_le_bytes(d[8..12].try_into().unwrap()));
-            let flags = u16::from_le_bytes(d[12..14].try_into().unwrap()) & 0x7;
-            let next = u16::from_le_bytes(d[14..16].try_into().unwrap()) % (QUEUE_SIZE + 2);
-            Descriptor::new(a, l, flags, next)
-        })
-        .collect();
+    let (mem, descs) = queue::guest_with_table(table, payload);
     if descs.is_empty() {
         return;
     }

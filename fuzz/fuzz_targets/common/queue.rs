@@ -24,6 +24,48 @@ pub const END: u64 = USED_RING + 6 + 8 * QUEUE_SIZE as u64;
 
 const F_NEXT: u16 = 1;
 
+/// Guest memory of the net targets: the queue at 0, frame bytes and indirect tables above it.
+/// Large enough for a 64 KiB frame, so the length limit is reachable.
+pub const MEM_SIZE: usize = 0x3_0000;
+/// Where the input's payload is copied.
+pub const PAYLOAD: u64 = 0x1000;
+
+/// Maps an address from the input: mostly into guest memory, sometimes near or past its end.
+fn addr(raw: u64) -> u64 {
+    match raw >> 62 {
+        0 | 1 => raw % MEM_SIZE as u64,
+        2 => MEM_SIZE as u64 - (raw % 0x2000),
+        _ => raw,
+    }
+}
+
+/// Maps a length from the input: mostly small, sometimes up to 64 KiB and more, or anything.
+fn len(raw: u32) -> u32 {
+    match raw >> 30 {
+        0 | 1 => raw % 0x800,
+        2 => raw % 0x1_2000,
+        _ => raw,
+    }
+}
+
+/// Guest memory holding up to 0x2000 bytes of `payload` at [`PAYLOAD`], and the descriptors
+/// `table` encodes (16 bytes each: address, length, flags, next), shaped by [`addr`]/[`len`].
+pub fn guest_with_table(table: &[u8], payload: &[u8]) -> (GuestMemoryMmap, Vec<Descriptor>) {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let _ = mem.write_slice(&payload[..payload.len().min(0x2000)], GuestAddress(PAYLOAD));
+    let descs = table
+        .chunks_exact(16)
+        .map(|d| {
+            let a = addr(u64::from_le_bytes(d[0..8].try_into().unwrap()));
+            let l = len(u32::from_le_bytes(d[8..12].try_into().unwrap()));
+            let flags = u16::from_le_bytes(d[12..14].try_into().unwrap()) & 0x7;
+            let next = u16::from_le_bytes(d[14..16].try_into().unwrap()) % (QUEUE_SIZE + 2);
+            Descriptor::new(a, l, flags, next)
+        })
+        .collect();
+    (mem, descs)
+}
+
 /// Writes `descs` from the table's first entry and makes available, in order, every chain head:
 /// the first descriptor and each one after a descriptor without NEXT (their `next` fields are
 /// the input's). Returns the device's view of the queue.
