@@ -186,14 +186,7 @@ fn halted_guest_is_stopped_by_sigterm_with_every_thread_joined() {
             "no thread {name} in {names:?}"
         );
     }
-    ember.signal(libc::SIGTERM);
-    let out = ember.finish(Duration::from_secs(10));
-    assert_eq!(
-        out.status.code(),
-        Some(128 + libc::SIGTERM),
-        "stderr: {}",
-        out.stderr
-    );
+    ember.stop(Duration::from_secs(10));
 }
 
 #[test]

@@ -234,14 +234,7 @@ fn the_jailed_vmm_is_unprivileged_namespaced_chrooted_and_limited() {
         .count();
     assert!(fds < 20, "{fds} descriptors: inherited ones are closed");
 
-    vm.signal(libc::SIGTERM);
-    let finished = vm.finish(TIMEOUT);
-    assert_eq!(
-        finished.status.code(),
-        Some(128 + libc::SIGTERM),
-        "{}",
-        finished.stderr
-    );
+    vm.stop(TIMEOUT);
     assert!(!base.jail_dir("inspect").exists(), "the jail is removed");
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists(),
@@ -360,14 +353,7 @@ fn a_jailed_vmm_joins_the_given_network_namespace_and_its_tap_works() {
         "{}",
         String::from_utf8_lossy(&ping.stdout)
     );
-    vm.signal(libc::SIGTERM);
-    let finished = vm.finish(TIMEOUT);
-    assert_eq!(
-        finished.status.code(),
-        Some(128 + libc::SIGTERM),
-        "{}",
-        finished.stderr
-    );
+    vm.stop(TIMEOUT);
 }
 
 /// Runs `ember jail` expecting exit 1 with one stderr line containing `expect`, and nothing

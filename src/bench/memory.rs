@@ -71,12 +71,13 @@ fn is_guest_ram(mappings: &[Mapping], index: usize, guest_kib: u64) -> bool {
     if !m.is_file() {
         return false;
     }
-    chain_ends_named(mappings, index, false) && chain_ends_named(mappings, index, true)
+    chain_ends_in_guest_ram(mappings, index, false)
+        && chain_ends_in_guest_ram(mappings, index, true)
 }
 
 /// From file mapping `index`, follows directly adjacent file mappings backwards (or `forward`)
 /// and says whether the first other mapping it meets, adjacent too, is marked guest RAM.
-fn chain_ends_named(mappings: &[Mapping], index: usize, forward: bool) -> bool {
+fn chain_ends_in_guest_ram(mappings: &[Mapping], index: usize, forward: bool) -> bool {
     let mut i = index;
     loop {
         let next = if forward {

@@ -162,6 +162,20 @@ impl Ember {
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
     }
 
+    /// Stops ember with SIGTERM and checks that it exits as asked (128 + SIGTERM) within
+    /// `timeout`.
+    pub fn stop(self, timeout: Duration) -> Finished {
+        self.signal(libc::SIGTERM);
+        let out = self.finish(timeout);
+        assert_eq!(
+            out.status.code(),
+            Some(128 + libc::SIGTERM),
+            "stopped on request: {}",
+            out.stderr
+        );
+        out
+    }
+
     /// Waits for ember to exit (killing it past `timeout`), collecting the rest of stdout.
     pub fn finish(mut self, timeout: Duration) -> Finished {
         drop(self.stdin.take());
