@@ -39,10 +39,10 @@ pub enum Phase {
     VmCreated,
     /// Guest memory is mapped and registered.
     MemoryMapped,
+    /// Devices are created and wired, and the vCPUs created (the VM's shape is complete).
+    DevicesReady,
     /// Kernel, initrd and boot tables are in guest memory.
     KernelLoaded,
-    /// Devices are created and wired.
-    DevicesReady,
     /// vCPU 0 entered KVM_RUN for the first time.
     FirstKvmRun,
     /// The guest wrote the boot timer.

@@ -292,8 +292,8 @@ fn the_boot_timer_write_is_reported_and_the_timeline_is_ordered() {
     let order = [
         "VmCreated",
         "MemoryMapped",
-        "KernelLoaded",
         "DevicesReady",
+        "KernelLoaded",
         "FirstKvmRun",
         "BootTimer",
         "ExitRequested",

@@ -179,7 +179,9 @@ impl RunArgs {
         config.initrd = self.initrd.clone();
         config.cmdline = self.cmdline.clone();
         if let Some(rootfs) = &self.rootfs {
-            config.disks.push(DiskConfig::new(rootfs));
+            let mut disk = DiskConfig::new(rootfs);
+            disk.id = Some("rootfs".into());
+            config.disks.push(disk);
             config.cmdline.push_str(" root=/dev/vda rw");
         }
         config.disks.extend(self.disks.iter().cloned());

@@ -70,6 +70,11 @@ impl DiskConfig {
         }
     }
 
+    /// The device's id (the API's `drive_id`): the given id, else the file name.
+    pub fn device_id(&self) -> String {
+        self.serial()
+    }
+
     /// The GET_ID string: the given id, else the file name cut to 20 bytes.
     pub fn serial(&self) -> String {
         match &self.id {

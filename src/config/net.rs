@@ -81,6 +81,11 @@ impl NetConfig {
         }
     }
 
+    /// The device's id (the API's `iface_id`): the TAP's name.
+    pub fn device_id(&self) -> String {
+        self.tap.clone()
+    }
+
     /// The MAC address the guest gets.
     pub fn mac(&self) -> MacAddr {
         self.mac.unwrap_or_else(|| MacAddr::for_tap(&self.tap))

@@ -43,6 +43,15 @@ struct Range {
     device: SharedDevice,
 }
 
+/// The port-I/O and MMIO buses a vCPU dispatches to.
+#[derive(Default)]
+pub struct Buses {
+    /// Port I/O.
+    pub pio: Bus,
+    /// Memory-mapped I/O.
+    pub mmio: Bus,
+}
+
 /// An address space of devices.
 #[derive(Default)]
 pub struct Bus {

@@ -12,7 +12,7 @@ use seccompiler::{
 };
 
 use super::sigsys;
-use kvm_numbers::{KVM_GET_REGS, KVM_RUN, KVM_SET_GSI_ROUTING};
+use kvm_numbers::{KVM_GET_REGS, KVM_KVMCLOCK_CTRL, KVM_RUN, KVM_SET_GSI_ROUTING};
 
 /// The KVM ioctl numbers the vCPU filter allows (kvm-ioctls keeps its own private).
 mod kvm_numbers {
@@ -20,6 +20,7 @@ mod kvm_numbers {
     use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
 
     ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+    ioctl_io_nr!(KVM_KVMCLOCK_CTRL, KVMIO, 0xad);
     ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
     ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
 }
@@ -138,7 +139,13 @@ fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
                 libc::SYS_ioctl,
                 1,
                 // KVM_SET_GSI_ROUTING: the guest programming the I/O APIC.
-                &[KVM_RUN(), KVM_GET_REGS(), KVM_SET_GSI_ROUTING()],
+                // KVM_KVMCLOCK_CTRL: telling the guest it was paused.
+                &[
+                    KVM_RUN(),
+                    KVM_GET_REGS(),
+                    KVM_SET_GSI_ROUTING(),
+                    KVM_KVMCLOCK_CTRL(),
+                ],
             )?);
             // The boot timer reports the VMM's CPU time.
             rules.extend(any(&[libc::SYS_getrusage]));
@@ -264,6 +271,7 @@ mod tests {
     #[test]
     fn kvm_ioctl_numbers_match_the_kernel_abi() {
         assert_eq!(KVM_RUN(), 0xae80);
+        assert_eq!(KVM_KVMCLOCK_CTRL(), 0xaead);
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
         assert_eq!(KVM_SET_GSI_ROUTING(), 0x4008_ae6a);
     }

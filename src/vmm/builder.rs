@@ -1,28 +1,29 @@
-//! The boot sequence, in order: KVM -> memory -> VM -> memslots -> split irqchip -> kernel and
-//! boot tables -> devices (the I/O APIC first) -> vCPUs -> threads.
+//! Building a VM, in stages:
+//!
+//! 1. [`shape`]: KVM, guest memory, the VM with its memory slots and split irqchip, every device
+//!    with its backend (disk images, TAPs) in the device manager, the vCPUs created with their
+//!    CPUID. Everything a boot and a restore share.
+//! 2. [`boot`]: kernel, initrd, command line, boot tables and the vCPUs' entry state. (A restore
+//!    applies saved state to the same shape instead.)
+//! 3. [`run`]: the seccomp filters, the event loop and the vCPU threads; returns the handle.
 
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use linux_loader::cmdline::Cmdline;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
-use super::console::{self, Console};
-use super::event_loop::{self, ConsoleInput, Subscriber};
+use super::console::Console;
+use super::devices::{DeviceManager, VirtioEntry, VirtioKind};
+use super::event_loop::{self, Subscriber};
 use super::exit::ExitState;
-use super::{StartError, VmHandle, virtio};
+use super::vcpus::{Target, VcpuControl};
+use super::{StartError, VmHandle, platform, virtio};
 use crate::arch::x86_64::boot_params::{self, E820Entry};
-use crate::arch::x86_64::layout::{
-    BOOT_TIMER_START, CMDLINE_MAX_SIZE, CMDLINE_START, COM1_IRQ, COM1_PORT, DEBUG_PORT,
-    I8042_DATA_PORT, IOAPIC_START,
-};
+use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START};
 use crate::arch::x86_64::regs::EntryMode;
-use crate::arch::x86_64::{acpi, ioapic_id, low_memory_end, memory_ranges, mptable};
+use crate::arch::x86_64::{acpi, low_memory_end, memory_ranges, mptable};
 use crate::config::{ConfigError, VmConfig};
-use crate::devices::legacy::{I8042, IoApic, SerialDevice};
-use crate::devices::pseudo::debug_port::DebugCodes;
-use crate::devices::pseudo::{BootTimer, DebugPort};
+use crate::devices::bus::Buses;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, DiskFile};
 use crate::devices::virtio::net::{Net, Tap};
@@ -33,11 +34,32 @@ use crate::sandbox::seccomp::{self, ThreadFilter};
 use crate::timing::{Phase, Timeline};
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::memory::create_guest_memory;
-use crate::vstate::vcpu::{self, BootEntry, Buses, Vcpu};
+use crate::vstate::vcpu::{self, BootEntry, Vcpu};
 use crate::vstate::vm::Vm;
 
-/// Builds and starts the VM described by `config`.
+/// A VM of the configured shape, not yet booted or restored, with no thread started.
+pub struct Shaped {
+    memory: GuestMemoryMmap,
+    vm: Vm,
+    buses: Buses,
+    devices: DeviceManager,
+    subscribers: Vec<Subscriber>,
+    vcpus: Vec<Vcpu>,
+    exit: Arc<ExitState>,
+    timeline: Arc<Timeline>,
+    console: Option<Console>,
+    smaps: Option<std::fs::File>,
+}
+
+/// Builds and starts the VM described by `config`: shape, boot, run.
 pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
+    let mut shaped = shape(config)?;
+    boot(&mut shaped, config)?;
+    run(shaped, config)
+}
+
+/// Stage 1: everything but the guest's contents and the threads.
+pub fn shape(config: &VmConfig) -> Result<Shaped, StartError> {
     config.validate()?;
     // Disks first: a locked or missing image is the user's error, worth reporting before KVM's.
     let disks = config
@@ -68,106 +90,176 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
     vm.create_irqchip()?;
     timeline.mark(Phase::MemoryMapped);
 
-    let kernel = load_kernel_and_tables(config, &memory)?;
-    timeline.mark(Phase::KernelLoaded);
+    let exit = Arc::new(ExitState::new(timeline.clone()).map_err(StartError::Eventfd)?);
+    let mut buses = Buses::default();
+    let mut subscribers = Vec::new();
+    let (platform, console) =
+        platform::create(config, &vm, &exit, &timeline, &mut buses, &mut subscribers)?;
+    let mut entries = Vec::new();
+    let mut devices: Vec<(String, VirtioKind, Box<dyn VirtioDevice>)> = Vec::new();
+    for ((disk, serial), disk_config) in disks.into_iter().zip(&config.disks) {
+        let block = Block::new(disk, &serial);
+        let kind = VirtioKind::Block(block.counters());
+        devices.push((disk_config.device_id(), kind, Box::new(block)));
+    }
+    for ((tap, mac), net_config) in taps.into_iter().zip(&config.nets) {
+        log::debug!("net {}: MAC {mac}", tap.name());
+        let name = tap.name().to_owned();
+        let net = Net::new(tap, mac.0);
+        let kind = VirtioKind::Net {
+            tap: name,
+            counters: net.counters(),
+        };
+        devices.push((net_config.device_id(), kind, Box::new(net)));
+    }
+    for (slot, (id, kind, device)) in devices.into_iter().enumerate() {
+        let transport = virtio::attach(device, slot, &vm, &memory, &mut buses, &mut subscribers)?;
+        entries.push(VirtioEntry {
+            id,
+            slot,
+            kind,
+            transport,
+        });
+    }
+    let devices = platform.with_virtio(entries);
+
+    vcpu::install_kick_handler()?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for index in 0..config.vcpus {
+        let vcpu = Vcpu::new(index, vm.create_vcpu(index)?);
+        vcpu.set_cpuid(&kvm, config.vcpus)?;
+        vcpus.push(vcpu);
+    }
+    timeline.mark(Phase::DevicesReady);
+    Ok(Shaped {
+        memory,
+        vm,
+        buses,
+        devices,
+        subscribers,
+        vcpus,
+        exit,
+        timeline,
+        console,
+        smaps,
+    })
+}
+
+/// Stage 2 for a fresh boot: the kernel and its boot data in guest memory, and every vCPU's
+/// boot state (the boot vCPU at the kernel's entry point).
+pub fn boot(shaped: &mut Shaped, config: &VmConfig) -> Result<(), StartError> {
+    let kernel = load_kernel_and_tables(config, &shaped.memory)?;
+    shaped.timeline.mark(Phase::KernelLoaded);
     if let (Some(from), Some(to)) = (
-        timeline.get(Phase::MemoryMapped),
-        timeline.get(Phase::KernelLoaded),
+        shaped.timeline.get(Phase::DevicesReady),
+        shaped.timeline.get(Phase::KernelLoaded),
     ) {
         let mapped = kernel.mapped_bytes >> 10;
         let took = to.saturating_sub(from).as_micros();
         log::info!("kernel loaded in {took} us ({mapped} KiB mapped from the page cache)");
     }
     log::debug!("kernel entry {:#x} via {:?}", kernel.entry.0, kernel.mode);
-
-    let exit = Arc::new(ExitState::new(timeline.clone()).map_err(StartError::Eventfd)?);
-    let (mut buses, mut subscribers, console) = create_devices(config, &vm, &exit)?;
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    for (disk, serial) in disks {
-        devices.push(Box::new(Block::new(disk, &serial)));
-    }
-    let mut nets = Vec::new();
-    for (tap, mac) in taps {
-        log::debug!("net {}: MAC {mac}", tap.name());
-        let name = tap.name().to_owned();
-        let net = Net::new(tap, mac.0);
-        nets.push((name, net.counters()));
-        devices.push(Box::new(net));
-    }
-    for (index, device) in devices.into_iter().enumerate() {
-        virtio::attach(device, index, &vm, &memory, &mut buses, &mut subscribers)?;
-    }
-
-    if config.boot_timer {
-        let timer = BootTimer::new(timeline.clone());
-        buses.mmio.insert(
-            BOOT_TIMER_START,
-            BootTimer::WINDOW,
-            Arc::new(Mutex::new(timer)),
-        )?;
-    }
-    let debug_codes = DebugCodes::default();
-    let debug_port = DebugPort::new(debug_codes.clone());
-    buses
-        .pio
-        .insert(u64::from(DEBUG_PORT), 1, Arc::new(Mutex::new(debug_port)))?;
-    timeline.mark(Phase::DevicesReady);
-
-    vcpu::install_kick_handler()?;
-    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-    for index in 0..config.vcpus {
-        let vcpu = Vcpu::new(index, vm.create_vcpu(index)?);
-        let boot = (index == 0).then_some(BootEntry {
+    for vcpu in &shaped.vcpus {
+        let entry = (vcpu.index() == 0).then_some(BootEntry {
             entry: kernel.entry,
             mode: kernel.mode,
         });
-        vcpu.configure(&kvm, config.vcpus, &memory, boot)?;
-        vcpus.push(vcpu);
+        vcpu.configure_boot(&shaped.memory, entry)?;
     }
+    Ok(())
+}
 
+/// Stage 3: filters, the event loop, one thread per vCPU; the VM runs.
+pub fn run(shaped: Shaped, config: &VmConfig) -> Result<VmHandle, StartError> {
+    let Shaped {
+        memory,
+        vm,
+        buses,
+        devices,
+        subscribers,
+        vcpus,
+        exit,
+        timeline,
+        console,
+        smaps,
+    } = shaped;
     let filters = ThreadFilters::new(config)?;
-    let events = event_loop::start(subscribers, filters.events.clone())?;
-    let stop = Arc::new(AtomicBool::new(false));
+    let loop_exit = exit.clone();
+    let mut events = event_loop::start(subscribers, filters.events.clone(), move |why| {
+        loop_exit.report(ExitReason::VmmError(why))
+    })?;
     let buses = Arc::new(buses);
+    let control = Arc::new(VcpuControl::new(vcpus.len()));
+    let vcpu_counters = vcpus.iter().map(Vcpu::counters).collect();
     let mut threads = Vec::with_capacity(vcpus.len());
-    for mut vcpu in vcpus {
-        let (buses, stop, exit) = (buses.clone(), stop.clone(), exit.clone());
-        let timeline = (vcpu.index() == 0).then(|| timeline.clone());
-        let filter = filters.vcpu.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("ember-vcpu{}", vcpu.index()))
-            .spawn(move || {
-                if let Some(filter) = filter {
-                    if let Err(e) = seccomp::apply(&filter) {
-                        exit.report(ExitReason::VmmError(e.to_string()));
-                        return;
-                    }
-                    filter.selftest();
+    for vcpu in vcpus {
+        match spawn_vcpu(vcpu, &buses, &control, &exit, &timeline, &filters) {
+            Ok(thread) => threads.push(thread),
+            Err(e) => {
+                // Nothing may keep running detached: end the threads already started.
+                control.exit(&threads);
+                for thread in threads {
+                    let _ = thread.join();
                 }
-                if let Some(timeline) = timeline {
-                    timeline.mark(Phase::FirstKvmRun);
-                }
-                let reason = vcpu.run(&buses, &stop);
-                if reason != ExitReason::Stopped {
-                    exit.report(reason);
-                }
-            })
-            .map_err(StartError::Thread)?;
-        threads.push(thread);
+                events.stop();
+                return Err(e);
+            }
+        }
     }
     Ok(VmHandle::new(super::Running {
         vm,
         memory,
         exit,
-        stop,
+        control,
         vcpu_threads: threads,
+        vcpu_counters,
         events,
         console,
         timeline,
-        debug_codes,
-        nets,
+        devices: Arc::new(devices),
         smaps,
     }))
+}
+
+fn spawn_vcpu(
+    mut vcpu: Vcpu,
+    buses: &Arc<Buses>,
+    control: &Arc<VcpuControl>,
+    exit: &Arc<ExitState>,
+    timeline: &Arc<Timeline>,
+    filters: &ThreadFilters,
+) -> Result<std::thread::JoinHandle<()>, StartError> {
+    let (buses, control, exit) = (buses.clone(), control.clone(), exit.clone());
+    let timeline = (vcpu.index() == 0).then(|| timeline.clone());
+    let filter = filters.vcpu.clone();
+    std::thread::Builder::new()
+        .name(format!("ember-vcpu{}", vcpu.index()))
+        .spawn(move || {
+            if let Some(filter) = filter {
+                if let Err(e) = seccomp::apply(&filter) {
+                    exit.report(ExitReason::VmmError(e.to_string()));
+                    control.finished();
+                    return;
+                }
+                filter.selftest();
+            }
+            if let Some(timeline) = timeline {
+                timeline.mark(Phase::FirstKvmRun);
+            }
+            let reason = vcpu.run(&buses, |vcpu| match control.target() {
+                Target::Run => true,
+                Target::Exit => false,
+                Target::Pause => {
+                    vcpu.settle();
+                    control.park() == Target::Run
+                }
+            });
+            control.finished();
+            if reason != ExitReason::Stopped {
+                exit.report(reason);
+            }
+        })
+        .map_err(StartError::Thread)
 }
 
 /// Loads the kernel and initrd, and writes the command line, boot parameters and MP table.
@@ -211,52 +303,6 @@ fn load_kernel_and_tables(
         EntryMode::Pvh => boot_params::write_pvh_start_info(memory, initrd, &e820, rsdp)?,
     }
     Ok(kernel)
-}
-
-/// The I/O APIC, COM1 and the i8042 on the buses, and the event-loop subscribers that serve them.
-fn create_devices(
-    config: &VmConfig,
-    vm: &Vm,
-    exit: &Arc<ExitState>,
-) -> Result<(Buses, Vec<Subscriber>, Option<Console>), StartError> {
-    let mut buses = Buses::default();
-    let mut subscribers: Vec<Subscriber> = Vec::new();
-    let ioapic = IoApic::new(ioapic_id(config.vcpus), Box::new(vm.route_installer()));
-    buses
-        .mmio
-        .insert(IOAPIC_START, IoApic::WINDOW, Arc::new(Mutex::new(ioapic)))?;
-    let ends = console::open(&config.console)?;
-
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::Eventfd)?;
-    vm.register_irqfd(&irq, COM1_IRQ)?;
-    let rx_space = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::Eventfd)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        irq,
-        rx_space.try_clone().map_err(StartError::Eventfd)?,
-        ends.output,
-    )));
-    buses.pio.insert(
-        u64::from(COM1_PORT),
-        SerialDevice::PORT_RANGE,
-        serial.clone(),
-    )?;
-    if let Some(input) = ends.input {
-        let mut console_input = ConsoleInput::new(input, serial, rx_space);
-        if ends.escape {
-            let quit = exit.wake_event().map_err(StartError::Eventfd)?;
-            console_input = console_input.with_escape(quit);
-        }
-        subscribers.push(Arc::new(Mutex::new(console_input)));
-    }
-
-    let reset_exit = exit.clone();
-    let i8042 = I8042::new(move || reset_exit.report(ExitReason::Reset));
-    buses.pio.insert(
-        u64::from(I8042_DATA_PORT),
-        I8042::PORT_RANGE,
-        Arc::new(Mutex::new(i8042)),
-    )?;
-    Ok((buses, subscribers, ends.embedder))
 }
 
 /// The compiled filters for the threads a VM starts; `None` with seccomp off.

@@ -1,11 +1,14 @@
-//! The one event-loop thread (`ember-events`): console input today, device queues later.
+//! The one event-loop thread (`ember-events`): console input, virtio queue notifications and
+//! device backends (TAPs).
 //!
-//! It is the only thread that does device I/O. It stops when its stop event fires.
+//! It is the only thread that does device I/O. Its control event parks it (a pause: no queue is
+//! served, no backend read or written until the resume) or stops it; a loop that dies of an
+//! error ends the VM with that reason instead of leaving the guest without devices.
 
 use std::fs::File;
 use std::io::{ErrorKind, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
@@ -147,20 +150,60 @@ impl MutEventSubscriber for ConsoleInput {
     }
 }
 
-/// Wakes the loop so it can see the stop flag.
-struct StopListener {
-    evt: EventFd,
+/// What the VMM asks of the loop, and whether it is parked.
+#[derive(Debug, Default)]
+struct ControlState {
+    pause: bool,
+    stop: bool,
+    parked: bool,
 }
 
-impl MutEventSubscriber for StopListener {
+/// Shared by the loop's control subscriber and its handle.
+#[derive(Debug, Default)]
+struct Control {
+    state: Mutex<ControlState>,
+    changed: Condvar,
+}
+
+impl Control {
+    fn state(&self) -> MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, ControlState>) -> MutexGuard<'a, ControlState> {
+        self.changed
+            .wait(guard)
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Wakes the loop for a stop (it then sees the stop flag) or a pause (it parks right here,
+/// inside the event manager's dispatch, so nothing else on the loop runs until the resume).
+struct ControlListener {
+    evt: EventFd,
+    control: Arc<Control>,
+}
+
+impl MutEventSubscriber for ControlListener {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
-            log::error!("event loop cannot watch its stop event: {e:?}");
+            log::error!("event loop cannot watch its control event: {e:?}");
         }
     }
 
     fn process(&mut self, _: Events, _: &mut EventOps) {
         let _ = self.evt.read();
+        let mut state = self.control.state();
+        if !state.pause || state.stop {
+            return;
+        }
+        state.parked = true;
+        self.control.changed.notify_all();
+        while state.pause && !state.stop {
+            state = self.control.wait(state);
+        }
+        state.parked = false;
+        self.control.changed.notify_all();
     }
 }
 
@@ -175,34 +218,71 @@ pub enum EventLoopError {
     Spawn(#[source] std::io::Error),
 }
 
-/// The running loop: stop it with [`EventLoopHandle::stop`].
+/// The running loop: pause, resume and stop it.
 pub struct EventLoopHandle {
     stop: Arc<AtomicBool>,
-    stop_evt: EventFd,
+    control_evt: EventFd,
+    control: Arc<Control>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl EventLoopHandle {
-    /// Stops the loop and waits for its thread.
+    /// Parks the loop; returns once it is parked (or has ended).
+    pub fn pause(&self) {
+        let mut state = self.control.state();
+        state.pause = true;
+        let _ = self.control_evt.write(1);
+        while !state.parked && !self.has_ended() {
+            // The loop may have died between our check and the wait: wake up now and then.
+            let (guard, _) = self
+                .control
+                .changed
+                .wait_timeout(state, std::time::Duration::from_millis(100))
+                .unwrap_or_else(PoisonError::into_inner);
+            state = guard;
+        }
+    }
+
+    /// Lets a parked loop run again; returns once it runs.
+    pub fn resume(&self) {
+        let mut state = self.control.state();
+        state.pause = false;
+        self.control.changed.notify_all();
+        while state.parked {
+            state = self.control.wait(state);
+        }
+    }
+
+    fn has_ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Stops the loop (parked or not) and waits for its thread.
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        let _ = self.stop_evt.write(1);
+        self.control.state().stop = true;
+        self.control.changed.notify_all();
+        let _ = self.control_evt.write(1);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
 }
 
-/// Starts the `ember-events` thread serving `subscribers`.
+/// Starts the `ember-events` thread serving `subscribers`; if the loop cannot start or dies,
+/// `on_failure` is told why (it ends the VM).
 pub fn start(
     subscribers: Vec<Subscriber>,
     filter: Option<ThreadFilter>,
+    on_failure: impl FnOnce(String) + Send + 'static,
 ) -> Result<EventLoopHandle, EventLoopError> {
     let mut manager = EventManager::<Subscriber>::new()
         .map_err(|e| EventLoopError::Create(std::io::Error::other(format!("{e:?}"))))?;
-    let stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::Create)?;
-    let listener = StopListener {
-        evt: stop_evt.try_clone().map_err(EventLoopError::Create)?,
+    let control_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::Create)?;
+    let control = Arc::new(Control::default());
+    let listener = ControlListener {
+        evt: control_evt.try_clone().map_err(EventLoopError::Create)?,
+        control: control.clone(),
     };
     manager.add_subscriber(Arc::new(Mutex::new(listener)));
     for subscriber in subscribers {
@@ -215,22 +295,23 @@ pub fn start(
         .spawn(move || {
             if let Some(filter) = filter {
                 if let Err(e) = seccomp::apply(&filter) {
-                    log::error!("event loop not started: {e}");
+                    on_failure(format!("the device event loop could not start: {e}"));
                     return;
                 }
                 filter.selftest();
             }
             while !thread_stop.load(Ordering::Acquire) {
                 if let Err(e) = manager.run() {
-                    log::error!("event loop failed: {e:?}");
-                    break;
+                    on_failure(format!("the device event loop failed: {e:?}"));
+                    return;
                 }
             }
         })
         .map_err(EventLoopError::Spawn)?;
     Ok(EventLoopHandle {
         stop,
-        stop_evt,
+        control_evt,
+        control,
         thread: Some(thread),
     })
 }

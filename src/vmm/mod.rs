@@ -2,28 +2,33 @@
 
 pub mod builder;
 pub mod console;
+pub mod devices;
 pub mod event_loop;
 mod exit;
+pub mod metrics;
+mod platform;
+pub mod vcpus;
 pub mod virtio;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::Killable;
 
-use crate::devices::pseudo::debug_port::DebugCodes;
-use crate::devices::virtio::net::{NetCounters, NetStats};
+use crate::devices::virtio::net::NetStats;
 use crate::exit::ExitReason;
 use crate::timing::{Phase, Timeline};
 use crate::vstate;
+use crate::vstate::vcpu::VcpuCounters;
 pub use console::Console;
+use devices::{DeviceManager, VirtioKind};
 use event_loop::EventLoopHandle;
 use exit::ExitState;
+pub use metrics::Metrics;
+use vcpus::VcpuControl;
 
 /// Starting a VM failed. Each variant says which stage; its source says why.
 #[derive(Debug, thiserror::Error)]
@@ -94,16 +99,24 @@ pub enum StartError {
 /// before the VM and its memory go away.
 struct Running {
     vcpu_threads: Vec<JoinHandle<()>>,
+    control: Arc<VcpuControl>,
+    vcpu_counters: Vec<Arc<VcpuCounters>>,
     events: EventLoopHandle,
     exit: Arc<ExitState>,
-    stop: Arc<AtomicBool>,
     console: Option<Console>,
     timeline: Arc<Timeline>,
-    debug_codes: DebugCodes,
-    nets: Vec<(String, Arc<NetCounters>)>,
+    devices: Arc<DeviceManager>,
     smaps: Option<std::fs::File>,
     vm: vstate::vm::Vm,
     memory: GuestMemoryMmap,
+}
+
+/// A request about a VM's run state that cannot be carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LifecycleError {
+    /// The VM has ended (or is ending).
+    #[error("the VM is not running: it has ended")]
+    Ended,
 }
 
 /// Asks a running VM to stop, from any thread (or, through [`StopTrigger::as_raw_fd`], from a
@@ -127,20 +140,23 @@ impl AsRawFd for StopTrigger {
 /// A started VM. Dropping it stops the VM.
 pub struct VmHandle {
     running: Option<Running>,
+    paused: bool,
     result: Option<ExitReason>,
     timeline: Vec<(Phase, Duration)>,
     debug_codes: Vec<(u8, Duration)>,
-    nets: Vec<(String, Arc<NetCounters>)>,
+    /// The counters as the VM ended.
+    final_metrics: Metrics,
 }
 
 impl VmHandle {
     fn new(running: Running) -> Self {
         VmHandle {
-            nets: running.nets.clone(),
             running: Some(running),
+            paused: false,
             result: None,
             timeline: Vec::new(),
             debug_codes: Vec::new(),
+            final_metrics: Metrics::default(),
         }
     }
 
@@ -160,6 +176,67 @@ impl VmHandle {
             Some(running) => running.exit.wake_event().map(StopTrigger),
             None => Err(std::io::Error::other("the VM has already stopped")),
         }
+    }
+
+    /// A descriptor that becomes readable when the VM ends or a stop is requested (then call
+    /// [`VmHandle::wait`]); `None` once the VM is torn down.
+    pub fn exit_fd(&self) -> Option<RawFd> {
+        self.running.as_ref().map(|r| r.exit.wake_fd())
+    }
+
+    /// The running VM, unless it has ended or an exit is pending.
+    fn live(&self) -> Result<&Running, LifecycleError> {
+        match &self.running {
+            Some(running) if running.exit.reason().is_none() => Ok(running),
+            _ => Err(LifecycleError::Ended),
+        }
+    }
+
+    /// Pauses the VM: returns once every vCPU has left KVM_RUN and is parked and the device
+    /// event loop is parked (no queue served, no TAP or console I/O). Pausing a paused VM does
+    /// nothing.
+    pub fn pause(&mut self) -> Result<(), LifecycleError> {
+        let running = self.live()?;
+        if self.paused {
+            return Ok(());
+        }
+        running.control.pause(&running.vcpu_threads);
+        running.events.pause();
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Resumes a paused VM: devices first, then the vCPUs. Resuming a running VM does nothing.
+    pub fn resume(&mut self) -> Result<(), LifecycleError> {
+        let running = self.live()?;
+        if !self.paused {
+            return Ok(());
+        }
+        running.events.resume();
+        running.control.resume();
+        self.paused = false;
+        Ok(())
+    }
+
+    /// True while the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused && self.running.is_some()
+    }
+
+    /// Every device's counters by id, and the vCPUs' exits (final once the VM has ended).
+    pub fn metrics(&self) -> Metrics {
+        match &self.running {
+            Some(running) => Metrics::gather(&running.devices, &running.vcpu_counters),
+            None => self.final_metrics.clone(),
+        }
+    }
+
+    /// The ids of every device, as the API and snapshots name them.
+    pub fn device_ids(&self) -> Vec<String> {
+        self.running
+            .as_ref()
+            .map(|r| r.devices.ids())
+            .unwrap_or_default()
     }
 
     /// Waits for the VM to exit, then tears it down.
@@ -185,6 +262,7 @@ impl VmHandle {
     pub fn debug_codes(&self) -> Vec<(u8, Duration)> {
         match &self.running {
             Some(running) => running
+                .devices
                 .debug_codes
                 .lock()
                 .map(|c| c.clone())
@@ -196,13 +274,26 @@ impl VmHandle {
     /// Each network interface's TAP name and counters, in `eth0`, `eth1`, ... order (final once
     /// the VM has ended).
     pub fn net_stats(&self) -> Vec<(String, NetStats)> {
-        self.nets
-            .iter()
-            .map(|(tap, counters)| (tap.clone(), counters.snapshot()))
-            .collect()
+        match &self.running {
+            Some(running) => running
+                .devices
+                .virtio
+                .iter()
+                .filter_map(|v| match &v.kind {
+                    VirtioKind::Net { tap, counters } => Some((tap.clone(), counters.snapshot())),
+                    VirtioKind::Block(_) => None,
+                })
+                .collect(),
+            None => self
+                .final_metrics
+                .net
+                .values()
+                .map(|n| (n.tap.clone(), net_stats(n)))
+                .collect(),
+        }
     }
 
-    /// Stops the VM (if it still runs) and tears it down.
+    /// Stops the VM (if it still runs, paused or not) and tears it down.
     pub fn stop(&mut self) -> ExitReason {
         self.teardown()
     }
@@ -221,19 +312,16 @@ impl VmHandle {
     fn teardown(&mut self) -> ExitReason {
         if let Some(mut running) = self.running.take() {
             running.timeline.mark(Phase::ExitRequested);
-            running.stop.store(true, Ordering::Release);
-            let signal = vstate::vcpu::kick_signal();
-            for thread in &running.vcpu_threads {
-                if let Err(e) = thread.kill(signal) {
-                    log::warn!("cannot kick a vCPU thread: {e}");
-                }
-            }
+            running.control.exit(&running.vcpu_threads);
             for thread in running.vcpu_threads.drain(..) {
                 let _ = thread.join();
             }
             running.events.stop();
-            for (tap, stats) in self.net_stats() {
-                log::debug!("net {tap}: {stats}");
+            self.final_metrics = Metrics::gather(&running.devices, &running.vcpu_counters);
+            if log::log_enabled!(log::Level::Debug) {
+                for net in self.final_metrics.net.values() {
+                    log::debug!("net {}: {}", net.tap, net_stats(net));
+                }
             }
             if let (true, Some(smaps)) = (log::log_enabled!(log::Level::Info), &running.smaps) {
                 match vstate::memory::overhead_kib(&running.memory, smaps) {
@@ -242,17 +330,31 @@ impl VmHandle {
                 }
             }
             self.result = Some(running.exit.reason().unwrap_or(ExitReason::Stopped));
-            drop(running.vm);
-            drop(running.memory);
-            running.timeline.mark(Phase::TeardownDone);
-            self.timeline = running.timeline.marks();
             self.debug_codes = running
+                .devices
                 .debug_codes
                 .lock()
                 .map(|c| c.clone())
                 .unwrap_or_default();
+            drop(running.vm);
+            drop(running.memory);
+            running.timeline.mark(Phase::TeardownDone);
+            self.timeline = running.timeline.marks();
         }
         self.result.clone().unwrap_or(ExitReason::Stopped)
+    }
+}
+
+fn net_stats(n: &metrics::NetMetrics) -> NetStats {
+    NetStats {
+        rx_packets: n.rx_packets_count,
+        rx_bytes: n.rx_bytes_count,
+        rx_drops: n.rx_dropped,
+        rx_errors: n.rx_fails,
+        tx_packets: n.tx_packets_count,
+        tx_bytes: n.tx_bytes_count,
+        tx_drops: n.tx_malformed_frames,
+        tx_errors: n.tx_fails,
     }
 }
 

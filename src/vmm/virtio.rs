@@ -10,12 +10,13 @@ use vmm_sys_util::eventfd::EventFd;
 use super::StartError;
 use super::event_loop::Subscriber;
 use crate::arch::x86_64::layout::VIRTIO_MMIO_START;
+use crate::devices::bus::Buses;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::mmio::{MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET};
-use crate::vstate::vcpu::Buses;
 use crate::vstate::vm::Vm;
 
-/// The first virtio device's interrupt line; lines 0-4 are the PIT, keyboard, cascade and COM.
+/// The first virtio device's interrupt line; lines 0-4 are the legacy ISA lines (timer,
+/// keyboard, cascade, COM2, COM1), kept free for what the guest expects there.
 const FIRST_VIRTIO_IRQ: u32 = 5;
 
 /// Guest-physical base and interrupt line of virtio device `index`.
@@ -39,7 +40,7 @@ pub fn add_to_cmdline(cmdline: &mut Cmdline, count: usize) -> Result<(), StartEr
 }
 
 /// Puts `device` in slot `index`: MMIO window on the bus, irqfd, one ioeventfd per queue, and
-/// the transport on the event loop.
+/// the transport on the event loop. Returns the transport for the device manager.
 pub fn attach(
     device: Box<dyn VirtioDevice>,
     index: usize,
@@ -47,7 +48,7 @@ pub fn attach(
     memory: &GuestMemoryMmap,
     buses: &mut Buses,
     subscribers: &mut Vec<Subscriber>,
-) -> Result<(), StartError> {
+) -> Result<Arc<Mutex<MmioTransport>>, StartError> {
     let (base, irq) = slot(index);
     let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::Eventfd)?;
     vm.register_irqfd(&irqfd, irq)?;
@@ -64,8 +65,8 @@ pub fn attach(
     buses
         .mmio
         .insert(base, MMIO_WINDOW_SIZE, transport.clone())?;
-    subscribers.push(transport);
-    Ok(())
+    subscribers.push(transport.clone());
+    Ok(transport)
 }
 
 #[cfg(test)]

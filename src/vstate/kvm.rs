@@ -12,11 +12,10 @@ use crate::arch::x86_64::mptable::MAX_SUPPORTED_CPUS;
 const KVM_API_VERSION: i32 = 12;
 
 /// Capabilities ember cannot run without.
-const REQUIRED_CAPS: [(Cap, &str); 8] = [
-    (Cap::Irqchip, "in-kernel irqchip"),
+const REQUIRED_CAPS: [(Cap, &str); 7] = [
+    (Cap::SplitIrqchip, "split irqchip"),
     (Cap::UserMemory, "user memory regions"),
     (Cap::SetTssAddr, "TSS address"),
-    (Cap::Pit2, "in-kernel PIT"),
     (Cap::Irqfd, "irqfd"),
     (Cap::Ioeventfd, "ioeventfd"),
     (Cap::ExtCpuid, "extended CPUID"),

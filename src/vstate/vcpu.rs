@@ -1,14 +1,15 @@
 //! One vCPU: its boot state, and the KVM_RUN loop that dispatches port and MMIO exits to the
 //! buses and turns every other exit into an [`ExitReason`].
 //!
-//! A vCPU thread is stopped by setting the shared stop flag and sending it [`kick_signal`]: the
-//! handler sets `immediate_exit` in this thread's `kvm_run`, so a kick that lands just before
-//! KVM_RUN still makes KVM_RUN return at once.
+//! Before every KVM_RUN the loop asks its caller whether to go on (the VMM's pause and exit
+//! requests, `vmm/vcpus.rs`). A request comes with [`kick_signal`]: the handler sets
+//! `immediate_exit` in this thread's `kvm_run`, so a kick that lands just before KVM_RUN still
+//! makes KVM_RUN return at once.
 
 use std::cell::Cell;
 use std::ptr::null_mut;
 use std::sync::Once;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use kvm_bindings::{
     KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run,
@@ -22,7 +23,7 @@ use super::kvm::KvmContext;
 use crate::arch::x86_64::regs::EntryMode;
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::devices::GuestErrors;
-use crate::devices::bus::Bus;
+use crate::devices::bus::Buses;
 use crate::exit::ExitReason;
 
 /// Setting up a vCPU failed.
@@ -59,13 +60,25 @@ pub struct BootEntry {
     pub mode: EntryMode,
 }
 
-/// The port-I/O and MMIO buses a vCPU dispatches to.
-#[derive(Default)]
-pub struct Buses {
-    /// Port I/O.
-    pub pio: Bus,
-    /// Memory-mapped I/O.
-    pub mmio: Bus,
+/// Exits of one vCPU by kind, readable while the VM runs.
+#[derive(Debug, Default)]
+pub struct VcpuCounters {
+    /// Port reads.
+    pub io_in: AtomicU64,
+    /// Port writes.
+    pub io_out: AtomicU64,
+    /// MMIO reads.
+    pub mmio_read: AtomicU64,
+    /// MMIO writes.
+    pub mmio_write: AtomicU64,
+    /// KVM_RUN returns for a signal (kicks) or with nothing for the VMM to do.
+    pub interrupted: AtomicU64,
+    /// Other exits (HLT, IRQ window, EOI, system events, errors).
+    pub other: AtomicU64,
+}
+
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 thread_local! {
@@ -120,12 +133,30 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    counters: std::sync::Arc<VcpuCounters>,
+    /// Accesses that hit no device, logged with a rate limit.
+    unhandled: GuestErrors,
 }
 
 impl Vcpu {
     /// Wraps a created vCPU.
     pub fn new(index: u8, fd: VcpuFd) -> Self {
-        Vcpu { index, fd }
+        Vcpu {
+            index,
+            fd,
+            counters: Default::default(),
+            unhandled: GuestErrors::quiet(),
+        }
+    }
+
+    /// Its exit counters.
+    pub fn counters(&self) -> std::sync::Arc<VcpuCounters> {
+        self.counters.clone()
+    }
+
+    /// The KVM vCPU.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
     }
 
     /// This vCPU's index.
@@ -133,26 +164,33 @@ impl Vcpu {
         self.index
     }
 
-    /// Sets CPUID, MSRs, FPU and LAPIC wiring; and for the boot vCPU, the entry state.
+    fn error(&self, what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
+        let index = self.index;
+        move |source| VcpuError::Kvm {
+            what,
+            index,
+            source,
+        }
+    }
+
+    /// Sets the CPUID this vCPU shows the guest: part of the VM's shape, for a boot and a restore
+    /// alike.
+    pub fn set_cpuid(&self, kvm: &KvmContext, cpus: u8) -> Result<(), VcpuError> {
+        let mut cpuid = kvm.supported_cpuid().clone();
+        cpuid::normalize(&mut cpuid, self.index, cpus);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.error("set the CPUID"))
+    }
+
+    /// Boot state: MSRs, FPU and LAPIC wiring; and for the boot vCPU, the entry registers.
     /// Application processors are left for the guest to start with INIT/SIPI.
-    pub fn configure(
+    pub fn configure_boot(
         &self,
-        kvm: &KvmContext,
-        cpus: u8,
         mem: &GuestMemoryMmap,
         boot: Option<BootEntry>,
     ) -> Result<(), VcpuError> {
-        let index = self.index;
-        let err = |what| {
-            move |source| VcpuError::Kvm {
-                what,
-                index,
-                source,
-            }
-        };
-        let mut cpuid = kvm.supported_cpuid().clone();
-        cpuid::normalize(&mut cpuid, self.index, cpus);
-        self.fd.set_cpuid2(&cpuid).map_err(err("set the CPUID"))?;
+        let err = |what| self.error(what);
         let msrs = msr::boot_msrs()?;
         self.fd.set_msrs(&msrs).map_err(err("set the MSRs"))?;
         self.fd
@@ -178,23 +216,49 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Runs the guest until it exits or `stop` is set and the thread kicked.
-    pub fn run(&mut self, buses: &Buses, stop: &AtomicBool) -> ExitReason {
+    /// Runs the guest until it exits, or until `proceed`, asked before every KVM_RUN, says
+    /// false (then [`ExitReason::Stopped`]). `proceed` may park the thread (a pause).
+    pub fn run(&mut self, buses: &Buses, mut proceed: impl FnMut(&mut Vcpu) -> bool) -> ExitReason {
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run()));
-        let reason = self.run_loop(buses, stop);
+        let reason = loop {
+            if !proceed(self) {
+                break ExitReason::Stopped;
+            }
+            if let Some(reason) = self.run_once(buses) {
+                break reason;
+            }
+        };
         KVM_RUN.with(|run| run.set(null_mut()));
         reason
     }
 
-    fn run_loop(&mut self, buses: &Buses, stop: &AtomicBool) -> ExitReason {
-        let unhandled = GuestErrors::quiet();
+    /// Before the thread parks: completes a port or MMIO access KVM is waiting on (KVM_RUN with
+    /// `immediate_exit` finishes it without running guest code), so the vCPU's state is
+    /// consistent while parked, and tells the guest's kvm-clock that it was stopped (no soft
+    /// lockup reports after a long pause).
+    pub fn settle(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Ok(exit) => log::debug!("vCPU {}: exit while settling: {exit:?}", self.index),
+            Err(e) => log::debug!("vCPU {}: settling: {e}", self.index),
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        // EINVAL when the guest has not enabled kvm-clock: nothing to tell it then.
+        if let Err(e) = self.fd.kvmclock_ctrl() {
+            log::trace!("vCPU {}: KVM_KVMCLOCK_CTRL: {e}", self.index);
+        }
+    }
+
+    /// One KVM_RUN and the exit it returns; `Some` when the vCPU is done.
+    fn run_once(&mut self, buses: &Buses) -> Option<ExitReason> {
         let vcpu = self.index;
-        loop {
-            if stop.load(Ordering::Acquire) {
-                return ExitReason::Stopped;
-            }
+        let counters = &*self.counters;
+        let unhandled = &self.unhandled;
+        {
             match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
+                    count(&counters.io_out);
                     let size = pio_access_size(data.len());
                     let port = u64::from(port);
                     if !data
@@ -206,6 +270,7 @@ impl Vcpu {
                     }
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
+                    count(&counters.io_in);
                     let size = pio_access_size(data.len());
                     let port = u64::from(port);
                     if !data
@@ -217,27 +282,29 @@ impl Vcpu {
                     }
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    count(&counters.mmio_write);
                     if !buses.mmio.write(addr, data) {
                         unhandled
                             .record(|| format!("vCPU {vcpu}: unhandled MMIO write at {:#x}", addr));
                     }
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
+                    count(&counters.mmio_read);
                     if !buses.mmio.read(addr, data) {
                         unhandled
                             .record(|| format!("vCPU {vcpu}: unhandled MMIO read at {:#x}", addr));
                     }
                 }
                 Ok(VcpuExit::Shutdown) => {
-                    return ExitReason::TripleFault {
+                    return Some(ExitReason::TripleFault {
                         vcpu,
                         rip: self.rip(),
-                    };
+                    });
                 }
                 Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                    KVM_SYSTEM_EVENT_RESET => return ExitReason::Reset,
-                    KVM_SYSTEM_EVENT_SHUTDOWN => return ExitReason::PowerOff,
-                    KVM_SYSTEM_EVENT_CRASH => return ExitReason::GuestCrash { vcpu },
+                    KVM_SYSTEM_EVENT_RESET => return Some(ExitReason::Reset),
+                    KVM_SYSTEM_EVENT_SHUTDOWN => return Some(ExitReason::PowerOff),
+                    KVM_SYSTEM_EVENT_CRASH => return Some(ExitReason::GuestCrash { vcpu }),
                     other => log::debug!("vCPU {vcpu}: ignored system event {other}"),
                 },
                 Ok(VcpuExit::InternalError) => {
@@ -245,14 +312,14 @@ impl Vcpu {
                     // `internal` the valid member of the exit union.
                     let suberror =
                         unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                    return ExitReason::InternalError {
+                    return Some(ExitReason::InternalError {
                         vcpu,
                         suberror,
                         rip: self.rip(),
-                    };
+                    });
                 }
                 Ok(VcpuExit::FailEntry(reason, _)) => {
-                    return ExitReason::FailEntry { vcpu, reason };
+                    return Some(ExitReason::FailEntry { vcpu, reason });
                 }
                 // With the in-kernel local APIC KVM handles HLT itself; these are harmless, and
                 // there is no level-triggered route for an I/O APIC EOI to complete.
@@ -261,19 +328,25 @@ impl Vcpu {
                     | VcpuExit::Intr
                     | VcpuExit::IrqWindowOpen
                     | VcpuExit::IoapicEoi(_),
-                ) => {}
+                ) => count(&counters.other),
                 Ok(other) => {
-                    return ExitReason::VmmError(format!(
+                    return Some(ExitReason::VmmError(format!(
                         "unexpected KVM exit on vCPU {vcpu}: {other:?}"
-                    ));
+                    )));
                 }
-                Err(e) if e.errno() == libc::EINTR => self.fd.set_kvm_immediate_exit(0),
-                Err(e) if e.errno() == libc::EAGAIN => {}
+                Err(e) if e.errno() == libc::EINTR => {
+                    count(&counters.interrupted);
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                Err(e) if e.errno() == libc::EAGAIN => count(&counters.interrupted),
                 Err(e) => {
-                    return ExitReason::VmmError(format!("KVM_RUN failed on vCPU {vcpu}: {e}"));
+                    return Some(ExitReason::VmmError(format!(
+                        "KVM_RUN failed on vCPU {vcpu}: {e}"
+                    )));
                 }
             }
         }
+        None
     }
 
     fn rip(&self) -> Option<u64> {

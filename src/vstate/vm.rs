@@ -12,8 +12,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::kvm::KvmContext;
-use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
-use crate::devices::legacy::ioapic::{IOAPIC_PINS, PinRoutes, RouteInstaller};
+use crate::arch::x86_64::layout::{IOAPIC_PINS, KVM_IDENTITY_MAP_START, KVM_TSS_START};
+use crate::devices::legacy::ioapic::{PinRoutes, RouteInstaller};
 
 /// A KVM VM operation that failed.
 #[derive(Debug, thiserror::Error)]

@@ -69,3 +69,6 @@ pub const DEBUG_PORT: u16 = 0x80;
 pub const I8042_DATA_PORT: u16 = 0x60;
 /// i8042 command/status port; the data and command ports are handled as one range.
 pub const I8042_COMMAND_PORT: u16 = 0x64;
+
+/// I/O APIC input pins: GSIs 0-23, reserved for ember's I/O APIC in KVM's split irqchip.
+pub const IOAPIC_PINS: u8 = 24;

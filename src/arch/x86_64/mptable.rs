@@ -8,13 +8,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::addr32;
 use super::ioapic_id;
-use super::layout::{APIC_START, IOAPIC_START, MPTABLE_END, MPTABLE_START};
-use crate::devices::legacy::ioapic;
+use super::layout::{APIC_START, IOAPIC_PINS, IOAPIC_START, MPTABLE_END, MPTABLE_START};
 
 /// APIC IDs are 8 bits and 0xff is the broadcast ID.
 pub const MAX_SUPPORTED_CPUS: u8 = 254;
-/// Pins on the I/O APIC.
-const IOAPIC_PINS: u8 = ioapic::IOAPIC_PINS;
 const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
 const SPEC_REV: u8 = 4;

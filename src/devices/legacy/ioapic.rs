@@ -17,7 +17,7 @@ use super::super::GuestErrors;
 use crate::devices::bus::BusDevice;
 
 /// Pins, and so GSIs, of the I/O APIC.
-pub const IOAPIC_PINS: u8 = 24;
+pub use crate::arch::x86_64::layout::IOAPIC_PINS;
 const PINS: usize = IOAPIC_PINS as usize;
 
 /// Index register (8 bits used) and data window.

@@ -1,0 +1,125 @@
+//! The platform devices every VM has: the I/O APIC, COM1, the i8042, the port-0x80 debug port
+//! and, when asked for, the boot timer; on the buses, in the device manager, and served by the
+//! event loop where they take host input.
+
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::StartError;
+use super::console::{self, Console};
+use super::devices::{DeviceManager, VirtioEntry};
+use super::event_loop::{ConsoleInput, Subscriber};
+use super::exit::ExitState;
+use crate::arch::x86_64::ioapic_id;
+use crate::arch::x86_64::layout::{
+    BOOT_TIMER_START, COM1_IRQ, COM1_PORT, DEBUG_PORT, I8042_DATA_PORT, IOAPIC_START,
+};
+use crate::config::VmConfig;
+use crate::devices::bus::Buses;
+use crate::devices::legacy::{I8042, IoApic, SerialDevice};
+use crate::devices::pseudo::debug_port::DebugCodes;
+use crate::devices::pseudo::{BootTimer, DebugPort};
+use crate::exit::ExitReason;
+use crate::timing::Timeline;
+use crate::vstate::vm::Vm;
+
+/// The platform devices, before the virtio devices join them in the device manager.
+pub struct Platform {
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
+    ioapic: Arc<Mutex<IoApic>>,
+    debug_port: Arc<Mutex<DebugPort>>,
+    debug_codes: DebugCodes,
+    boot_timer: Option<Arc<Mutex<BootTimer>>>,
+}
+
+impl Platform {
+    /// The device manager with these and the virtio devices.
+    pub fn with_virtio(self, virtio: Vec<VirtioEntry>) -> DeviceManager {
+        let serial_counters = super::devices::lock(&self.serial).counters();
+        DeviceManager {
+            serial: self.serial,
+            serial_counters,
+            i8042: self.i8042,
+            ioapic: self.ioapic,
+            debug_port: self.debug_port,
+            debug_codes: self.debug_codes,
+            boot_timer: self.boot_timer,
+            virtio,
+        }
+    }
+}
+
+/// Creates the platform devices on `buses`; console input joins `subscribers`.
+pub fn create(
+    config: &VmConfig,
+    vm: &Vm,
+    exit: &Arc<ExitState>,
+    timeline: &Arc<Timeline>,
+    buses: &mut Buses,
+    subscribers: &mut Vec<Subscriber>,
+) -> Result<(Platform, Option<Console>), StartError> {
+    let ioapic = Arc::new(Mutex::new(IoApic::new(
+        ioapic_id(config.vcpus),
+        Box::new(vm.route_installer()),
+    )));
+    buses
+        .mmio
+        .insert(IOAPIC_START, IoApic::WINDOW, ioapic.clone())?;
+    let ends = console::open(&config.console)?;
+
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::Eventfd)?;
+    vm.register_irqfd(&irq, COM1_IRQ)?;
+    let rx_space = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::Eventfd)?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        irq,
+        rx_space.try_clone().map_err(StartError::Eventfd)?,
+        ends.output,
+    )));
+    buses.pio.insert(
+        u64::from(COM1_PORT),
+        SerialDevice::PORT_RANGE,
+        serial.clone(),
+    )?;
+    if let Some(input) = ends.input {
+        let mut console_input = ConsoleInput::new(input, serial.clone(), rx_space);
+        if ends.escape {
+            let quit = exit.wake_event().map_err(StartError::Eventfd)?;
+            console_input = console_input.with_escape(quit);
+        }
+        subscribers.push(Arc::new(Mutex::new(console_input)));
+    }
+
+    let reset_exit = exit.clone();
+    let i8042 = Arc::new(Mutex::new(I8042::new(move || {
+        reset_exit.report(ExitReason::Reset)
+    })));
+    buses
+        .pio
+        .insert(u64::from(I8042_DATA_PORT), I8042::PORT_RANGE, i8042.clone())?;
+
+    let boot_timer = if config.boot_timer {
+        let timer = Arc::new(Mutex::new(BootTimer::new(timeline.clone())));
+        buses
+            .mmio
+            .insert(BOOT_TIMER_START, BootTimer::WINDOW, timer.clone())?;
+        Some(timer)
+    } else {
+        None
+    };
+    let debug_codes = DebugCodes::default();
+    let debug_port = Arc::new(Mutex::new(DebugPort::new(debug_codes.clone())));
+    buses
+        .pio
+        .insert(u64::from(DEBUG_PORT), 1, debug_port.clone())?;
+    let platform = Platform {
+        serial,
+        i8042,
+        ioapic,
+        debug_port,
+        debug_codes,
+        boot_timer,
+    };
+    Ok((platform, ends.embedder))
+}
