@@ -246,12 +246,18 @@ fn spawn_vcpu(
             if let Some(timeline) = timeline {
                 timeline.mark(Phase::FirstKvmRun);
             }
-            let reason = vcpu.run(&buses, |vcpu| match control.target() {
-                Target::Run => true,
-                Target::Exit => false,
-                Target::Pause => {
-                    vcpu.settle();
-                    control.park() == Target::Run
+            // The target is read again after every wake-up: a pause may follow a resume
+            // before this thread has even left `park`.
+            let reason = vcpu.run(&buses, |vcpu| {
+                loop {
+                    match control.target() {
+                        Target::Run => return true,
+                        Target::Exit => return false,
+                        Target::Pause => {
+                            vcpu.settle();
+                            control.park();
+                        }
+                    }
                 }
             });
             control.finished();

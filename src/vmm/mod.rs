@@ -117,6 +117,9 @@ pub enum LifecycleError {
     /// The VM has ended (or is ending).
     #[error("the VM is not running: it has ended")]
     Ended,
+    /// A guest-memory range that is not all guest RAM.
+    #[error("{0:#x} is outside guest memory")]
+    OutsideMemory(u64),
 }
 
 /// Asks a running VM to stop, from any thread (or, through [`StopTrigger::as_raw_fd`], from a
@@ -229,6 +232,17 @@ impl VmHandle {
             Some(running) => Metrics::gather(&running.devices, &running.vcpu_counters),
             None => self.final_metrics.clone(),
         }
+    }
+
+    /// Reads guest memory at guest-physical `addr` (a shared page, a guest's counter): fails if
+    /// the range is not all guest RAM or the VM has been torn down.
+    pub fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), LifecycleError> {
+        use vm_memory::{Bytes, GuestAddress};
+        let running = self.running.as_ref().ok_or(LifecycleError::Ended)?;
+        running
+            .memory
+            .read_slice(buf, GuestAddress(addr))
+            .map_err(|_| LifecycleError::OutsideMemory(addr))
     }
 
     /// The ids of every device, as the API and snapshots name them.

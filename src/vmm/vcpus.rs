@@ -81,8 +81,8 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
-    /// vCPU side: parks the calling thread while the target is `Pause`. Returns the target that
-    /// ended the wait (`Run` or `Exit`).
+    /// vCPU side: parks the calling thread while the target is `Pause`. Returns the target when
+    /// it left (which may already be `Pause` again: callers loop on [`VcpuControl::target`]).
     pub fn park(&self) -> Target {
         let mut census = self.census();
         census.parked += 1;
@@ -169,9 +169,7 @@ mod tests {
                         match control.target() {
                             Target::Run => std::thread::yield_now(),
                             Target::Pause => {
-                                if control.park() == Target::Exit {
-                                    break;
-                                }
+                                control.park();
                             }
                             Target::Exit => break,
                         }

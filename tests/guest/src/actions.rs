@@ -10,6 +10,10 @@ use crate::net::{self, Nets};
 use crate::serial::{self, Hex};
 use crate::{apic, cpu, hostile, idt, report};
 
+/// Where `guest.action=count` keeps its counter: a u64 in low RAM the VMM does not use, read by
+/// the host through the embedding API.
+pub const COUNTER_ADDR: u64 = 0x4000;
+
 /// COM1's line on the I/O APIC.
 const SERIAL_IOAPIC_PIN: u8 = 4;
 
@@ -52,7 +56,25 @@ pub fn run(action: Action, bsp_id: u8, mut nets: Nets, boot: &BootInfo) -> ! {
             hostile::run(boot);
             cpu::reset()
         }
+        Action::Count => count(),
     }
+}
+
+/// Increments the counter at [`COUNTER_ADDR`] forever, in ring 3 (native speed on PVM hosts),
+/// with no exit to the VMM.
+fn count() -> ! {
+    extern "C" fn count_forever(addr: u64) -> u64 {
+        let counter = addr as *mut u64;
+        let mut n: u64 = 0;
+        loop {
+            n = n.wrapping_add(1);
+            // SAFETY: COUNTER_ADDR is guest RAM no one else uses; volatile so every value lands.
+            unsafe { counter.write_volatile(n) };
+        }
+    }
+    report!("count=", Hex(COUNTER_ADDR));
+    crate::user::run(count_forever, COUNTER_ADDR);
+    cpu::halt_forever()
 }
 
 /// Interrupt-driven echo: COM1 IRQ 4 -> I/O APIC pin 4 -> this CPU's LAPIC -> `on_serial_irq`.

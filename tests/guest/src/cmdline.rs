@@ -14,6 +14,8 @@ pub enum Action {
     Net,
     /// Attack every device for a while, then reset (`hostile.rs`).
     Hostile,
+    /// Count forever in ring 3 at [`crate::actions::COUNTER_ADDR`] (pause and snapshot tests).
+    Count,
 }
 
 impl Action {
@@ -26,6 +28,7 @@ impl Action {
             Action::Echo => "echo",
             Action::Net => "net",
             Action::Hostile => "hostile",
+            Action::Count => "count",
         }
     }
 
@@ -37,6 +40,7 @@ impl Action {
             Action::Echo,
             Action::Net,
             Action::Hostile,
+            Action::Count,
         ]
         .into_iter()
         .find(|a| a.name().as_bytes() == word)
