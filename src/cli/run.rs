@@ -8,6 +8,7 @@ use super::exit_code;
 use super::signals::SignalGuard;
 use super::terminal::RawTerminal;
 use ember::sandbox::{ThreadKind, seccomp};
+use ember::vmm::metrics::MetricsFile;
 use ember::{
     BootProtocol, ConfigError, ConsoleConfig, DEFAULT_CMDLINE, DiskConfig, ExitReason, NetConfig,
     Vm, VmConfig,
@@ -58,6 +59,10 @@ pub struct RunArgs {
     /// the time since ember started (at --log-level info).
     #[arg(long)]
     pub boot_timer: bool,
+
+    /// Write the VM's metrics to PATH, one JSON object per line, every 60 s and at exit.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<PathBuf>,
 
     /// Seccomp filters on ember's threads: on, or off for debugging (never with untrusted guests).
     #[arg(long, value_enum, default_value_t = Switch::On, value_name = "on|off")]
@@ -211,9 +216,27 @@ impl RunArgs {
     }
 }
 
+/// `ember run` failed before the VM ended.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The VM did not start.
+    #[error(transparent)]
+    Start(#[from] ember::StartError),
+    /// A seccomp filter for this thread.
+    #[error(transparent)]
+    Seccomp(#[from] ember::sandbox::SeccompError),
+    /// `--metrics-path`.
+    #[error("--metrics-path")]
+    Metrics(#[from] ember::vmm::metrics::MetricsFileError),
+}
+
 /// Runs the VM to its end; returns the process exit code.
-pub fn run(args: &RunArgs) -> Result<i32, ember::StartError> {
-    let config = args.to_config()?;
+pub fn run(args: &RunArgs) -> Result<i32, RunError> {
+    let config = args.to_config().map_err(ember::StartError::from)?;
+    let mut metrics = match &args.metrics_path {
+        Some(path) => Some(MetricsFile::open(path)?),
+        None => None,
+    };
     let mut vm = Vm::start(&config)?;
     let signals = vm.stop_trigger().and_then(SignalGuard::install);
     if let Err(e) = &signals {
@@ -231,7 +254,22 @@ pub fn run(args: &RunArgs) -> Result<i32, ember::StartError> {
             return Err(e.into());
         }
     }
-    let reason = vm.wait();
+    let reason = loop {
+        let Some(metrics) = metrics.as_mut() else {
+            break vm.wait();
+        };
+        if let Some(reason) = vm.wait_timeout(MetricsFile::INTERVAL) {
+            break reason;
+        }
+        if let Err(e) = metrics.write(&vm.metrics()) {
+            log::warn!("cannot write metrics: {e}");
+        }
+    };
+    if let Some(metrics) = metrics.as_mut() {
+        if let Err(e) = metrics.write(&vm.metrics()) {
+            log::warn!("cannot write metrics: {e}");
+        }
+    }
     drop(raw);
     for (phase, at) in vm.timeline() {
         log::debug!("timeline: {phase:?} at {} us", at.as_micros());

@@ -198,6 +198,47 @@ impl Metrics {
     }
 }
 
+/// A metrics file (or FIFO): one JSON object per line, appended.
+#[derive(Debug)]
+pub struct MetricsFile {
+    file: std::fs::File,
+}
+
+/// The metrics file cannot be opened or written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write metrics to {path}")]
+pub struct MetricsFileError {
+    path: std::path::PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+impl MetricsFile {
+    /// How often `ember run` writes a line (Firecracker's cadence), besides the one at exit.
+    pub const INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// Opens `path` for appending, creating a file if nothing is there.
+    pub fn open(path: &std::path::Path) -> Result<MetricsFile, MetricsFileError> {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .map(|file| MetricsFile { file })
+            .map_err(|source| MetricsFileError {
+                path: path.to_owned(),
+                source,
+            })
+    }
+
+    /// Appends `metrics` as one line.
+    pub fn write(&mut self, metrics: &Metrics) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut line = metrics.to_json().to_string();
+        line.push('\n');
+        self.file.write_all(line.as_bytes())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,5 +269,22 @@ mod tests {
         assert_eq!(json["vcpus"][1]["exit_io_out"], 3);
         assert!(json["utc_timestamp_ms"].as_u64().unwrap() > 1_600_000_000_000);
         assert_eq!(json["uart"]["write_count"], 0);
+    }
+
+    #[test]
+    fn metrics_file_appends_one_json_object_per_line() {
+        let path = std::env::temp_dir().join(format!("ember-metrics-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut file = MetricsFile::open(&path).unwrap();
+        file.write(&Metrics::default()).unwrap();
+        file.write(&Metrics::default()).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        for line in lines {
+            let value: Value = serde_json::from_str(line).unwrap();
+            assert!(value["utc_timestamp_ms"].is_u64());
+        }
     }
 }
