@@ -4,10 +4,11 @@
 //! capabilities and `no_new_privs`. Seccomp (see `seccomp`) then narrows each thread further.
 //!
 //! [`Jail::create`] validates the input and builds the tree and cgroups as root;
-//! [`Jail::add_file`] puts each file the VM uses inside; [`Jail::run`] forks the VMM (PID 1 of
-//! its PID namespace), which isolates itself (`isolation`) and runs the given closure, while
-//! the jailer waits, forwards SIGINT/SIGTERM/SIGHUP, reports how the VMM ended, and removes the
-//! jail and cgroups unless asked to keep them.
+//! [`Jail::add_file`] places each file the VM uses (bound in by the VMM, see `files`);
+//! [`Jail::run`] forks the VMM (PID 1 of its PID namespace, killed if the jailer dies), which
+//! isolates itself (`isolation`) and runs the given closure, while the jailer waits, forwards
+//! SIGINT/SIGTERM/SIGHUP, reports how the VMM ended, and removes the jail and cgroups unless
+//! asked to keep them.
 
 mod cgroup;
 mod files;
