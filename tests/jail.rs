@@ -710,6 +710,7 @@ fn a_killed_jailer_takes_its_vmm_along_and_the_id_can_be_used_again() {
         base.jail_dir("killed").exists(),
         "left by the killed jailer"
     );
+    assert!(cgroup.exists(), "the killed jailer left its cgroup, empty");
     let finished = Ember::spawn_command(jail_command(
         &base,
         "killed",
