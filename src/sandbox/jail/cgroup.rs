@@ -160,18 +160,8 @@ impl Cgroups {
         (base, chain): (PathBuf, Vec<PathBuf>),
         limit: &CgroupLimit,
     ) -> Result<(), JailError> {
-        let mut at = root.join(base);
-        if !at.is_dir() {
-            return Err(JailError::NoParentCgroup(at));
-        }
-        let last = chain.len().saturating_sub(1);
-        for (i, child) in chain.into_iter().enumerate() {
-            enable(&at, limit.controller())?;
-            let child = root.join(child);
-            self.make_dir(&child, i == last)?;
-            at = child;
-        }
-        write(&at.join(&limit.key), &limit.value)
+        let leaf = self.make_chain(root, &base, &chain, Some(limit.controller()))?;
+        write(&leaf.join(&limit.key), &limit.value)
     }
 
     fn write_v1(
@@ -180,19 +170,49 @@ impl Cgroups {
         limit: &CgroupLimit,
     ) -> Result<(), JailError> {
         let (mount, base, chain) = placed?;
-        if !mount.join(&base).is_dir() {
-            return Err(JailError::NoParentCgroup(mount.join(base)));
-        }
-        let mut leaf = mount.clone();
-        let last = chain.len().saturating_sub(1);
-        for (i, child) in chain.into_iter().enumerate() {
-            leaf = mount.join(child);
-            self.make_dir(&leaf, i == last)?;
-        }
+        let leaf = self.make_chain(&mount, &base, &chain, None)?;
         for (file, value) in limit.v1_files() {
             write(&leaf.join(file), &value)?;
         }
         Ok(())
+    }
+
+    /// Makes `chain` (paths relative to `mount`, below the existing `base`) in order, on v2
+    /// enabling `v2_controller` in each parent first; returns the jail's own cgroup, the last.
+    /// An `ember` parent that a finishing jail removed meanwhile (it was empty) is made again,
+    /// a few times at most.
+    fn make_chain(
+        &mut self,
+        mount: &Path,
+        base: &Path,
+        chain: &[PathBuf],
+        v2_controller: Option<&str>,
+    ) -> Result<PathBuf, JailError> {
+        let base = mount.join(base);
+        if !base.is_dir() {
+            return Err(JailError::NoParentCgroup(base));
+        }
+        let mut attempts = 0;
+        loop {
+            let mut at = base.clone();
+            let last = chain.len().saturating_sub(1);
+            let made = chain.iter().enumerate().try_for_each(|(i, child)| {
+                if let Some(controller) = v2_controller {
+                    enable(&at, controller)?;
+                }
+                at = mount.join(child);
+                self.make_dir(&at, i == last)
+            });
+            match made {
+                Err(e) if vanished(&e) && attempts < 3 => {
+                    attempts += 1;
+                    self.dirs
+                        .retain(|(d, _)| !chain.iter().any(|c| mount.join(c) == *d));
+                }
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(at),
+            }
+        }
     }
 
     /// Makes `dir`: a parent `ember` may exist already; the jail's own cgroup (`leaf`) that
@@ -202,7 +222,8 @@ impl Cgroups {
             return Ok(());
         }
         let made = match fs::create_dir(dir) {
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && !leaf => return Ok(()),
+            // Shared by the jails; tracked so that whichever ends last removes it.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && !leaf => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 // rmdir fails while a process is in the cgroup: only an empty one goes.
                 if fs::remove_dir(dir).is_err() {
@@ -287,6 +308,16 @@ fn is_cgroup2(path: &Path) -> bool {
     // SAFETY: as above; the result is checked.
     let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
     rc == 0 && stat.f_type == CGROUP2_SUPER_MAGIC
+}
+
+/// A directory on the way to the jail's cgroup is gone.
+fn vanished(error: &JailError) -> bool {
+    match error {
+        JailError::Cgroup { source, .. } | JailError::CgroupWrite { source, .. } => {
+            source.kind() == std::io::ErrorKind::NotFound
+        }
+        _ => false,
+    }
 }
 
 /// The v1 mount of `controller` and the jail's [`placement`] in it.
