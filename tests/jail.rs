@@ -788,3 +788,54 @@ fn the_cgroup_is_made_under_the_given_parent_and_removed() {
     assert!(!cgroup.exists(), "the jail's cgroup is removed");
     assert!(parent.dir.exists(), "the parent stays");
 }
+
+/// A read-only tmpfs holding one zeroed file, unmounted on drop.
+struct ReadOnlyFs {
+    dir: PathBuf,
+}
+
+impl ReadOnlyFs {
+    fn new(tag: &str) -> ReadOnlyFs {
+        let dir =
+            std::env::temp_dir().join(format!("ember-jail-rofs-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mount = |args: &[&str], dir: &Path| {
+            let status = Command::new("mount").args(args).arg(dir).status().unwrap();
+            assert!(status.success(), "mount {args:?}");
+        };
+        mount(&["-t", "tmpfs", "-o", "size=1m", "none"], &dir);
+        let fs = ReadOnlyFs { dir };
+        std::fs::write(fs.disk(), vec![0u8; 4096]).unwrap();
+        std::os::unix::fs::chown(fs.disk(), Some(UID), Some(GID)).unwrap();
+        mount(&["-o", "remount,ro"], &fs.dir);
+        fs
+    }
+
+    fn disk(&self) -> PathBuf {
+        self.dir.join("disk.img")
+    }
+}
+
+impl Drop for ReadOnlyFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn a_writable_disk_on_a_read_only_file_system_is_refused_in_one_line() {
+    let base = Base::new("rofs");
+    let rofs = ReadOnlyFs::new("rofs");
+    let disk = format!("path={}", rofs.disk().display());
+    refused(
+        &base,
+        "rofs",
+        &[],
+        &["--disk", &disk],
+        &format!(
+            "{} is on a read-only file system: give the disk readonly=on",
+            rofs.disk().display()
+        ),
+    );
+}

@@ -119,6 +119,9 @@ impl JailFile {
         if unsafe { libc::access(inside.as_ptr(), mode) } == 0 {
             return Ok(());
         }
+        if std::io::Error::last_os_error().raw_os_error() == Some(libc::EROFS) {
+            return Err(JailError::ReadOnlyDisk(self.given.clone()));
+        }
         Err(JailError::NoAccess {
             path: self.given.clone(),
             uid,

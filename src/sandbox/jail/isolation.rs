@@ -133,21 +133,20 @@ pub fn set_rlimits(nofile: u64, fsize: Option<u64>) -> Result<(), JailError> {
     Ok(())
 }
 
+/// The descriptor ranges (inclusive) to close to keep only 0, 1, 2 and `keep`.
+fn ranges_to_close(keep: RawFd) -> Vec<(u32, u32)> {
+    match u32::try_from(keep) {
+        Ok(keep) if keep >= 3 => [(3, keep - 1), (keep.saturating_add(1), u32::MAX)]
+            .into_iter()
+            .filter(|(first, last)| first <= last && *first != keep)
+            .collect(),
+        _ => vec![(3, u32::MAX)],
+    }
+}
+
 /// Closes every descriptor but stdin, stdout, stderr and `keep`.
 pub fn close_inherited_fds(keep: RawFd) -> Result<(), JailError> {
-    let keep = u32::try_from(keep).unwrap_or(0);
-    let ranges = if keep >= 3 {
-        [
-            (3, keep.checked_sub(1)),
-            (keep.saturating_add(1), Some(u32::MAX)),
-        ]
-    } else {
-        [(3, Some(u32::MAX)), (0, None)]
-    };
-    for (first, last) in ranges {
-        let Some(last) = last.filter(|&last| last >= first) else {
-            continue;
-        };
+    for (first, last) in ranges_to_close(keep) {
         // SAFETY: close_range on descriptors this process does not use after this point (the
         // jail setup owns none that outlives it but `keep`).
         let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
@@ -229,4 +228,45 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), JailError> {
     // SAFETY: as above.
     let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
     check(rc, "set no_new_privs")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+
+    #[test]
+    fn every_inherited_descriptor_but_the_one_kept_is_closed() {
+        assert_eq!(ranges_to_close(3), [(4, u32::MAX)]);
+        assert_eq!(ranges_to_close(7), [(3, 6), (8, u32::MAX)]);
+        assert_eq!(ranges_to_close(0), [(3, u32::MAX)], "0-2 stay anyway");
+        assert_eq!(ranges_to_close(-1), [(3, u32::MAX)]);
+    }
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two new descriptors into the array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both were just made and are owned by nothing else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    #[test]
+    fn a_vmm_whose_jailer_died_before_it_asked_to_die_with_it_stops() {
+        let (alive, jailer) = pipe();
+        assert!(die_with_jailer(alive).is_ok(), "the jailer holds its end");
+        let mut signal: libc::c_int = 0;
+        // SAFETY: PR_GET_PDEATHSIG writes an int to the pointer given.
+        unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut signal as *mut libc::c_int) };
+        assert_eq!(signal, libc::SIGKILL);
+        let (alive, gone) = pipe();
+        drop(gone);
+        assert!(matches!(
+            die_with_jailer(alive),
+            Err(JailError::Isolation { .. })
+        ));
+        drop(jailer);
+        // SAFETY: prctl with integer arguments: this test thread's parent-death signal off.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) };
+    }
 }

@@ -157,6 +157,9 @@ pub enum JailError {
         /// Writing was needed.
         write: bool,
     },
+    /// A writable disk on a read-only file system.
+    #[error("{0} is on a read-only file system: give the disk readonly=on, or move it")]
+    ReadOnlyDisk(PathBuf),
     /// Binding a file into the jail.
     #[error("cannot {step} {path} in the jail")]
     Mount {
