@@ -48,6 +48,17 @@ impl Drop for Base {
 /// `ember jail` with the usual ids and `jail_args`, then `-- run --kernel <guest>` and
 /// `run_args`.
 fn jail_command(base: &Base, id: &str, jail_args: &[&str], run_args: &[&str]) -> Command {
+    jail_command_with_kernel(base, &base.guest(), id, jail_args, run_args)
+}
+
+/// [`jail_command`] with another kernel path.
+fn jail_command_with_kernel(
+    base: &Base,
+    kernel: &Path,
+    id: &str,
+    jail_args: &[&str],
+    run_args: &[&str],
+) -> Command {
     let mut command = Command::new(ember());
     command
         .args([
@@ -63,7 +74,7 @@ fn jail_command(base: &Base, id: &str, jail_args: &[&str], run_args: &[&str]) ->
         .arg(&base.dir)
         .args(jail_args)
         .args(["--", "run", "--kernel"])
-        .arg(base.guest())
+        .arg(kernel)
         .args(run_args);
     command
 }
@@ -93,9 +104,24 @@ fn ns(pid: &str, kind: &str) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
 }
 
-/// The value of a cgroup control file of `pid`: cgroup v2 under the unified mount when the
-/// controller is there, else the v1 hierarchy of the controller.
-fn cgroup_file(pid: u32, controller: &str, v2: &str, v1: &str) -> String {
+/// This process's cgroup in the hierarchy whose `/proc/self/cgroup` controller field is
+/// `controllers` ("" for the unified one).
+fn own_cgroup(controllers: &str) -> String {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    cgroups
+        .lines()
+        .find_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, c, path) = (parts.next()?, parts.next()?, parts.next()?);
+            (c == controllers).then(|| path.to_owned())
+        })
+        .unwrap_or_else(|| panic!("no {controllers:?} hierarchy in\n{cgroups}"))
+}
+
+/// The value of a cgroup control file of `pid` and the cgroup directory holding it: cgroup v2
+/// under the unified mount when the controller is there, else the v1 hierarchy of the
+/// controller. The cgroup must be `ember/inspect` under the test's own one.
+fn cgroup_file(pid: u32, controller: &str, v2: &str, v1: &str) -> (String, PathBuf) {
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     for line in cgroups.lines() {
         let mut parts = line.splitn(3, ':');
@@ -119,11 +145,15 @@ fn cgroup_file(pid: u32, controller: &str, v2: &str, v1: &str) -> String {
             continue;
         };
         if let Ok(value) = std::fs::read_to_string(&file) {
-            assert!(
-                path.ends_with("ember/inspect"),
-                "{controller}: the VMM is in the jail's cgroup, not {path}"
+            let own = own_cgroup(controllers);
+            let expected = Path::new(&own).join("ember/inspect");
+            assert_eq!(
+                Path::new("/").join(path),
+                expected,
+                "{controller}: the VMM is in the jail's cgroup, under the caller's"
             );
-            return value.trim().to_owned();
+            let dir = file.parent().unwrap().to_owned();
+            return (value.trim().to_owned(), dir);
         }
     }
     panic!("no {controller} cgroup file for {pid}:\n{cgroups}");
@@ -207,12 +237,11 @@ fn the_jailed_vmm_is_unprivileged_namespaced_chrooted_and_limited() {
         "the real KVM device"
     );
 
-    assert_eq!(
-        cgroup_file(pid, "memory", "memory.max", "memory.limit_in_bytes"),
-        (256u64 << 20).to_string()
-    );
-    assert_eq!(cgroup_file(pid, "pids", "pids.max", "pids.max"), "32");
-    let cpu = cgroup_file(pid, "cpu", "cpu.max", "cpu.cfs_quota_us");
+    let (memory, memory_dir) = cgroup_file(pid, "memory", "memory.max", "memory.limit_in_bytes");
+    assert_eq!(memory, (256u64 << 20).to_string());
+    let (pids, pids_dir) = cgroup_file(pid, "pids", "pids.max", "pids.max");
+    assert_eq!(pids, "32");
+    let (cpu, cpu_dir) = cgroup_file(pid, "cpu", "cpu.max", "cpu.cfs_quota_us");
     assert!(cpu == "50000 100000" || cpu == "50000", "cpu limit {cpu}");
 
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
@@ -236,6 +265,9 @@ fn the_jailed_vmm_is_unprivileged_namespaced_chrooted_and_limited() {
 
     vm.stop(TIMEOUT);
     assert!(!base.jail_dir("inspect").exists(), "the jail is removed");
+    for dir in [memory_dir, pids_dir, cpu_dir] {
+        assert!(!dir.exists(), "the cgroup {} is removed", dir.display());
+    }
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists(),
         "the VMM is gone with its jailer"
@@ -266,6 +298,8 @@ fn a_jailed_guest_writes_its_disk_and_resets_and_the_jail_is_removed() {
     let base = Base::new("disk");
     let image = base.dir.join("data.img");
     std::fs::write(&image, vec![0u8; 64 * 1024]).unwrap();
+    // ember changes no owner: the VMM's uid must be allowed to write the disk.
+    std::os::unix::fs::chown(&image, Some(UID), Some(GID)).unwrap();
     let disk = format!("path={}", image.display());
     let mut command = jail_command(
         &base,
@@ -469,4 +503,339 @@ fn a_seccomp_kill_inside_the_jail_is_reported_by_the_jailer() {
         "{stderr}"
     );
     assert!(!base.jail_dir("sigsys").exists(), "the jail is removed");
+}
+
+/// Mode and owner of `path`.
+fn owner_and_mode(path: &Path) -> (u32, u32, u32) {
+    let meta = std::fs::metadata(path).unwrap();
+    (meta.uid(), meta.gid(), meta.mode() & 0o7777)
+}
+
+#[test]
+fn a_symlinked_kernel_is_used_read_only_and_keeps_its_owner_and_mode() {
+    if !kvm_available() {
+        return;
+    }
+    let base = Base::new("owner");
+    std::fs::set_permissions(
+        base.guest(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let before = owner_and_mode(&base.guest());
+    assert_eq!(before, (0, 0, 0o644), "the test runs as root");
+    let link = base.dir.join("vmlinux");
+    std::os::unix::fs::symlink("guest", &link).unwrap();
+    let mut vm = Ember::spawn_command(jail_command_with_kernel(
+        &base,
+        &link,
+        "owner",
+        &[],
+        &["--cmdline", "guest.action=halt"],
+    ));
+    vm.expect_line(TIMEOUT, |l| l == "action=halt");
+    let pid = child_of(vm.pid());
+    assert_eq!(owner_and_mode(&base.guest()), before, "while it runs");
+    // The jail entry is named after the path given and is the original, read-only.
+    let inside = PathBuf::from(format!("/proc/{pid}/root/vmlinux"));
+    let meta = std::fs::metadata(&inside).unwrap();
+    assert_eq!(
+        meta.ino(),
+        std::fs::metadata(base.guest()).unwrap().ino(),
+        "the original file, not a copy"
+    );
+    let write = std::fs::OpenOptions::new().write(true).open(&inside);
+    assert_eq!(
+        write.map_err(|e| e.raw_os_error()).err(),
+        Some(Some(libc::EROFS)),
+        "read-only in the jail, even for root"
+    );
+    vm.stop(TIMEOUT);
+    assert_eq!(owner_and_mode(&base.guest()), before, "after the run");
+    assert!(!base.jail_dir("owner").exists(), "the jail is removed");
+}
+
+/// A file in /dev/shm (tmpfs), removed on drop: another file system than the chroot base's.
+struct ShmFile(PathBuf);
+
+impl ShmFile {
+    fn new(tag: &str, bytes: usize) -> ShmFile {
+        let path = PathBuf::from(format!("/dev/shm/ember-jail-{tag}-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; bytes]).unwrap();
+        ShmFile(path)
+    }
+}
+
+impl Drop for ShmFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn guest_writes_to_a_disk_on_another_file_system_land_in_the_original() {
+    if !kvm_available() {
+        return;
+    }
+    let base = Base::new("shm");
+    let image = ShmFile::new("disk", 64 * 1024);
+    assert_ne!(
+        std::fs::metadata(&image.0).unwrap().dev(),
+        std::fs::metadata(&base.dir).unwrap().dev(),
+        "the disk is on another file system than the chroot base"
+    );
+    std::os::unix::fs::chown(&image.0, Some(UID), Some(GID)).unwrap();
+    std::fs::set_permissions(
+        &image.0,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let disk = format!("path={}", image.0.display());
+    let finished = Ember::spawn_command(jail_command(
+        &base,
+        "shm",
+        &[],
+        &[
+            "--disk",
+            &disk,
+            "--cmdline",
+            "guest.blk=0:write:0:8:5,0:flush guest.action=reset",
+        ],
+    ))
+    .finish(TIMEOUT);
+    finished.assert_success();
+    assert_eq!(finished.value("blk0.write"), "0:8:0");
+    let data = std::fs::read(&image.0).unwrap();
+    let expected: Vec<u8> = (0..4096usize)
+        .map(|i| (5 + i * 7).to_le_bytes()[0])
+        .collect();
+    assert!(
+        data[..4096] == expected[..],
+        "the write reached the original"
+    );
+    assert_eq!(
+        owner_and_mode(&image.0),
+        (UID, GID, 0o600),
+        "owner unchanged"
+    );
+    assert!(!base.jail_dir("shm").exists(), "the jail is removed");
+}
+
+#[test]
+fn a_disk_the_vmm_cannot_write_is_refused_and_left_unchanged() {
+    let base = Base::new("denied");
+    let image = ShmFile::new("denied", 4096);
+    std::fs::set_permissions(
+        &image.0,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let disk = format!("path={}", image.0.display());
+    refused(
+        &base,
+        "denied",
+        &[],
+        &["--disk", &disk],
+        &format!("uid {UID} and gid {GID} cannot write {}", image.0.display()),
+    );
+    assert_eq!(owner_and_mode(&image.0), (0, 0, 0o644));
+}
+
+/// Waits until `pid` has ended (gone, or a zombie whose threads are gone).
+fn wait_gone(pid: u32) {
+    for _ in 0..6000 {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return,
+            Ok(stat) => {
+                let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+                let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .map(|d| d.count())
+                    .unwrap_or(0);
+                if state.starts_with('Z') && threads <= 1 {
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the VMM {pid} outlived its jailer");
+}
+
+/// The cgroup directory of `pid` in the pids hierarchy (v1 or unified).
+fn pids_cgroup(pid: u32) -> PathBuf {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, c, path) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+        let path = path.trim_start_matches('/');
+        if c.split(',').any(|c| c == "pids") {
+            return Path::new("/sys/fs/cgroup/pids").join(path);
+        }
+        if c.is_empty() {
+            for mount in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+                let dir = Path::new(mount).join(path);
+                if dir.join("pids.max").exists() {
+                    return dir;
+                }
+            }
+        }
+    }
+    panic!("{pid} has no pids cgroup:\n{cgroups}");
+}
+
+#[test]
+fn a_killed_jailer_takes_its_vmm_along_and_the_id_can_be_used_again() {
+    if !kvm_available() {
+        return;
+    }
+    let base = Base::new("killed");
+    let mut vm = Ember::spawn_command(jail_command(
+        &base,
+        "killed",
+        &["--cgroup", "pids.max=32"],
+        &["--cmdline", "guest.action=halt"],
+    ));
+    vm.expect_line(TIMEOUT, |l| l == "action=halt");
+    let pid = child_of(vm.pid());
+    let cgroup = pids_cgroup(pid);
+    vm.signal(libc::SIGKILL);
+    let jailer = vm.finish(TIMEOUT);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&jailer.status),
+        Some(libc::SIGKILL)
+    );
+    wait_gone(pid);
+    // The killed jailer could not clean up; the next one with this id replaces what it left.
+    assert!(
+        base.jail_dir("killed").exists(),
+        "left by the killed jailer"
+    );
+    assert!(cgroup.exists(), "the killed jailer left its cgroup, empty");
+    let finished = Ember::spawn_command(jail_command(
+        &base,
+        "killed",
+        &["--cgroup", "pids.max=32"],
+        &["--cmdline", "guest.action=reset"],
+    ))
+    .finish(TIMEOUT);
+    finished.assert_success();
+    assert!(!base.jail_dir("killed").exists(), "the jail is removed");
+    assert!(
+        !cgroup.exists(),
+        "the cgroup {} is removed",
+        cgroup.display()
+    );
+}
+
+/// A cgroup made by the test in the pids hierarchy, removed on drop.
+struct ParentCgroup {
+    dir: PathBuf,
+    relative: String,
+}
+
+impl ParentCgroup {
+    fn new(tag: &str) -> ParentCgroup {
+        let relative = format!("ember-test-{tag}-{}", std::process::id());
+        let v1 = Path::new("/sys/fs/cgroup/pids");
+        let root = if v1.join("cgroup.procs").exists() {
+            v1.to_owned()
+        } else {
+            let root = PathBuf::from("/sys/fs/cgroup");
+            std::fs::write(root.join("cgroup.subtree_control"), "+pids").unwrap();
+            root
+        };
+        let dir = root.join(&relative);
+        std::fs::create_dir(&dir).unwrap();
+        ParentCgroup { dir, relative }
+    }
+}
+
+impl Drop for ParentCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn the_cgroup_is_made_under_the_given_parent_and_removed() {
+    if !kvm_available() {
+        return;
+    }
+    let base = Base::new("parent");
+    let parent = ParentCgroup::new("parent");
+    let mut vm = Ember::spawn_command(jail_command(
+        &base,
+        "parent",
+        &[
+            "--parent-cgroup",
+            &parent.relative,
+            "--cgroup",
+            "pids.max=32",
+        ],
+        &["--cmdline", "guest.action=halt"],
+    ));
+    vm.expect_line(TIMEOUT, |l| l == "action=halt");
+    let pid = child_of(vm.pid());
+    let cgroup = pids_cgroup(pid);
+    assert_eq!(cgroup, parent.dir.join("parent"));
+    assert_eq!(
+        std::fs::read_to_string(cgroup.join("pids.max"))
+            .unwrap()
+            .trim(),
+        "32"
+    );
+    vm.stop(TIMEOUT);
+    assert!(!cgroup.exists(), "the jail's cgroup is removed");
+    assert!(parent.dir.exists(), "the parent stays");
+}
+
+/// A read-only tmpfs holding one zeroed file, unmounted on drop.
+struct ReadOnlyFs {
+    dir: PathBuf,
+}
+
+impl ReadOnlyFs {
+    fn new(tag: &str) -> ReadOnlyFs {
+        let dir =
+            std::env::temp_dir().join(format!("ember-jail-rofs-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mount = |args: &[&str], dir: &Path| {
+            let status = Command::new("mount").args(args).arg(dir).status().unwrap();
+            assert!(status.success(), "mount {args:?}");
+        };
+        mount(&["-t", "tmpfs", "-o", "size=1m", "none"], &dir);
+        let fs = ReadOnlyFs { dir };
+        std::fs::write(fs.disk(), vec![0u8; 4096]).unwrap();
+        std::os::unix::fs::chown(fs.disk(), Some(UID), Some(GID)).unwrap();
+        mount(&["-o", "remount,ro"], &fs.dir);
+        fs
+    }
+
+    fn disk(&self) -> PathBuf {
+        self.dir.join("disk.img")
+    }
+}
+
+impl Drop for ReadOnlyFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn a_writable_disk_on_a_read_only_file_system_is_refused_in_one_line() {
+    let base = Base::new("rofs");
+    let rofs = ReadOnlyFs::new("rofs");
+    let disk = format!("path={}", rofs.disk().display());
+    refused(
+        &base,
+        "rofs",
+        &[],
+        &["--disk", &disk],
+        &format!(
+            "{} is on a read-only file system: give the disk readonly=on",
+            rofs.disk().display()
+        ),
+    );
 }

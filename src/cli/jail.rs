@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser};
 
 use super::{Cli, Command, exit_code, run};
-use ember::sandbox::jail::{CgroupLimit, DEFAULT_NOFILE, Jail, JailConfig, JailError, JailOutcome};
+use ember::sandbox::jail::{
+    Access, CgroupLimit, DEFAULT_NOFILE, Jail, JailConfig, JailError, JailOutcome,
+};
 
 /// `ember jail` options.
 #[derive(Debug, Args)]
@@ -26,8 +28,10 @@ pub struct JailArgs {
     #[arg(long, value_name = "GID")]
     pub gid: u32,
 
-    /// Directory under which `ember/<id>/root` is made (files the VM uses are hard-linked there,
-    /// so keep it on their file system).
+    /// Directory under which `ember/<id>/root` is made. The files the VM uses are bound into it
+    /// (read-only unless a writable disk), so they may be on any file system; their owner and
+    /// mode are never changed: --uid/--gid must be allowed to read them (and write a writable
+    /// disk).
     #[arg(long, value_name = "DIR")]
     pub chroot_base: PathBuf,
 
@@ -35,6 +39,11 @@ pub struct JailArgs {
     /// repeat for more.
     #[arg(long = "cgroup", value_name = "KEY=VALUE")]
     pub cgroups: Vec<String>,
+
+    /// The cgroup (relative to the cgroup root, existing, e.g. delegated to you) to make the
+    /// jail's cgroup `<id>` in; default: `ember/<id>` under ember jail's own cgroup.
+    #[arg(long, value_name = "PATH")]
+    pub parent_cgroup: Option<PathBuf>,
 
     /// Network namespace to run in (a path such as /var/run/netns/NAME).
     #[arg(long, value_name = "PATH")]
@@ -89,28 +98,34 @@ pub fn run(args: &JailArgs) -> Result<i32, JailCliError> {
         .iter()
         .map(|spec| CgroupLimit::parse(spec))
         .collect::<Result<_, _>>()?;
-    let jail = Jail::create(JailConfig {
+    let mut jail = Jail::create(JailConfig {
         id: args.id.clone(),
         uid: args.uid,
         gid: args.gid,
         allow_root: args.allow_root,
         chroot_base: args.chroot_base.clone(),
         cgroups,
+        parent_cgroup: args.parent_cgroup.clone(),
         netns: args.netns.clone(),
         nofile: args.rlimit_nofile,
         fsize: args.rlimit_fsize,
         keep: args.keep,
         guest_memory_mib: run_args.memory,
     })?;
-    run_args.kernel = jail.add_file(&run_args.kernel)?;
+    run_args.kernel = jail.add_file(&run_args.kernel, Access::ReadOnly)?;
     if let Some(initrd) = &run_args.initrd {
-        run_args.initrd = Some(jail.add_file(initrd)?);
+        run_args.initrd = Some(jail.add_file(initrd, Access::ReadOnly)?);
     }
     if let Some(rootfs) = &run_args.rootfs {
-        run_args.rootfs = Some(jail.add_file(rootfs)?);
+        run_args.rootfs = Some(jail.add_file(rootfs, Access::ReadWrite)?);
     }
     for disk in &mut run_args.disks {
-        disk.path = jail.add_file(&disk.path)?;
+        let access = if disk.read_only {
+            Access::ReadOnly
+        } else {
+            Access::ReadWrite
+        };
+        disk.path = jail.add_file(&disk.path, access)?;
     }
     log::info!("jail {} ready", jail.dir().display());
     let outcome = jail.run(|| {

@@ -98,14 +98,36 @@ impl CgroupLimit {
 /// The cgroups made for one jail, removed by [`Cgroups::remove`].
 #[derive(Debug, Default)]
 pub struct Cgroups {
-    /// Every cgroup directory made (one per hierarchy used), deepest last.
-    dirs: Vec<PathBuf>,
+    /// Every cgroup directory made (one or two per hierarchy used), deepest last, with whether
+    /// it is the jail's own (rather than an `ember` parent made for it).
+    dirs: Vec<(PathBuf, bool)>,
+}
+
+/// Where, in one hierarchy, the jail's cgroup goes: `parent/<id>` under the `--parent-cgroup`
+/// given, else `<own>/ember/<id>` under the jailer's own cgroup (where the caller's
+/// delegation, e.g. a systemd unit, put it).
+fn placement(own: &str, parent: Option<&Path>, id: &str) -> (PathBuf, Vec<PathBuf>) {
+    match parent {
+        Some(parent) => {
+            let base = PathBuf::from(parent.strip_prefix("/").unwrap_or(parent));
+            (base.clone(), vec![base.join(id)])
+        }
+        None => {
+            let base = PathBuf::from(own.trim_start_matches('/'));
+            let ember = base.join("ember");
+            (base, vec![ember.clone(), ember.join(id)])
+        }
+    }
 }
 
 impl Cgroups {
-    /// Makes `ember/<id>` in the hierarchy of each controller `limits` name and writes the
-    /// limits. Nothing is made when there are no limits.
-    pub fn create(id: &str, limits: &[CgroupLimit]) -> Result<Cgroups, JailError> {
+    /// Makes the jail's cgroup (see [`placement`]) in the hierarchy of each controller `limits`
+    /// name and writes the limits. Nothing is made when there are no limits.
+    pub fn create(
+        id: &str,
+        limits: &[CgroupLimit],
+        parent: Option<&Path>,
+    ) -> Result<Cgroups, JailError> {
         let mut cgroups = Cgroups::default();
         if limits.is_empty() {
             return Ok(cgroups);
@@ -119,9 +141,10 @@ impl Cgroups {
             let controller = limit.controller();
             let result = if v2_controllers.split_whitespace().any(|c| c == controller) {
                 let root = v2.as_deref().unwrap_or(Path::new(CGROUP_ROOT));
-                cgroups.write_v2(root, id, limit)
+                let own = own_cgroup("").unwrap_or_default();
+                cgroups.write_v2(root, placement(&own, parent, id), limit)
             } else {
-                cgroups.write_v1(id, limit)
+                cgroups.write_v1(placement_v1(controller, parent, id), limit)
             };
             if let Err(e) = result {
                 cgroups.remove();
@@ -131,52 +154,95 @@ impl Cgroups {
         Ok(cgroups)
     }
 
-    fn write_v2(&mut self, root: &Path, id: &str, limit: &CgroupLimit) -> Result<(), JailError> {
-        let parent = root.join("ember");
-        let dir = parent.join(id);
-        let enable = format!("+{}", limit.controller());
-        for (at, child) in [(root, &parent), (parent.as_path(), &dir)] {
-            self.make_dir(child)?;
-            write(&at.join("cgroup.subtree_control"), &enable)?;
-        }
-        write(&dir.join(&limit.key), &limit.value)
+    fn write_v2(
+        &mut self,
+        root: &Path,
+        (base, chain): (PathBuf, Vec<PathBuf>),
+        limit: &CgroupLimit,
+    ) -> Result<(), JailError> {
+        let leaf = self.make_chain(root, &base, &chain, Some(limit.controller()))?;
+        write(&leaf.join(&limit.key), &limit.value)
     }
 
-    fn write_v1(&mut self, id: &str, limit: &CgroupLimit) -> Result<(), JailError> {
-        let controller = limit.controller();
-        let mount = Path::new(CGROUP_ROOT).join(controller);
-        if !mount.join("cgroup.procs").is_file() {
-            return Err(JailError::NoController(controller.to_owned()));
-        }
-        // Below this process's own cgroup of that hierarchy, where it may be confined already.
-        let own = own_v1_cgroup(controller).unwrap_or_default();
-        let parent = mount.join(own.trim_start_matches('/')).join("ember");
-        let dir = parent.join(id);
-        self.make_dir(&parent)?;
-        self.make_dir(&dir)?;
+    fn write_v1(
+        &mut self,
+        placed: Result<(PathBuf, PathBuf, Vec<PathBuf>), JailError>,
+        limit: &CgroupLimit,
+    ) -> Result<(), JailError> {
+        let (mount, base, chain) = placed?;
+        let leaf = self.make_chain(&mount, &base, &chain, None)?;
         for (file, value) in limit.v1_files() {
-            write(&dir.join(file), &value)?;
+            write(&leaf.join(file), &value)?;
         }
         Ok(())
     }
 
-    fn make_dir(&mut self, dir: &Path) -> Result<(), JailError> {
-        if self.dirs.iter().any(|d| d == dir) || dir.ends_with("ember") && dir.is_dir() {
+    /// Makes `chain` (paths relative to `mount`, below the existing `base`) in order, on v2
+    /// enabling `v2_controller` in each parent first; returns the jail's own cgroup, the last.
+    /// An `ember` parent that a finishing jail removed meanwhile (it was empty) is made again,
+    /// a few times at most.
+    fn make_chain(
+        &mut self,
+        mount: &Path,
+        base: &Path,
+        chain: &[PathBuf],
+        v2_controller: Option<&str>,
+    ) -> Result<PathBuf, JailError> {
+        let base = mount.join(base);
+        if !base.is_dir() {
+            return Err(JailError::NoParentCgroup(base));
+        }
+        let mut attempts = 0;
+        loop {
+            let mut at = base.clone();
+            let last = chain.len().saturating_sub(1);
+            let made = chain.iter().enumerate().try_for_each(|(i, child)| {
+                if let Some(controller) = v2_controller {
+                    enable(&at, controller)?;
+                }
+                at = mount.join(child);
+                self.make_dir(&at, i == last)
+            });
+            match made {
+                Err(e) if vanished(&e) && attempts < 3 => {
+                    attempts += 1;
+                    self.dirs
+                        .retain(|(d, _)| !chain.iter().any(|c| mount.join(c) == *d));
+                }
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(at),
+            }
+        }
+    }
+
+    /// Makes `dir`: a parent `ember` may exist already; the jail's own cgroup (`leaf`) that
+    /// exists is replaced if no process is left in it (its jailer was killed), else refused.
+    fn make_dir(&mut self, dir: &Path, leaf: bool) -> Result<(), JailError> {
+        if self.dirs.iter().any(|(d, _)| d == dir) {
             return Ok(());
         }
-        match fs::create_dir(dir) {
-            Ok(()) => {
-                self.dirs.push(dir.to_owned());
-                Ok(())
-            }
+        let made = match fs::create_dir(dir) {
+            // Shared by the jails; tracked so that whichever ends last removes it.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && !leaf => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                Err(JailError::CgroupExists(dir.to_owned()))
+                // rmdir fails while a process is in the cgroup: only an empty one goes.
+                if fs::remove_dir(dir).is_err() {
+                    return Err(JailError::CgroupExists(dir.to_owned()));
+                }
+                log::warn!(
+                    "replacing the empty cgroup {} left by a jailer that is gone",
+                    dir.display()
+                );
+                fs::create_dir(dir)
             }
-            Err(source) => Err(JailError::Cgroup {
-                path: dir.to_owned(),
-                source,
-            }),
-        }
+            other => other,
+        };
+        made.map_err(|source| JailError::Cgroup {
+            path: dir.to_owned(),
+            source,
+        })?;
+        self.dirs.push((dir.to_owned(), leaf));
+        Ok(())
     }
 
     /// Moves the calling process into every cgroup made.
@@ -189,7 +255,7 @@ impl Cgroups {
 
     /// The jail's own cgroup directories (not their `ember` parents).
     pub fn leaves(&self) -> impl Iterator<Item = &PathBuf> {
-        self.dirs.iter().filter(|d| !d.ends_with("ember"))
+        self.dirs.iter().filter(|(_, leaf)| *leaf).map(|(d, _)| d)
     }
 
     /// How many times the kernel's OOM killer struck in the jail's cgroups.
@@ -209,9 +275,9 @@ impl Cgroups {
 
     /// Removes the cgroups made, deepest first; an `ember` parent only if it is empty.
     pub fn remove(&mut self) {
-        for dir in self.dirs.drain(..).rev() {
+        for (dir, leaf) in self.dirs.drain(..).rev() {
             if let Err(e) = fs::remove_dir(&dir) {
-                if !dir.ends_with("ember") {
+                if leaf {
                     log::warn!("cannot remove cgroup {}: {e}", dir.display());
                 }
             }
@@ -244,16 +310,74 @@ fn is_cgroup2(path: &Path) -> bool {
     rc == 0 && stat.f_type == CGROUP2_SUPER_MAGIC
 }
 
-/// This process's cgroup in the v1 hierarchy of `controller`, from /proc/self/cgroup.
-fn own_v1_cgroup(controller: &str) -> Option<String> {
-    let cgroups = fs::read_to_string("/proc/self/cgroup").ok()?;
+/// A directory on the way to the jail's cgroup is gone.
+fn vanished(error: &JailError) -> bool {
+    match error {
+        JailError::Cgroup { source, .. } | JailError::CgroupWrite { source, .. } => {
+            source.kind() == std::io::ErrorKind::NotFound
+        }
+        _ => false,
+    }
+}
+
+/// The v1 mount of `controller` and the jail's [`placement`] in it.
+fn placement_v1(
+    controller: &str,
+    parent: Option<&Path>,
+    id: &str,
+) -> Result<(PathBuf, PathBuf, Vec<PathBuf>), JailError> {
+    let mount = Path::new(CGROUP_ROOT).join(controller);
+    if !mount.join("cgroup.procs").is_file() {
+        return Err(JailError::NoController(controller.to_owned()));
+    }
+    let own = own_cgroup(controller).unwrap_or_default();
+    let (base, chain) = placement(&own, parent, id);
+    Ok((mount, base, chain))
+}
+
+/// Enables `controller` for the children of the v2 cgroup `dir`, unless it is already.
+fn enable(dir: &Path, controller: &str) -> Result<(), JailError> {
+    let available = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    if !available.split_whitespace().any(|c| c == controller) {
+        return Err(JailError::NoController(controller.to_owned()));
+    }
+    let enabled = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+    if enabled.split_whitespace().any(|c| c == controller) {
+        return Ok(());
+    }
+    let file = dir.join("cgroup.subtree_control");
+    fs::write(&file, format!("+{controller}")).map_err(|source| {
+        if source.raw_os_error() == Some(libc::EBUSY) {
+            JailError::CgroupBusy {
+                path: dir.to_owned(),
+                controller: controller.to_owned(),
+            }
+        } else {
+            JailError::CgroupWrite {
+                path: file,
+                value: format!("+{controller}"),
+                source,
+            }
+        }
+    })
+}
+
+/// This process's cgroup in the hierarchy of `controller` ("" for the unified v2 one).
+fn own_cgroup(controller: &str) -> Option<String> {
+    own_cgroup_in(&fs::read_to_string("/proc/self/cgroup").ok()?, controller)
+}
+
+/// The cgroup of `controller` in a /proc/PID/cgroup text.
+fn own_cgroup_in(cgroups: &str, controller: &str) -> Option<String> {
     cgroups.lines().find_map(|line| {
         let mut parts = line.splitn(3, ':');
         let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        controllers
-            .split(',')
-            .any(|c| c == controller)
-            .then(|| path.to_owned())
+        let ours = if controller.is_empty() {
+            controllers.is_empty()
+        } else {
+            controllers.split(',').any(|c| c == controller)
+        };
+        ours.then(|| path.to_owned())
     })
 }
 
@@ -268,6 +392,36 @@ fn write(path: &Path, value: &str) -> Result<(), JailError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_jail_cgroup_goes_under_the_callers_or_the_given_parent() {
+        let text = "4:memory:/system.slice/vm.service\n1:cpu,cpuacct:/\n0::/user.slice/u.scope\n";
+        assert_eq!(
+            own_cgroup_in(text, "memory").as_deref(),
+            Some("/system.slice/vm.service")
+        );
+        assert_eq!(own_cgroup_in(text, "cpuacct").as_deref(), Some("/"));
+        assert_eq!(
+            own_cgroup_in(text, "").as_deref(),
+            Some("/user.slice/u.scope")
+        );
+        assert_eq!(own_cgroup_in(text, "pids"), None);
+        let (base, chain) = placement("/user.slice/u.scope", None, "vm1");
+        assert_eq!(base, Path::new("user.slice/u.scope"));
+        assert_eq!(
+            chain,
+            [
+                Path::new("user.slice/u.scope/ember"),
+                Path::new("user.slice/u.scope/ember/vm1")
+            ]
+        );
+        let (base, chain) = placement("/", Some(Path::new("/machines/tenant")), "vm1");
+        assert_eq!(base, Path::new("machines/tenant"));
+        assert_eq!(chain, [Path::new("machines/tenant/vm1")]);
+        let (base, chain) = placement("/", None, "ember");
+        assert_eq!(base, Path::new(""));
+        assert_eq!(chain, [Path::new("ember"), Path::new("ember/ember")]);
+    }
 
     #[test]
     fn limits_parse_like_cgroup_v2_files() {

@@ -1,15 +1,17 @@
 //! What the jailed process does to itself before it runs the VMM, in order: its own mount, IPC
-//! and UTS namespaces (and the given network namespace), `pivot_root` into the jail, resource
-//! limits, no inherited descriptors, and the drop to an unprivileged uid/gid with no
-//! capabilities and `no_new_privs`. Each step is a system call; a failure names the step.
+//! and UTS namespaces (and the given network namespace), the VM's files bound into the jail and
+//! `pivot_root` into it, resource limits, no inherited descriptors, the drop to an unprivileged
+//! uid/gid with no capabilities and `no_new_privs`, and death with the jailer. Each step is a
+//! system call; a failure names the step.
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use super::JailError;
+use super::files::JailFile;
 
 /// Capability sets of the calling thread for `capset` (version 3: two 32-bit words).
 #[repr(C)]
@@ -64,9 +66,10 @@ pub fn unshare_namespaces(id: &str) -> Result<(), JailError> {
     check(rc, "set the host name")
 }
 
-/// Makes `root` this process's `/`, with the host's tree detached from its mount namespace.
-pub fn pivot_into(root: &Path) -> Result<(), JailError> {
-    let root = CString::new(root.as_os_str().as_bytes()).map_err(|_| JailError::Isolation {
+/// Binds `files` into `root_dir` and makes it this process's `/`, with the host's tree detached
+/// from its mount namespace.
+pub fn pivot_into(root_dir: &Path, files: &[JailFile]) -> Result<(), JailError> {
+    let root = CString::new(root_dir.as_os_str().as_bytes()).map_err(|_| JailError::Isolation {
         step: "name the jail root",
         source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
     })?;
@@ -94,6 +97,9 @@ pub fn pivot_into(root: &Path) -> Result<(), JailError> {
         )
     };
     check(rc, "bind the jail root")?;
+    for file in files {
+        file.bind(root_dir)?;
+    }
     // SAFETY: chdir to a NUL-terminated path.
     check(unsafe { libc::chdir(root.as_ptr()) }, "enter the jail root")?;
     // SAFETY: pivot_root(".", ".") stacks the old root on the new one; both arguments are
@@ -127,15 +133,51 @@ pub fn set_rlimits(nofile: u64, fsize: Option<u64>) -> Result<(), JailError> {
     Ok(())
 }
 
-/// Closes every descriptor but stdin, stdout and stderr.
-pub fn close_inherited_fds() -> Result<(), JailError> {
-    // SAFETY: close_range on descriptors this process does not use after this point (the jail
-    // setup owns none that outlives it).
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
-    check(
-        i32::from(rc != 0).wrapping_neg(),
-        "close inherited descriptors",
-    )
+/// The descriptor ranges (inclusive) to close to keep only 0, 1, 2 and `keep`.
+fn ranges_to_close(keep: RawFd) -> Vec<(u32, u32)> {
+    match u32::try_from(keep) {
+        Ok(keep) if keep >= 3 => [(3, keep - 1), (keep.saturating_add(1), u32::MAX)]
+            .into_iter()
+            .filter(|(first, last)| first <= last && *first != keep)
+            .collect(),
+        _ => vec![(3, u32::MAX)],
+    }
+}
+
+/// Closes every descriptor but stdin, stdout, stderr and `keep`.
+pub fn close_inherited_fds(keep: RawFd) -> Result<(), JailError> {
+    for (first, last) in ranges_to_close(keep) {
+        // SAFETY: close_range on descriptors this process does not use after this point (the
+        // jail setup owns none that outlives it but `keep`).
+        let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+        check(
+            i32::from(rc != 0).wrapping_neg(),
+            "close inherited descriptors",
+        )?;
+    }
+    Ok(())
+}
+
+/// Asks for SIGKILL when the jailer dies (again: changing the uid cleared the earlier request)
+/// and ends here if it has died already, which `jailer_alive` hanging up tells.
+pub fn die_with_jailer(jailer_alive: OwnedFd) -> Result<(), JailError> {
+    // SAFETY: prctl with integer arguments.
+    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    check(rc, "ask to die with the jailer")?;
+    let mut poll = libc::pollfd {
+        fd: jailer_alive.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one descriptor this function owns, without waiting.
+    let rc = unsafe { libc::poll(&mut poll, 1, 0) };
+    if rc != 0 {
+        return Err(JailError::Isolation {
+            step: "run without the jailer",
+            source: std::io::Error::from_raw_os_error(libc::ESRCH),
+        });
+    }
+    Ok(())
 }
 
 /// Becomes `uid`:`gid` with no supplementary groups, no capability in any set (bounding and
@@ -186,4 +228,45 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), JailError> {
     // SAFETY: as above.
     let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
     check(rc, "set no_new_privs")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+
+    #[test]
+    fn every_inherited_descriptor_but_the_one_kept_is_closed() {
+        assert_eq!(ranges_to_close(3), [(4, u32::MAX)]);
+        assert_eq!(ranges_to_close(7), [(3, 6), (8, u32::MAX)]);
+        assert_eq!(ranges_to_close(0), [(3, u32::MAX)], "0-2 stay anyway");
+        assert_eq!(ranges_to_close(-1), [(3, u32::MAX)]);
+    }
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two new descriptors into the array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both were just made and are owned by nothing else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    #[test]
+    fn a_vmm_whose_jailer_died_before_it_asked_to_die_with_it_stops() {
+        let (alive, jailer) = pipe();
+        assert!(die_with_jailer(alive).is_ok(), "the jailer holds its end");
+        let mut signal: libc::c_int = 0;
+        // SAFETY: PR_GET_PDEATHSIG writes an int to the pointer given.
+        unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut signal as *mut libc::c_int) };
+        assert_eq!(signal, libc::SIGKILL);
+        let (alive, gone) = pipe();
+        drop(gone);
+        assert!(matches!(
+            die_with_jailer(alive),
+            Err(JailError::Isolation { .. })
+        ));
+        drop(jailer);
+        // SAFETY: prctl with integer arguments: this test thread's parent-death signal off.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) };
+    }
 }

@@ -4,21 +4,25 @@
 //! capabilities and `no_new_privs`. Seccomp (see `seccomp`) then narrows each thread further.
 //!
 //! [`Jail::create`] validates the input and builds the tree and cgroups as root;
-//! [`Jail::add_file`] puts each file the VM uses inside; [`Jail::run`] forks the VMM (PID 1 of
-//! its PID namespace), which isolates itself (`isolation`) and runs the given closure, while
-//! the jailer waits, forwards SIGINT/SIGTERM/SIGHUP, reports how the VMM ended, and removes the
-//! jail and cgroups unless asked to keep them.
+//! [`Jail::add_file`] places each file the VM uses (bound in by the VMM, see `files`);
+//! [`Jail::run`] forks the VMM (PID 1 of its PID namespace, killed if the jailer dies), which
+//! isolates itself (`isolation`) and runs the given closure, while the jailer waits, forwards
+//! SIGINT/SIGTERM/SIGHUP, reports how the VMM ended, and removes the jail and cgroups unless
+//! asked to keep them.
 
 mod cgroup;
+mod files;
 mod isolation;
 mod tree;
 
 use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 pub use cgroup::CgroupLimit;
 use cgroup::Cgroups;
+pub use files::Access;
 use tree::JailTree;
 
 /// Open-file limit of the VMM unless told otherwise.
@@ -39,6 +43,9 @@ pub struct JailConfig {
     pub chroot_base: PathBuf,
     /// cgroup v2 limits.
     pub cgroups: Vec<CgroupLimit>,
+    /// The cgroup, relative to each hierarchy's root, that the jail's cgroup `<id>` is made
+    /// in; `None`: `ember/<id>` under the jailer's own cgroup.
+    pub parent_cgroup: Option<PathBuf>,
     /// A network namespace to join (`/var/run/netns/NAME`).
     pub netns: Option<PathBuf>,
     /// RLIMIT_NOFILE.
@@ -134,6 +141,52 @@ pub enum JailError {
     /// Not a regular file.
     #[error("{0} is not a regular file")]
     NotAFile(PathBuf),
+    /// The VMM's ids may not use a file; ember changes no owner or mode.
+    #[error(
+        "uid {uid} and gid {gid} cannot {} {}: ember changes no file's owner or mode, so give them access (e.g. chown, chgrp or chmod)",
+        if *write { "write" } else { "read" },
+        path.display()
+    )]
+    NoAccess {
+        /// The file as given.
+        path: PathBuf,
+        /// The VMM's uid.
+        uid: u32,
+        /// The VMM's gid.
+        gid: u32,
+        /// Writing was needed.
+        write: bool,
+    },
+    /// A writable disk on a read-only file system.
+    #[error("{0} is on a read-only file system: give the disk readonly=on, or move it")]
+    ReadOnlyDisk(PathBuf),
+    /// Binding a file into the jail.
+    #[error("cannot {step} {path} in the jail")]
+    Mount {
+        /// The step.
+        step: &'static str,
+        /// The file as given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A `--parent-cgroup` that is absolute in disguise or climbs out.
+    #[error("parent cgroup {0} must be a path below the cgroup root, without '.' or '..'")]
+    BadParentCgroup(PathBuf),
+    /// A parent cgroup that does not exist.
+    #[error("parent cgroup {0} does not exist: create it (and delegate it) first")]
+    NoParentCgroup(PathBuf),
+    /// A cgroup v2 parent that holds processes cannot enable a controller for its children.
+    #[error(
+        "cannot enable the {controller} controller in {path}: it holds processes; name an empty cgroup delegated to ember with --parent-cgroup"
+    )]
+    CgroupBusy {
+        /// The parent.
+        path: PathBuf,
+        /// The controller.
+        controller: String,
+    },
     /// A namespace, mount or privilege step.
     #[error("cannot {step}")]
     Isolation {
@@ -171,8 +224,9 @@ impl Jail {
     /// Validates `config` and makes the jail directory, device nodes and cgroups.
     pub fn create(config: JailConfig) -> Result<Jail, JailError> {
         validate(&config)?;
-        let tree = JailTree::create(&config.chroot_base, &config.id, config.uid, config.gid)?;
-        let cgroups = match Cgroups::create(&config.id, &config.cgroups) {
+        let mut tree = JailTree::create(&config.chroot_base, &config.id, config.uid, config.gid)?;
+        let cgroups = Cgroups::create(&config.id, &config.cgroups, config.parent_cgroup.as_deref());
+        let cgroups = match cgroups {
             Ok(cgroups) => cgroups,
             Err(e) => {
                 tree.remove();
@@ -191,9 +245,12 @@ impl Jail {
         &self.tree.dir
     }
 
-    /// Puts `file` into the jail; returns the path the VMM must use for it.
-    pub fn add_file(&self, file: &Path) -> Result<PathBuf, JailError> {
-        self.tree.add_file(file, self.config.uid, self.config.gid)
+    /// Puts `file` (symlinks resolved) into the jail, bound read-only or read-write in the
+    /// VMM's mount namespace; returns the path the VMM must use for it. Its owner and mode
+    /// stay as they are: the VMM's uid or gid must be allowed to read it (and write it when
+    /// writable), which the VMM checks before running.
+    pub fn add_file(&mut self, file: &Path, access: Access) -> Result<PathBuf, JailError> {
+        self.tree.add_file(file, access)
     }
 
     /// Forks the VMM into the jail and runs `vmm` there (its result is the exit status); waits
@@ -208,6 +265,7 @@ impl Jail {
             });
         }
         let _ = std::io::stdout().flush();
+        let (alive_read, alive_write) = jailer_alive_pipe()?;
         // SAFETY: the process is single-threaded (documented requirement), so the child may
         // run any code; it never returns from this function.
         let pid = unsafe { libc::fork() };
@@ -218,7 +276,11 @@ impl Jail {
             });
         }
         if pid == 0 {
-            let code = match self.enter() {
+            drop(alive_write);
+            // SAFETY: prctl with integer arguments: SIGKILL when the jailer dies, until the
+            // uid changes (see `die_with_jailer` for after).
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+            let code = match self.enter(alive_read) {
                 Ok(()) => vmm(),
                 Err(e) => {
                     eprintln!("ember jail: {}", crate::error_chain(&e));
@@ -228,9 +290,11 @@ impl Jail {
             let _ = std::io::stdout().flush();
             std::process::exit(code);
         }
+        drop(alive_read);
         forward_signals_to(pid);
         let status = wait_for(pid);
         forward_signals_to(0);
+        drop(alive_write);
         Ok(if libc::WIFSIGNALED(status) {
             JailOutcome::Killed {
                 signal: libc::WTERMSIG(status),
@@ -241,17 +305,23 @@ impl Jail {
         })
     }
 
-    /// The child's side: every isolation step, in order.
-    fn enter(&self) -> Result<(), JailError> {
+    /// The child's side: every isolation step, in order; `jailer_alive` is the read end of a
+    /// pipe whose write end only the jailer holds.
+    fn enter(&self, jailer_alive: OwnedFd) -> Result<(), JailError> {
         self.cgroups.join()?;
         if let Some(netns) = &self.config.netns {
             isolation::join_netns(netns)?;
         }
         isolation::unshare_namespaces(&self.config.id)?;
-        isolation::pivot_into(&self.tree.root)?;
+        isolation::pivot_into(&self.tree.root, &self.tree.files)?;
         isolation::set_rlimits(self.config.nofile, self.config.fsize)?;
-        isolation::close_inherited_fds()?;
-        isolation::drop_privileges(self.config.uid, self.config.gid)
+        isolation::close_inherited_fds(jailer_alive.as_raw_fd())?;
+        isolation::drop_privileges(self.config.uid, self.config.gid)?;
+        isolation::die_with_jailer(jailer_alive)?;
+        for file in &self.tree.files {
+            file.check_access(self.config.uid, self.config.gid)?;
+        }
+        Ok(())
     }
 }
 
@@ -285,6 +355,17 @@ fn validate(config: &JailConfig) -> Result<(), JailError> {
     if !config.chroot_base.is_dir() {
         return Err(JailError::NoBase(config.chroot_base.clone()));
     }
+    if let Some(parent) = &config.parent_cgroup {
+        let below_root = parent.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
+            )
+        });
+        if !below_root || parent.as_os_str().is_empty() {
+            return Err(JailError::BadParentCgroup(parent.clone()));
+        }
+    }
     if let Some(netns) = &config.netns {
         std::fs::metadata(netns).map_err(|source| JailError::File {
             path: netns.clone(),
@@ -306,6 +387,21 @@ fn validate(config: &JailConfig) -> Result<(), JailError> {
         }
     }
     Ok(())
+}
+
+/// A pipe whose write end the jailer keeps while the VMM runs: the VMM sees it hang up when the
+/// jailer is gone (its parent pid is 0 either way: the jailer is outside its PID namespace).
+fn jailer_alive_pipe() -> Result<(OwnedFd, OwnedFd), JailError> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array; the result is checked.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(JailError::Isolation {
+            step: "make a pipe to the VMM",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: both descriptors were just made and are owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// The VMM the jailer waits for; 0 when none.
@@ -365,6 +461,7 @@ mod tests {
             allow_root: false,
             chroot_base: std::env::temp_dir(),
             cgroups: Vec::new(),
+            parent_cgroup: None,
             netns: None,
             nofile: DEFAULT_NOFILE,
             fsize: None,
@@ -398,6 +495,18 @@ mod tests {
             refused(|c| c.chroot_base = "/nonexistent/base".into()),
             JailError::NoBase(_)
         ));
+        for parent in ["", "a/../..", "./a", "a/.."] {
+            assert!(
+                matches!(
+                    refused(|c| c.parent_cgroup = Some(parent.into())),
+                    JailError::BadParentCgroup(_)
+                ),
+                "{parent}"
+            );
+        }
+        let mut parent = config();
+        parent.parent_cgroup = Some("/machines/tenant".into());
+        assert!(validate(&parent).is_ok());
         assert!(matches!(
             refused(|c| c.netns = Some("/nonexistent/netns".into())),
             JailError::File { .. }

@@ -1,5 +1,11 @@
-//! The jail's file tree, `<chroot-base>/ember/<id>/root`: the files the VM uses (hard-linked,
-//! or copied across file systems) and the three device nodes it needs, nothing else.
+//! The jail's file tree, `<chroot-base>/ember/<id>/root`: placeholders for the files the VM
+//! uses (bound onto in the VMM's mount namespace, see `files`) and the three device nodes it
+//! needs, nothing else.
+//!
+//! A jailer holds an exclusive `flock` on its jail directory while it lives. A directory found
+//! unlocked was left by a jailer that is gone (killed, or `--keep`) and is replaced; a locked
+//! one belongs to a running jail and is refused. Creating is serialised by a lock on the
+//! `ember` directory, so two jailers with one id cannot both take it.
 
 use std::ffi::CString;
 use std::fs;
@@ -8,6 +14,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::JailError;
+use super::files::{Access, JailFile};
 
 /// Device nodes a VMM opens, made when the host has them.
 const DEVICES: [&str; 3] = ["/dev/kvm", "/dev/net/tun", "/dev/urandom"];
@@ -19,6 +26,10 @@ pub struct JailTree {
     pub dir: PathBuf,
     /// `<dir>/root`, the VMM's `/`.
     pub root: PathBuf,
+    /// The files placed, bound by the VMM.
+    pub files: Vec<JailFile>,
+    /// `dir`, opened and locked while this jail lives.
+    lock: Option<fs::File>,
 }
 
 impl JailTree {
@@ -30,17 +41,41 @@ impl JailTree {
             path: parent.clone(),
             source,
         })?;
+        let creating = fs::File::open(&parent).map_err(|source| JailError::Tree {
+            path: parent.clone(),
+            source,
+        })?;
+        flock(&creating, libc::LOCK_EX, &parent)?;
         let dir = parent.join(id);
-        if let Err(source) = fs::create_dir(&dir) {
-            return Err(if source.kind() == std::io::ErrorKind::AlreadyExists {
-                JailError::JailExists(dir)
-            } else {
-                JailError::Tree { path: dir, source }
-            });
+        if let Ok(stale) = fs::File::open(&dir) {
+            if !try_flock(&stale, &dir)? {
+                return Err(JailError::JailExists(dir));
+            }
+            log::warn!(
+                "replacing the jail {} left by a jailer that is gone",
+                dir.display()
+            );
+            fs::remove_dir_all(&dir).map_err(|source| JailError::Tree {
+                path: dir.clone(),
+                source,
+            })?;
         }
-        let tree = JailTree {
+        fs::create_dir(&dir).map_err(|source| JailError::Tree {
+            path: dir.clone(),
+            source,
+        })?;
+        let lock = fs::File::open(&dir).map_err(|source| JailError::Tree {
+            path: dir.clone(),
+            source,
+        })?;
+        if !try_flock(&lock, &dir)? {
+            return Err(JailError::JailExists(dir));
+        }
+        let mut tree = JailTree {
             root: dir.join("root"),
             dir,
+            files: Vec::new(),
+            lock: Some(lock),
         };
         let made = fs::create_dir(&tree.root)
             .map_err(|source| JailError::Tree {
@@ -84,18 +119,10 @@ impl JailTree {
         Ok(())
     }
 
-    /// Puts `file` into the jail root under its own name (or `N-name` when two files share
-    /// one), owned by `uid`:`gid`, and returns its path as the VMM will see it. A hard link
-    /// when the jail is on the same file system (so writes reach the original, and its owner
-    /// becomes `uid`:`gid` too), else a copy.
-    pub fn add_file(&self, file: &Path, uid: u32, gid: u32) -> Result<PathBuf, JailError> {
-        let meta = fs::metadata(file).map_err(|source| JailError::File {
-            path: file.to_owned(),
-            source,
-        })?;
-        if !meta.is_file() {
-            return Err(JailError::NotAFile(file.to_owned()));
-        }
+    /// Places `file` into the jail root under the name the path was given (or `N-name` when
+    /// two files share one) and returns its path as the VMM will see it. Only an empty
+    /// placeholder is made here; the VMM binds the original onto it (see `files`).
+    pub fn add_file(&mut self, file: &Path, access: Access) -> Result<PathBuf, JailError> {
         let name = file
             .file_name()
             .ok_or_else(|| JailError::NotAFile(file.to_owned()))?;
@@ -105,27 +132,54 @@ impl JailTree {
             inside = PathBuf::from(format!("{n}-{}", name.to_string_lossy()));
             n += 1;
         }
-        let target = self.root.join(&inside);
-        if fs::hard_link(file, &target).is_err() {
-            fs::copy(file, &target).map_err(|source| JailError::File {
-                path: file.to_owned(),
-                source,
-            })?;
-        }
-        chown(&target, uid, gid)?;
-        Ok(Path::new("/").join(inside))
+        let placed = JailFile::resolve(file, Path::new("/").join(&inside), access)?;
+        placed.make_placeholder(&self.root)?;
+        let path = placed.inside.clone();
+        self.files.push(placed);
+        Ok(path)
     }
 
-    /// Deletes the jail directory and everything in it (hard links only: the originals stay).
-    pub fn remove(&self) {
+    /// Deletes the jail directory and everything in it (placeholders only: the originals are
+    /// bound in the VMM's mount namespace, never in the host's), then releases the lock.
+    pub fn remove(&mut self) {
         if let Err(e) = fs::remove_dir_all(&self.dir) {
             log::warn!("cannot remove the jail {}: {e}", self.dir.display());
         }
+        self.lock = None;
     }
 }
 
 fn c_path(path: &Path) -> Result<CString, JailError> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| JailError::NotAFile(path.to_owned()))
+}
+
+/// Blocks until `file` is locked (`operation`: `LOCK_EX`).
+fn flock(file: &fs::File, operation: libc::c_int, path: &Path) -> Result<(), JailError> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: flock on a descriptor `file` owns.
+        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+            return Ok(());
+        }
+        let source = std::io::Error::last_os_error();
+        if source.kind() != std::io::ErrorKind::Interrupted {
+            return Err(JailError::Tree {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    }
+}
+
+/// Locks `file` exclusively if no one else holds it; false when someone does.
+fn try_flock(file: &fs::File, path: &Path) -> Result<bool, JailError> {
+    match flock(file, libc::LOCK_EX | libc::LOCK_NB, path) {
+        Ok(()) => Ok(true),
+        Err(JailError::Tree { source, .. }) if source.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
@@ -147,37 +201,47 @@ mod tests {
     }
 
     #[test]
-    fn files_are_linked_under_their_names_and_clashes_get_a_prefix() {
+    fn files_are_placed_under_the_names_given_and_clashes_get_a_prefix() {
         let base = scratch("tree");
         fs::create_dir_all(base.join("a")).unwrap();
         fs::create_dir_all(base.join("b")).unwrap();
         fs::write(base.join("a/disk.img"), b"one").unwrap();
-        fs::write(base.join("b/disk.img"), b"two").unwrap();
-        let tree = JailTree {
-            dir: base.join("ember/t"),
-            root: base.join("ember/t/root"),
-        };
-        fs::create_dir_all(&tree.root).unwrap();
-        let uid = own_ids();
+        fs::write(base.join("b/real.img"), b"two").unwrap();
+        std::os::unix::fs::symlink("real.img", base.join("b/disk.img")).unwrap();
+        let (uid, gid) = own_ids();
+        let mut tree = JailTree::create(&base, "t", uid, gid).unwrap();
         let first = tree
-            .add_file(&base.join("a/disk.img"), uid.0, uid.1)
+            .add_file(&base.join("a/disk.img"), Access::ReadWrite)
             .unwrap();
         let second = tree
-            .add_file(&base.join("b/disk.img"), uid.0, uid.1)
+            .add_file(&base.join("b/disk.img"), Access::ReadOnly)
             .unwrap();
         assert_eq!(first, Path::new("/disk.img"));
-        assert_eq!(second, Path::new("/1-disk.img"));
-        assert_eq!(fs::read(tree.root.join("1-disk.img")).unwrap(), b"two");
-        let original = fs::metadata(base.join("a/disk.img")).unwrap();
-        let linked = fs::metadata(tree.root.join("disk.img")).unwrap();
-        assert_eq!(original.ino(), linked.ino(), "a hard link, not a copy");
+        assert_eq!(
+            second,
+            Path::new("/1-disk.img"),
+            "named after the path given"
+        );
+        assert_eq!(
+            tree.files[1].source,
+            fs::canonicalize(base.join("b/real.img")).unwrap()
+        );
+        assert_eq!(tree.files[1].access, Access::ReadOnly);
+        for entry in ["disk.img", "1-disk.img"] {
+            let meta = fs::symlink_metadata(tree.root.join(entry)).unwrap();
+            assert!(meta.is_file() && meta.len() == 0, "{entry}: a placeholder");
+        }
         assert!(matches!(
-            tree.add_file(&base.join("a"), 0, 0),
+            tree.add_file(&base.join("a"), Access::ReadOnly),
             Err(JailError::NotAFile(_))
         ));
         tree.remove();
         assert!(!tree.dir.exists());
-        assert!(base.join("a/disk.img").exists(), "the original stays");
+        assert_eq!(
+            fs::read(base.join("a/disk.img")).unwrap(),
+            b"one",
+            "the original stays"
+        );
         fs::remove_dir_all(&base).unwrap();
     }
 
@@ -188,16 +252,24 @@ mod tests {
     }
 
     #[test]
-    fn a_second_jail_with_the_same_id_is_refused() {
+    fn a_running_jail_with_the_same_id_is_refused_and_a_stale_one_replaced() {
         let base = scratch("twice");
         let (uid, gid) = own_ids();
-        let first = JailTree::create(&base, "vm", uid, gid).unwrap();
+        let mut first = JailTree::create(&base, "vm", uid, gid).unwrap();
         assert!(first.root.join("dev/kvm").exists(), "the KVM node is made");
         assert!(matches!(
             JailTree::create(&base, "vm", uid, gid),
             Err(JailError::JailExists(_))
         ));
-        first.remove();
+        // A jailer that is gone leaves its tree unlocked.
+        fs::write(first.root.join("left-behind"), b"").unwrap();
+        first.lock = None;
+        let mut second = JailTree::create(&base, "vm", uid, gid).unwrap();
+        assert!(
+            !second.root.join("left-behind").exists(),
+            "the stale tree is replaced"
+        );
+        second.remove();
         fs::remove_dir_all(&base).unwrap();
     }
 }
