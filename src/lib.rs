@@ -17,15 +17,33 @@
 //! # Ok::<(), ember::StartError>(())
 //! ```
 
+//! # The embedding API
+//!
+//! What this crate promises to embedders is what the crate root re-exports: [`VmConfig`] and
+//! the types it is made of, [`Vm::start`], the [`VmHandle`] it returns (console, wait, stop,
+//! pause and resume, metrics, guest memory reads) and the types those return ([`ExitReason`],
+//! [`Metrics`], [`StartError`], [`LifecycleError`]), plus [`error_chain`]. The modules are public
+//! too, because the `ember` binary, the benchmarks and the fuzz targets are built on them, but
+//! everything reached only through a module path (`ember::devices::...`) is internal: it changes
+//! with the VMM and is hidden from the documentation.
+
+#[doc(hidden)]
 pub mod arch;
+#[doc(hidden)]
 pub mod bench;
 pub mod config;
+#[doc(hidden)]
 pub mod devices;
 pub mod exit;
+#[doc(hidden)]
 pub mod loader;
+#[doc(hidden)]
 pub mod sandbox;
+#[doc(hidden)]
 pub mod timing;
+#[doc(hidden)]
 pub mod vmm;
+#[doc(hidden)]
 pub mod vstate;
 
 pub use config::{
@@ -34,7 +52,9 @@ pub use config::{
 };
 pub use devices::virtio::net::NetStats;
 pub use exit::ExitReason;
-pub use vmm::{Console, StartError, StopTrigger, VmHandle};
+pub use timing::Phase;
+pub use vmm::metrics::{BlockMetrics, NetMetrics, SerialMetrics, VcpuMetrics};
+pub use vmm::{Console, LifecycleError, Metrics, StartError, StopTrigger, VmHandle};
 
 /// The embedding API's entry point: `Vm::start(&config)`.
 pub type Vm = VmHandle;

@@ -20,7 +20,10 @@ fn main() -> ExitCode {
         .init();
     let code = match &cli.command {
         Command::Run(args) => cli::run::run(args).unwrap_or_else(|e| {
-            eprintln!("ember: {}", error_chain(&e));
+            match cli::run::flag_for(&e) {
+                Some(flag) => eprintln!("ember: {} ({flag})", error_chain(&e)),
+                None => eprintln!("ember: {}", error_chain(&e)),
+            }
             exit_code::ERROR
         }),
         Command::Jail(args) => cli::jail::run(args).unwrap_or_else(|e| {

@@ -145,7 +145,7 @@ fn initrd_too_big_for_memory() {
 #[test]
 fn zero_memory() {
     let f = ember_run(&["--kernel", "/proc/self/exe", "--memory", "0"]);
-    assert_one_line_error(&f, &["0 MiB", "--memory 2 or more"]);
+    assert_one_line_error(&f, &["0 MiB", "memory_mib to 2 or more", "(--memory)"]);
 }
 
 #[test]
@@ -160,7 +160,7 @@ fn more_cpus_than_kvm_allows() {
         return;
     }
     let f = ember_run(&["--kernel", test_guest().to_str().unwrap(), "--cpus", "255"]);
-    assert_one_line_error(&f, &["255 vCPUs", "lower --cpus"]);
+    assert_one_line_error(&f, &["255 vCPUs", "lower vcpus (--cpus)"]);
 }
 
 /// Runs `ember run` as the unprivileged user `nobody`.

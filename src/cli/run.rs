@@ -7,6 +7,7 @@ use clap::{Args, ValueEnum};
 use super::exit_code;
 use super::signals::SignalGuard;
 use super::terminal::RawTerminal;
+use ember::StartError;
 use ember::sandbox::{ThreadKind, seccomp};
 use ember::vmm::metrics::MetricsFile;
 use ember::{
@@ -228,6 +229,23 @@ pub enum RunError {
     /// `--metrics-path`.
     #[error("--metrics-path")]
     Metrics(#[from] ember::vmm::metrics::MetricsFileError),
+}
+
+/// The `ember run` flag behind the library setting an error names, for the one-line report.
+pub fn flag_for(error: &RunError) -> Option<&'static str> {
+    use ember::ConfigError;
+    use ember::loader::LoaderError;
+    match error {
+        RunError::Start(StartError::Config(
+            ConfigError::NoVcpus | ConfigError::TooManyVcpus { .. },
+        )) => Some("--cpus"),
+        RunError::Start(StartError::Config(ConfigError::MemoryTooSmall(_)))
+        | RunError::Start(StartError::Loader(
+            LoaderError::KernelTooBig { .. } | LoaderError::InitrdTooBig { .. },
+        )) => Some("--memory"),
+        RunError::Start(StartError::Loader(LoaderError::NoPvhEntry)) => Some("--boot-protocol"),
+        _ => None,
+    }
 }
 
 /// Runs the VM to its end; returns the process exit code.

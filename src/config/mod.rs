@@ -199,10 +199,10 @@ impl VmConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// Zero vCPUs.
-    #[error("a VM needs at least 1 vCPU (--cpus 1 or more)")]
+    #[error("a VM needs at least 1 vCPU: set vcpus to 1 or more")]
     NoVcpus,
     /// More vCPUs than KVM or the MP table allow.
-    #[error("{requested} vCPUs is more than this host allows ({max}): lower --cpus")]
+    #[error("{requested} vCPUs is more than this host allows ({max}): lower vcpus")]
     TooManyVcpus {
         /// Asked for.
         requested: u8,
@@ -210,7 +210,7 @@ pub enum ConfigError {
         max: u8,
     },
     /// Not enough memory.
-    #[error("{0} MiB of guest memory is too little: use --memory {MIN_MEMORY_MIB} or more")]
+    #[error("{0} MiB of guest memory is too little: set memory_mib to {MIN_MEMORY_MIB} or more")]
     MemoryTooSmall(u64),
     /// Command line over the kernel's limit.
     #[error("the kernel command line is {0} bytes; the limit is {max} bytes", max = CMDLINE_MAX_SIZE - 1)]

@@ -55,14 +55,14 @@ pub enum LoaderError {
         source: linux_loader::loader::Error,
     },
     /// The image extends past guest memory.
-    #[error("the kernel does not fit in {mem_mib} MiB of guest memory: raise --memory")]
+    #[error("the kernel does not fit in {mem_mib} MiB of guest memory: raise memory_mib")]
     KernelTooBig {
         /// Guest memory size.
         mem_mib: u64,
     },
     /// The initrd does not fit between the kernel and the top of low memory.
     #[error(
-        "the initrd ({size_kib} KiB) does not fit in guest memory above the kernel: raise --memory"
+        "the initrd ({size_kib} KiB) does not fit in guest memory above the kernel: raise memory_mib"
     )]
     InitrdTooBig {
         /// Size of the initrd.
@@ -72,7 +72,7 @@ pub enum LoaderError {
     #[error("the bzImage has no 64-bit entry point (boot protocol 2.12+ with XLF_KERNEL_64)")]
     BzImageNot64Bit,
     /// PVH was requested but the kernel has no PVH note.
-    #[error("the kernel has no PVH entry note: use --boot-protocol linux or auto")]
+    #[error("the kernel has no PVH entry note: set boot_protocol to linux or auto")]
     NoPvhEntry,
 }
 

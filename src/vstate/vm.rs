@@ -107,7 +107,8 @@ impl Vm {
                 flags: 0,
             };
             // SAFETY: the region describes a live mapping owned by `mem`, which the VMM keeps
-            // alive (through `Vmm`) for as long as the VM exists, and slots do not overlap.
+            // alive (in `vmm::Running`, dropped after the VM fd) for as long as the VM exists,
+            // and slots do not overlap.
             unsafe { self.fd.set_user_memory_region(region) }.map_err(VmError::Memory)?;
         }
         Ok(())
