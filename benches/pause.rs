@@ -63,7 +63,10 @@ fn bench(vcpus: u8, cycles: usize) {
             ms(s.max)
         );
     }
-    println!("{vcpus} vCPU paused 2 s: ember CPU time {} ms", ms(paused_cpu));
+    println!(
+        "{vcpus} vCPU paused 2 s: ember CPU time {} ms",
+        ms(paused_cpu)
+    );
 }
 
 fn main() {

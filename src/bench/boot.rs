@@ -1,6 +1,7 @@
 //! `ember bench boot`: boots a kernel N times with the `ember` binary and times each phase from
 //! the spawn, as the user sees it: first serial byte, the guest's boot-timer write, the marker
-//! line, and the VMM's exit. ember's own memory overhead comes from its exit report.
+//! line, and the VMM's exit. ember's own measurements (boot timer, kernel load, memory overhead)
+//! come from its metrics file (`--metrics-path`), not from its log.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
@@ -23,6 +24,9 @@ pub struct Target {
     pub args: Vec<String>,
     /// Exit codes of a good run.
     pub ok_codes: Vec<i32>,
+    /// It takes `--metrics-path` and writes ember's metrics there at exit (ember's own
+    /// measurements come from that file, not from its log).
+    pub metrics: bool,
 }
 
 impl Target {
@@ -45,6 +49,7 @@ impl Target {
             program: binary,
             args,
             ok_codes: vec![0],
+            metrics: true,
         }
     }
 
@@ -94,6 +99,7 @@ impl Target {
             program: "qemu-system-x86_64".into(),
             args,
             ok_codes: vec![0, 1],
+            metrics: false,
         }
     }
 }
@@ -170,9 +176,6 @@ pub enum BenchError {
 enum Event {
     FirstByte(Duration),
     Marker(Duration),
-    BootTimer(Duration),
-    Overhead(u64),
-    KernelLoad(Duration),
 }
 
 impl BootBench {
@@ -218,9 +221,17 @@ impl BootBench {
     }
 
     fn boot_once(&self, target: &Target, run: usize) -> Result<BootRun, BenchError> {
+        let metrics_path = target.metrics.then(|| {
+            std::env::temp_dir().join(format!("ember-bench-{}-{run}.metrics", std::process::id()))
+        });
+        let mut command = Command::new(&target.program);
+        command.args(&target.args);
+        if let Some(path) = &metrics_path {
+            let _ = std::fs::remove_file(path);
+            command.arg("--metrics-path").arg(path);
+        }
         let start = Instant::now();
-        let mut child = Command::new(&target.program)
-            .args(&target.args)
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -251,16 +262,8 @@ impl BootBench {
         let stderr = child.stderr.take().expect("piped stderr");
         let err = std::thread::spawn(move || {
             let mut all = String::new();
+            drop(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(at) = parse_boot_timer(&line) {
-                    let _ = tx.send(Event::BootTimer(at));
-                }
-                if let Some(kib) = parse_overhead(&line) {
-                    let _ = tx.send(Event::Overhead(kib));
-                }
-                if let Some(took) = parse_kernel_load(&line) {
-                    let _ = tx.send(Event::KernelLoad(took));
-                }
                 all.push_str(&line);
                 all.push('\n');
             }
@@ -271,18 +274,22 @@ impl BootBench {
         let exit = start.elapsed();
         let _ = out.join();
         let stderr = err.join().unwrap_or_default();
-        let (mut first_serial, mut marker_at, mut boot_timer, mut overhead_kib) =
-            (None, None, None, None);
-        let mut kernel_load = None;
+        let (mut first_serial, mut marker_at) = (None, None);
         for event in events.try_iter() {
             match event {
                 Event::FirstByte(t) => first_serial = Some(t),
                 Event::Marker(t) => marker_at = marker_at.or(Some(t)),
-                Event::BootTimer(t) => boot_timer = Some(t),
-                Event::Overhead(kib) => overhead_kib = Some(kib),
-                Event::KernelLoad(took) => kernel_load = Some(took),
             }
         }
+        let own = metrics_path
+            .as_deref()
+            .and_then(read_own_measurements)
+            .unwrap_or_default();
+        if let Some(path) = &metrics_path {
+            let _ = std::fs::remove_file(path);
+        }
+        let (boot_timer, kernel_load, overhead_kib) =
+            (own.boot_timer, own.kernel_load, own.overhead_kib);
         let tail = stderr.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
         let ok = status.is_some_and(|code| target.ok_codes.contains(&code))
             || (self.stop_at_marker && marker_at.is_some());
@@ -314,29 +321,32 @@ impl BootBench {
     }
 }
 
-/// ember's own measurement, exact where the line's arrival through a pipe would not be.
-fn parse_boot_timer(line: &str) -> Option<Duration> {
-    let rest = line.split_once("guest boot time: ")?.1;
-    rest.split_once(" us since VMM start")?
-        .0
-        .parse()
-        .ok()
-        .map(Duration::from_micros)
+/// What ember measured itself, from the `vmm` object of its last metrics line.
+#[derive(Default)]
+struct OwnMeasurements {
+    /// The boot-timer write, from ember's process start (exact where the arrival of a line
+    /// through a pipe would not be).
+    boot_timer: Option<Duration>,
+    kernel_load: Option<Duration>,
+    overhead_kib: Option<u64>,
 }
 
-/// ember's `kernel loaded in N us` line.
-fn parse_kernel_load(line: &str) -> Option<Duration> {
-    let rest = line.split_once("kernel loaded in ")?.1;
-    rest.split_once(" us")?
-        .0
-        .parse()
-        .ok()
-        .map(Duration::from_micros)
+fn read_own_measurements(path: &std::path::Path) -> Option<OwnMeasurements> {
+    let text = std::fs::read_to_string(path).ok()?;
+    parse_own_measurements(text.lines().last()?)
 }
 
-fn parse_overhead(line: &str) -> Option<u64> {
-    let rest = line.split_once("memory overhead: ")?.1;
-    rest.split_once(" KiB")?.0.parse().ok()
+fn parse_own_measurements(line: &str) -> Option<OwnMeasurements> {
+    let json: serde_json::Value = serde_json::from_str(line).ok()?;
+    let vmm = json.get("vmm")?;
+    let micros = |key: &str| vmm.get(key)?.as_u64().map(Duration::from_micros);
+    Some(OwnMeasurements {
+        boot_timer: micros("boot_timer_us"),
+        kernel_load: micros("kernel_load_us"),
+        overhead_kib: vmm
+            .get("memory_overhead_kib")
+            .and_then(serde_json::Value::as_u64),
+    })
 }
 
 /// Waits for `child`, killing it past `timeout`, and sending it SIGTERM once `stop` is set; the
@@ -399,19 +409,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_boot_timer_report_parses() {
-        let load = "[INFO  ember::vmm::builder] kernel loaded in 137 us (45208 KiB mapped from the page cache)";
-        assert_eq!(parse_kernel_load(load), Some(Duration::from_micros(137)));
-        let line = "[.. INFO ember::devices::pseudo::boot_timer] guest boot time: 1234 us since VMM start, 99 us VMM CPU";
-        assert_eq!(parse_boot_timer(line), Some(Duration::from_micros(1234)));
-        assert_eq!(parse_boot_timer("guest boot time: soon"), None);
-    }
-
-    #[test]
-    fn the_overhead_report_parses() {
-        let line = "[2026-11-22T05:00:00Z INFO  ember::vmm] memory overhead: 2345 KiB outside guest memory";
-        assert_eq!(parse_overhead(line), Some(2345));
-        assert_eq!(parse_overhead("memory overhead: many KiB"), None);
+    fn ember_measurements_come_from_its_metrics_line() {
+        let line = r#"{"utc_timestamp_ms":1,"vmm":{"boot_timer_us":1234,"kernel_load_us":137,"memory_overhead_kib":2345}}"#;
+        let own = parse_own_measurements(line).unwrap();
+        assert_eq!(own.boot_timer, Some(Duration::from_micros(1234)));
+        assert_eq!(own.kernel_load, Some(Duration::from_micros(137)));
+        assert_eq!(own.overhead_kib, Some(2345));
+        let partial =
+            r#"{"vmm":{"boot_timer_us":null,"kernel_load_us":5,"memory_overhead_kib":null}}"#;
+        let own = parse_own_measurements(partial).unwrap();
+        assert_eq!((own.boot_timer, own.overhead_kib), (None, None));
+        assert!(parse_own_measurements("not json").is_none());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use super::devices::{DeviceManager, VirtioKind};
 use crate::devices::virtio::net::NetStats;
+use crate::timing::{Phase, Timeline};
 use crate::vstate::vcpu::VcpuCounters;
 
 /// One virtio-blk device's counters.
@@ -88,6 +89,18 @@ pub struct VcpuMetrics {
     pub exit_other: u64,
 }
 
+/// The VMM's own measurements of this VM, in microseconds since the process started where
+/// they are times.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VmmMetrics {
+    /// The guest's boot-timer write.
+    pub boot_timer_us: Option<u64>,
+    /// Loading the kernel, initrd and boot tables took this long.
+    pub kernel_load_us: Option<u64>,
+    /// Resident memory outside guest RAM, measured at teardown (at log level info and above).
+    pub memory_overhead_kib: Option<u64>,
+}
+
 /// Everything a VM counts, at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Metrics {
@@ -101,6 +114,8 @@ pub struct Metrics {
     pub ioapic_errors: u64,
     /// Per vCPU, by index.
     pub vcpus: Vec<VcpuMetrics>,
+    /// The VMM's own measurements.
+    pub vmm: VmmMetrics,
 }
 
 fn load(counter: &AtomicU64) -> u64 {
@@ -108,9 +123,21 @@ fn load(counter: &AtomicU64) -> u64 {
 }
 
 impl Metrics {
-    /// Reads every counter of `devices` and `vcpus`.
-    pub fn gather(devices: &DeviceManager, vcpus: &[std::sync::Arc<VcpuCounters>]) -> Metrics {
+    /// Reads every counter of `devices` and `vcpus`, and the phases of `timeline`.
+    pub fn gather(
+        devices: &DeviceManager,
+        vcpus: &[std::sync::Arc<VcpuCounters>],
+        timeline: &Timeline,
+    ) -> Metrics {
         let mut metrics = Metrics::default();
+        let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        metrics.vmm.boot_timer_us = timeline.get(Phase::BootTimer).map(micros);
+        if let (Some(from), Some(to)) = (
+            timeline.get(Phase::DevicesReady),
+            timeline.get(Phase::KernelLoaded),
+        ) {
+            metrics.vmm.kernel_load_us = Some(micros(to.saturating_sub(from)));
+        }
         for entry in &devices.virtio {
             let guest_errors = entry.lock().guest_errors();
             match &entry.kind {
@@ -194,6 +221,7 @@ impl Metrics {
         }
         object.insert("vcpu".into(), json!(total));
         object.insert("vcpus".into(), json!(self.vcpus));
+        object.insert("vmm".into(), json!(self.vmm));
         Value::Object(object)
     }
 }

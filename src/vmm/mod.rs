@@ -229,7 +229,9 @@ impl VmHandle {
     /// Every device's counters by id, and the vCPUs' exits (final once the VM has ended).
     pub fn metrics(&self) -> Metrics {
         match &self.running {
-            Some(running) => Metrics::gather(&running.devices, &running.vcpu_counters),
+            Some(running) => {
+                Metrics::gather(&running.devices, &running.vcpu_counters, &running.timeline)
+            }
             None => self.final_metrics.clone(),
         }
     }
@@ -331,7 +333,8 @@ impl VmHandle {
                 let _ = thread.join();
             }
             running.events.stop();
-            self.final_metrics = Metrics::gather(&running.devices, &running.vcpu_counters);
+            self.final_metrics =
+                Metrics::gather(&running.devices, &running.vcpu_counters, &running.timeline);
             if log::log_enabled!(log::Level::Debug) {
                 for net in self.final_metrics.net.values() {
                     log::debug!("net {}: {}", net.tap, net_stats(net));
@@ -339,7 +342,10 @@ impl VmHandle {
             }
             if let (true, Some(smaps)) = (log::log_enabled!(log::Level::Info), &running.smaps) {
                 match vstate::memory::overhead_kib(&running.memory, smaps) {
-                    Ok(kib) => log::info!("memory overhead: {kib} KiB outside guest memory"),
+                    Ok(kib) => {
+                        log::info!("memory overhead: {kib} KiB outside guest memory");
+                        self.final_metrics.vmm.memory_overhead_kib = Some(kib);
+                    }
                     Err(e) => log::debug!("cannot measure the memory overhead: {e}"),
                 }
             }
