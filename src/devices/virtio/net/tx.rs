@@ -13,6 +13,9 @@ pub const MAX_TX_LEN: u64 = VNET_HDR_LEN as u64 + 65_535 + 14 + 4;
 /// Most buffers in one frame: a full queue (Linux uses at most 19), well under `IOV_MAX`.
 const MAX_TX_BUFFERS: usize = 256;
 
+/// Guest buffers, each its address and length.
+pub type Buffers = Vec<(GuestAddress, u32)>;
+
 /// A checked transmit chain.
 #[derive(Debug, Clone)]
 pub struct TxFrame {
@@ -21,7 +24,7 @@ pub struct TxFrame {
     /// The virtio-net header, copied out of guest memory.
     pub header: [u8; VNET_HDR_LEN],
     /// The frame bytes after the header, in order.
-    pub buffers: Vec<(GuestAddress, u32)>,
+    pub buffers: Buffers,
     /// The header's and the frame's length.
     pub len: u64,
 }
@@ -75,7 +78,7 @@ pub fn parse(
 fn split_header(
     mem: &GuestMemoryMmap,
     buffers: &[(GuestAddress, u32)],
-) -> Result<([u8; VNET_HDR_LEN], Vec<(GuestAddress, u32)>), &'static str> {
+) -> Result<([u8; VNET_HDR_LEN], Buffers), &'static str> {
     const OUTSIDE: &str = "a transmit buffer outside guest memory";
     let mut header = [0u8; VNET_HDR_LEN];
     let mut filled = 0;
