@@ -341,6 +341,8 @@ fn raw_frames_cross_both_ways_in_order_and_intact() {
     assert_eq!(fields[0], RECEIVED.to_string(), "{line}");
     assert_eq!(fields[1], (RECEIVED * 1000).to_string(), "{line}");
     assert_eq!(fields[3], "0", "bad frames: {line}");
+    // The k-th frame the guest took carried sequence number k: each exactly once, in order.
+    assert_eq!(fields[4], "0", "frames out of order or repeated: {line}");
     vm.finish(GUEST_TIMEOUT).assert_success();
 }
 
@@ -413,4 +415,228 @@ fn a_missing_tap_is_created_for_the_vms_lifetime() {
         .output()
         .unwrap();
     assert!(!link.status.success(), "tap9 outlived ember");
+}
+
+/// Every frame waiting on `fd`, without blocking.
+fn drain_frames(fd: &File) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    let mut buf = vec![0u8; 70_000];
+    loop {
+        // SAFETY: recv into a buffer we own, of its length.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        let Ok(n) = usize::try_from(n) else {
+            return frames;
+        };
+        frames.push(buf[..n].to_vec());
+    }
+}
+
+/// Whether `frame` (Ethernet) is IPv4 UDP or TCP to port 9, as the guest's `gso-*` and `tso`
+/// packets are.
+fn to_port_9(frame: &[u8]) -> bool {
+    frame.len() >= 38
+        && frame[12..14] == [8, 0]
+        && matches!(frame[23], 6 | 17)
+        && frame[36..38] == 9u16.to_be_bytes()
+}
+
+#[test]
+fn segmentation_the_device_never_offered_is_refused_counted_and_never_reaches_the_tap() {
+    if !kvm_available() {
+        return;
+    }
+    let ns = NetNs::new("gso");
+    ns.add_tap("tap0", "10.0.0.1/24", 1500);
+    let kinds = ["gso-udp", "gso-uso", "gso-ecn"];
+    let ops: Vec<String> = kinds.iter().map(|k| format!("0:bad:{k}")).collect();
+    let cmdline = format!(
+        "guest.net.ip=10.0.0.2 guest.net.peer=10.0.0.1 guest.net={} guest.action=net",
+        ops.join(",")
+    );
+    let socket = ns.run(|| {
+        let fd = packet_socket();
+        bind_packet(&fd, ifindex("tap0"), 0x0800);
+        File::from(fd)
+    });
+    let mut vm = spawn_in(&ns, &["--net", "tap=tap0", "--cmdline", &cmdline]);
+    for kind in kinds {
+        let want = format!("net0.bad={kind}:used");
+        vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("net0.bad="));
+        assert_eq!(vm.seen.last().unwrap(), &want);
+    }
+    vm.expect_line(GUEST_TIMEOUT, |l| l == "net=ready");
+    // The interface still works, and none of the refused packets got through.
+    ping(&ns, "10.0.0.2");
+    let leaked: Vec<_> = drain_frames(&socket)
+        .into_iter()
+        .filter(|f| to_port_9(f))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "{} GSO packets reached the TAP",
+        leaked.len()
+    );
+    let finished = reset_guest(&ns, vm, "10.0.0.2");
+    let stats = exit_stats(&finished, "tap0");
+    assert_eq!(stat(&stats, "tx dropped"), kinds.len() as u64, "{stats:?}");
+    assert_eq!(stat(&stats, "tx errors"), 0, "{stats:?}");
+    assert!(
+        finished.stderr.contains("segmentation type"),
+        "{}",
+        finished.stderr
+    );
+}
+
+/// `PACKET_VNET_HDR`: a packet socket puts a `virtio_net_hdr` (10 bytes) before each frame.
+const PACKET_VNET_HDR: libc::c_int = 15;
+
+#[test]
+fn tso_frames_from_the_guest_reach_the_tap_whole_with_their_segmentation() {
+    if !kvm_available() {
+        return;
+    }
+    let ns = NetNs::new("tso");
+    ns.add_tap("tap0", "10.0.0.1/24", 1500);
+    const SIZE: usize = 5000;
+    const COUNT: usize = 20;
+    let socket = ns.run(|| {
+        let fd = packet_socket();
+        set_int(&fd, libc::SOL_PACKET, PACKET_VNET_HDR, 1);
+        set_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 16 << 20);
+        bind_packet(&fd, ifindex("tap0"), 0x0800);
+        File::from(fd)
+    });
+    let cmdline = format!(
+        "guest.net.ip=10.0.0.2 guest.net.peer=10.0.0.1 guest.net=0:tso:{SIZE}:{COUNT} guest.action=net"
+    );
+    let mut vm = spawn_in(&ns, &["--net", "tap=tap0", "--cmdline", &cmdline]);
+    let line = vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("net0.tso="));
+    assert!(
+        line.starts_with(&format!("net0.tso={SIZE}:{COUNT}:")),
+        "{line}"
+    );
+    assert!(line.ends_with(":0"), "frames not returned: {line}");
+    vm.expect_line(GUEST_TIMEOUT, |l| l == "net=ready");
+    let frames: Vec<Vec<u8>> = drain_frames(&socket)
+        .into_iter()
+        .filter(|f| f.len() > 10 && to_port_9(&f[10..]))
+        .collect();
+    assert_eq!(frames.len(), COUNT, "TSO frames on the TAP");
+    for (k, got) in frames.iter().enumerate() {
+        let (vnet, frame) = got.split_at(10);
+        // The kernel took each as one TCPv4 GSO packet with the guest's segment size and
+        // partial checksum: it segments it into 1448-byte segments on the way out.
+        assert_eq!(vnet[0], 1, "frame {k}: NEEDS_CSUM");
+        assert_eq!(vnet[1], 1, "frame {k}: gso_type TCPV4");
+        assert_eq!(
+            u16::from_le_bytes([vnet[4], vnet[5]]),
+            1448,
+            "frame {k}: MSS"
+        );
+        assert_eq!(
+            u16::from_le_bytes([vnet[6], vnet[7]]),
+            34,
+            "frame {k}: csum_start"
+        );
+        assert_eq!(
+            u16::from_le_bytes([vnet[8], vnet[9]]),
+            16,
+            "frame {k}: csum_offset"
+        );
+        assert_eq!(frame.len(), 14 + 20 + 20 + SIZE, "frame {k}");
+        let ip = &frame[14..34];
+        assert_eq!(usize::from(u16::from_be_bytes([ip[2], ip[3]])), 40 + SIZE);
+        assert_eq!(
+            u16::from_be_bytes([ip[4], ip[5]]),
+            u16::try_from(k).unwrap(),
+            "frame {k}: IP id"
+        );
+        let tcp = &frame[34..54];
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        assert_eq!(seq as usize, k * SIZE, "frame {k}: TCP sequence");
+        // The payload: sequence number k, then the pattern after it.
+        let payload = &frame[54..];
+        assert_eq!(
+            payload[..4],
+            u32::try_from(k).unwrap().to_be_bytes(),
+            "frame {k}"
+        );
+        let pattern_ok = payload[4..]
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == low_byte(k + i));
+        assert!(pattern_ok, "frame {k}: payload differs");
+    }
+    let finished = reset_guest(&ns, vm, "10.0.0.2");
+    let stats = exit_stats(&finished, "tap0");
+    for counter in ["tx dropped", "tx errors"] {
+        assert_eq!(stat(&stats, counter), 0, "{counter}: {stats:?}");
+    }
+}
+
+/// ember's CPU time so far (user and system), in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields[11].parse().unwrap();
+    let stime: u64 = fields[12].parse().unwrap();
+    utime + stime
+}
+
+#[test]
+fn a_tap_deleted_under_the_vm_ends_its_interface_not_the_vm_nor_an_idle_event_loop() {
+    if !kvm_available() {
+        return;
+    }
+    let ns = NetNs::new("del");
+    ns.add_tap("tap0", "10.0.30.1/24", 1500);
+    ns.add_tap("tap1", "10.0.31.1/24", 1500);
+    let mut vm = spawn_in(
+        &ns,
+        &[
+            "--net",
+            "tap=tap0",
+            "--net",
+            "tap=tap1",
+            "--cmdline",
+            "guest.net.ip=10.0.30.2,10.0.31.2 guest.net.peer=10.0.30.1,10.0.31.1 guest.action=net",
+        ],
+    );
+    vm.expect_line(GUEST_TIMEOUT, |l| l == "net=ready");
+    ping(&ns, "10.0.30.2");
+    ns.ip(&["link", "del", "tap0"]);
+    // Let ember see it, then measure: a spinning event loop burns a whole core.
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: sysconf with a constant argument.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap();
+    let before = cpu_ticks(vm.pid());
+    let window = Duration::from_secs(2);
+    std::thread::sleep(window);
+    let used = cpu_ticks(vm.pid()) - before;
+    let bound = hz * window.as_secs() / 2;
+    assert!(
+        used < bound,
+        "ember used {used} of {} ticks after the TAP went away: spinning",
+        hz * window.as_secs()
+    );
+    // The other interface, and the VM, carry on; the guest resets through it.
+    ping(&ns, "10.0.31.2");
+    let finished = reset_guest(&ns, vm, "10.0.31.2");
+    let gone: Vec<&str> = finished
+        .stderr
+        .lines()
+        .filter(|l| l.contains("TAP tap0"))
+        .filter(|l| !l.contains("net tap0: rx "))
+        .collect();
+    assert_eq!(gone.len(), 1, "{}", finished.stderr);
+    assert!(gone[0].contains("is gone"), "{}", gone[0]);
 }
