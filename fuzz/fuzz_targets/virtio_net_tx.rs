@@ -13,6 +13,7 @@
 #![no_main]
 
 use ember::devices::GuestErrors;
+use ember::devices::virtio::net::header::TxOffloads;
 use ember::devices::virtio::net::tap::VNET_HDR_LEN;
 use ember::devices::virtio::net::tx::{self, MAX_TX_LEN};
 use ember::devices::virtio::return_chain;
@@ -77,6 +78,11 @@ fuzz_target!(|data: &[u8]| {
         match result {
             Ok(frame) => {
                 assert!(valid, "accepted an invalid chain: {seen:?}");
+                // The header check: never a panic, and without offloads only a plain header.
+                let plain = frame.header[..2] == [0, 0];
+                let none = TxOffloads::from_features(0).check(&frame.header);
+                assert_eq!(none.is_ok(), plain, "header {:?}", frame.header);
+                let _ = TxOffloads::from_features(u64::MAX).check(&frame.header);
                 assert_eq!(frame.head, head);
                 assert_eq!(frame.len, total);
                 // The gather `tx::send` does before its writev: the header copy, then every

@@ -19,7 +19,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::header::TxOffloads;
@@ -214,13 +214,7 @@ impl Net {
                         };
                         found = true;
                         let head = chain.head_index();
-                        let checked = tx::parse(chain, mem).map_err(String::from).and_then(
-                            |frame| match self.tx_offloads.check(&frame.header) {
-                                Ok(()) => Ok(frame),
-                                Err(refused) => Err(refused.to_string()),
-                            },
-                        );
-                        match checked {
+                        match self.checked_frame(chain, mem) {
                             Ok(frame) => frame,
                             Err(why) => {
                                 bump(&self.counters.tx_drops, 1);
@@ -269,6 +263,19 @@ impl Net {
         });
         end.record(&self.errors, "virtio-net transmit");
         used_any
+    }
+
+    /// A transmit chain checked, and its header checked against the negotiated offloads.
+    fn checked_frame(
+        &self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<TxFrame, String> {
+        let frame = tx::parse(chain, mem)?;
+        self.tx_offloads
+            .check(&frame.header)
+            .map_err(|refused| refused.to_string())?;
+        Ok(frame)
     }
 
     fn complete(&self, queue: &mut Queue, mem: &GuestMemoryMmap, head: u16) {
