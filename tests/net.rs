@@ -7,6 +7,7 @@ mod common;
 use std::fs::File;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
 use common::netns::NetNs;
@@ -457,20 +458,16 @@ fn a_missing_tap_is_created_for_the_vms_lifetime() {
     assert!(!link.status.success(), "tap9 outlived ember");
 }
 
-/// Every frame waiting on `fd`, without blocking.
+/// Every frame waiting on `fd` (a packet socket or a TAP), without blocking.
 fn drain_frames(fd: &File) -> Vec<Vec<u8>> {
+    // SAFETY: fcntl on a descriptor we hold; the result is checked.
+    let ret = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    assert_eq!(ret, 0, "{}", std::io::Error::last_os_error());
     let mut frames = Vec::new();
     let mut buf = vec![0u8; 70_000];
     loop {
-        // SAFETY: recv into a buffer we own, of its length.
-        let n = unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
+        // SAFETY: read into a buffer we own, of its length.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         let Ok(n) = usize::try_from(n) else {
             return frames;
         };
@@ -679,4 +676,133 @@ fn a_tap_deleted_under_the_vm_ends_its_interface_not_the_vm_nor_an_idle_event_lo
         .collect();
     assert_eq!(gone.len(), 1, "{}", finished.stderr);
     assert!(gone[0].contains("is gone"), "{}", gone[0]);
+}
+
+/// The Internet checksum of `bytes` with `sum` already added, not inverted.
+fn ones_sum(bytes: &[u8], mut sum: u32) -> u16 {
+    for pair in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    u16::try_from(sum).unwrap()
+}
+
+/// Attaches to TAP `name`, non-blocking, without a virtio-net header and so without offloads.
+fn open_plain_tap(name: &str) -> File {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/net/tun")
+        .unwrap();
+    // SAFETY: ifreq is plain data; all zeroes is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, &src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *dst = libc::c_char::from_ne_bytes([src]);
+    }
+    req.ifr_ifru.ifru_flags = libc::c_short::try_from(libc::IFF_TAP | libc::IFF_NO_PI).unwrap();
+    // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    assert_eq!(ret, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+    file
+}
+
+/// Waits (up to 10 s) until `want` frames to port 9 are on `socket`, and returns them.
+fn frames_to_port_9(socket: &File, want: usize) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < want && std::time::Instant::now() < deadline {
+        got.extend(drain_frames(socket).into_iter().filter(|f| to_port_9(f)));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    got
+}
+
+#[test]
+fn tso_frames_from_the_guest_leave_the_host_in_segments_of_the_guests_mss() {
+    if !kvm_available() {
+        return;
+    }
+    // The guest's peer sits behind the host, on a second TAP that this test holds without
+    // offloads: the kernel cuts each GSO packet into segments on its way there.
+    let ns = NetNs::new("seg");
+    ns.add_tap("tap0", "10.0.0.1/24", 1500);
+    ns.add_tap("tap1", "10.0.2.1/24", 1500);
+    ns.ip(&[
+        "neigh",
+        "add",
+        "10.0.2.2",
+        "lladdr",
+        "02:00:00:00:02:02",
+        "dev",
+        "tap1",
+    ]);
+    ns.run(|| {
+        for (path, value) in [
+            ("ipv4/ip_forward", "1"),
+            ("ipv4/conf/tap0/proxy_arp", "1"),
+            ("ipv4/neigh/tap0/proxy_delay", "0"),
+        ] {
+            std::fs::write(format!("/proc/sys/net/{path}"), value).unwrap();
+        }
+    });
+    let socket = ns.run(|| open_plain_tap("tap1"));
+    const SIZE: usize = 5000;
+    const COUNT: usize = 20;
+    const MSS: usize = 1448;
+    let cmdline = format!(
+        "guest.net.ip=10.0.0.2 guest.net.peer=10.0.2.2 guest.net=0:tso:{SIZE}:{COUNT} guest.action=net"
+    );
+    let mut vm = spawn_in(&ns, &["--net", "tap=tap0", "--cmdline", &cmdline]);
+    let peer = vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("net0.peer"));
+    assert!(peer.starts_with("net0.peer_mac="), "{peer}");
+    let line = vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("net0.tso="));
+    assert!(line.ends_with(":0"), "frames not returned: {line}");
+    let per_frame = SIZE.div_ceil(MSS);
+    let segments = frames_to_port_9(&socket, COUNT * per_frame);
+    assert_eq!(
+        segments.len(),
+        COUNT * per_frame,
+        "segments behind the host"
+    );
+    for (n, segment) in segments.iter().enumerate() {
+        let (k, j) = (n / per_frame, n % per_frame);
+        let len = MSS.min(SIZE - j * MSS);
+        assert_eq!(segment.len(), 14 + 40 + len, "frame {k} segment {j}");
+        let ip = &segment[14..34];
+        assert_eq!(usize::from(u16::from_be_bytes([ip[2], ip[3]])), 40 + len);
+        assert_eq!(
+            ones_sum(ip, 0),
+            0xffff,
+            "frame {k} segment {j}: IP checksum"
+        );
+        let tcp = &segment[34..];
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        assert_eq!(seq as usize, k * SIZE + j * MSS, "frame {k} segment {j}");
+        // The checksum the guest left partial is complete in every segment.
+        let mut pseudo = 6 + u32::try_from(tcp.len()).unwrap();
+        for pair in ip[12..20].chunks(2) {
+            pseudo += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+        }
+        assert_eq!(
+            ones_sum(tcp, pseudo),
+            0xffff,
+            "frame {k} segment {j}: TCP checksum"
+        );
+        // Its payload: the guest's test payload for sequence number k, from j * MSS on.
+        let mut whole = u32::try_from(k).unwrap().to_be_bytes().to_vec();
+        whole.extend((0..SIZE - 4).map(|i| low_byte(k + i)));
+        assert!(
+            tcp[20..] == whole[j * MSS..j * MSS + len],
+            "frame {k} segment {j}: payload differs"
+        );
+    }
+    vm.expect_line(GUEST_TIMEOUT, |l| l == "net=ready");
+    let finished = reset_guest(&ns, vm, "10.0.0.2");
+    let stats = exit_stats(&finished, "tap0");
+    for counter in ["tx dropped", "tx errors"] {
+        assert_eq!(stat(&stats, counter), 0, "{counter}: {stats:?}");
+    }
 }
