@@ -3,6 +3,8 @@
 //! own, with its own TAPs, and talks to the guest from inside that namespace.
 
 mod common;
+#[path = "net/offload.rs"]
+mod offload;
 
 use std::fs::File;
 use std::net::{SocketAddr, UdpSocket};
@@ -261,6 +263,64 @@ fn guest_frame(dst: [u8; 6], src: [u8; 6], seq: u32, size: usize) -> Vec<u8> {
     frame
 }
 
+/// Sends test frame `seq` of `size` bytes to `mac` out of interface `ifindex`.
+fn send_frame(socket: &File, ifindex: i32, mac: [u8; 6], seq: u32, size: usize) {
+    let frame = guest_frame(mac, [2, 0, 0, 0, 0, 1], seq, size);
+    // SAFETY: sockaddr_ll is plain data; all zeroes is valid.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
+    addr.sll_ifindex = ifindex;
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&mac);
+    // SAFETY: sendto with a buffer and address we own, of their lengths.
+    let n = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&addr as *const libc::sockaddr_ll).cast(),
+            socklen::<libc::sockaddr_ll>(),
+        )
+    };
+    assert_eq!(
+        usize::try_from(n).ok(),
+        Some(size),
+        "sendto: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+#[test]
+fn the_guest_sees_a_repeated_or_overtaken_frame() {
+    if !kvm_available() {
+        return;
+    }
+    // The order check of the test above must be able to fail: frames 0 1 2 2 4 3 arrive with
+    // two out of place (the second 2, and the 3 after the 4).
+    let ns = NetNs::new("order");
+    ns.add_tap("tap0", "10.0.0.1/24", 1500);
+    let (socket, ifindex) = ns.run(|| guest_frame_socket("tap0"));
+    let file = File::from(socket);
+    let mut vm = spawn_in(
+        &ns,
+        &[
+            "--net",
+            "tap=tap0,mac=06:00:0a:00:00:02",
+            "--cmdline",
+            "guest.net.ip=10.0.0.2 guest.net.peer=10.0.0.1 guest.net=0:recv:6 guest.action=reset",
+        ],
+    );
+    vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("net0.peer_mac="));
+    for seq in [0, 1, 2, 2, 4, 3] {
+        send_frame(&file, ifindex, [6, 0, 0x0a, 0, 0, 2], seq, 100);
+    }
+    let line = vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("net0.recv="));
+    let fields: Vec<&str> = line["net0.recv=".len()..].split(':').collect();
+    assert_eq!((fields[0], fields[3], fields[4]), ("6", "0", "2"), "{line}");
+    vm.finish(GUEST_TIMEOUT).assert_success();
+}
+
 #[test]
 fn raw_frames_cross_both_ways_in_order_and_intact() {
     if !kvm_available() {
@@ -312,25 +372,7 @@ fn raw_frames_cross_both_ways_in_order_and_intact() {
     // Now the other way: frames from the host to the guest's MAC.
     let guest_mac = [6, 0, 0x0a, 0, 0, 2];
     for seq in 0..RECEIVED {
-        let frame = guest_frame(guest_mac, [2, 0, 0, 0, 0, 1], seq, 1000);
-        // SAFETY: sockaddr_ll is plain data; all zeroes is valid.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
-        addr.sll_ifindex = ifindex;
-        addr.sll_halen = 6;
-        addr.sll_addr[..6].copy_from_slice(&guest_mac);
-        // SAFETY: sendto with a buffer and address we own, of their lengths.
-        let n = unsafe {
-            libc::sendto(
-                file.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                socklen::<libc::sockaddr_ll>(),
-            )
-        };
-        assert_eq!(n, 1000, "sendto: {}", std::io::Error::last_os_error());
+        send_frame(&file, ifindex, guest_mac, seq, 1000);
         if seq % 50 == 49 {
             // The TAP's queue holds 1000 frames; pacing keeps a slow guest from losing any.
             std::thread::sleep(Duration::from_millis(20));
@@ -341,6 +383,8 @@ fn raw_frames_cross_both_ways_in_order_and_intact() {
     assert_eq!(fields[0], RECEIVED.to_string(), "{line}");
     assert_eq!(fields[1], (RECEIVED * 1000).to_string(), "{line}");
     assert_eq!(fields[3], "0", "bad frames: {line}");
+    // The k-th frame the guest took carried sequence number k: each exactly once, in order.
+    assert_eq!(fields[4], "0", "frames out of order or repeated: {line}");
     vm.finish(GUEST_TIMEOUT).assert_success();
 }
 
@@ -413,4 +457,64 @@ fn a_missing_tap_is_created_for_the_vms_lifetime() {
         .output()
         .unwrap();
     assert!(!link.status.success(), "tap9 outlived ember");
+}
+
+/// ember's CPU time so far (user and system), in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields[11].parse().unwrap();
+    let stime: u64 = fields[12].parse().unwrap();
+    utime + stime
+}
+
+#[test]
+fn a_tap_deleted_under_the_vm_ends_its_interface_not_the_vm_nor_an_idle_event_loop() {
+    if !kvm_available() {
+        return;
+    }
+    let ns = NetNs::new("del");
+    ns.add_tap("tap0", "10.0.30.1/24", 1500);
+    ns.add_tap("tap1", "10.0.31.1/24", 1500);
+    let mut vm = spawn_in(
+        &ns,
+        &[
+            "--net",
+            "tap=tap0",
+            "--net",
+            "tap=tap1",
+            "--cmdline",
+            "guest.net.ip=10.0.30.2,10.0.31.2 guest.net.peer=10.0.30.1,10.0.31.1 guest.action=net",
+        ],
+    );
+    vm.expect_line(GUEST_TIMEOUT, |l| l == "net=ready");
+    ping(&ns, "10.0.30.2");
+    ns.ip(&["link", "del", "tap0"]);
+    // Let ember see it, then measure: a spinning event loop burns a whole core.
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: sysconf with a constant argument.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap();
+    let before = cpu_ticks(vm.pid());
+    let window = Duration::from_secs(2);
+    std::thread::sleep(window);
+    let used = cpu_ticks(vm.pid()) - before;
+    let bound = hz * window.as_secs() / 2;
+    assert!(
+        used < bound,
+        "ember used {used} of {} ticks after the TAP went away: spinning",
+        hz * window.as_secs()
+    );
+    // The other interface, and the VM, carry on; the guest resets through it.
+    ping(&ns, "10.0.31.2");
+    let finished = reset_guest(&ns, vm, "10.0.31.2");
+    let gone: Vec<&str> = finished
+        .stderr
+        .lines()
+        .filter(|l| l.contains("TAP tap0"))
+        .filter(|l| !l.contains("net tap0: rx "))
+        .collect();
+    assert_eq!(gone.len(), 1, "{}", finished.stderr);
+    assert!(gone[0].contains("is gone"), "{}", gone[0]);
 }

@@ -199,7 +199,11 @@ fuzz_target!(|data: &[u8]| {
             let (image, size) = initrd.map_or((0, 0), |r| (r.addr.raw_value(), r.size));
             assert_eq!(u64::from(params.hdr.ramdisk_image), image);
             assert_eq!(u64::from(params.hdr.ramdisk_size), size);
-            assert_eq!({ params.hdr.setup_data }, 0, "a setup_data list ember never wrote");
+            assert_eq!(
+                { params.hdr.setup_data },
+                0,
+                "a setup_data list ember never wrote"
+            );
         }
         EntryMode::Pvh => {
             boot_params::write_pvh_start_info(&mem, initrd, &e820, rsdp).unwrap();

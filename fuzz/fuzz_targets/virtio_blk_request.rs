@@ -10,10 +10,10 @@ use std::sync::OnceLock;
 use ember::devices::virtio::VirtioDevice;
 use ember::devices::virtio::block::{Block, DiskFile};
 use libfuzzer_sys::fuzz_target;
+use virtio_queue::Queue;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const QUEUE_SIZE: u16 = 16;
@@ -51,7 +51,9 @@ fuzz_target!(|data: &[u8]| {
     if vq.add_desc_chains(&descs, 0).is_err() {
         return;
     }
-    let Ok(mut queue) = vq.create_queue::<Queue>() else { return };
+    let Ok(mut queue) = vq.create_queue::<Queue>() else {
+        return;
+    };
     let disk = DiskFile::open(image(), false, false).unwrap();
     let mut block = Block::new(disk, "fuzz");
     block.process_queue(0, &mut queue, &mem);

@@ -52,6 +52,9 @@ pub trait VirtioDevice: Send {
         None
     }
     /// The backend is ready for `events`; returns one bit per queue whose used ring moved.
+    /// `events` may hold `ERROR` or `HANG_UP`, which epoll reports whether asked for or not,
+    /// and again on every wait: a device that gets them must stop asking ([`Self::backend`]
+    /// `None`), or the event loop spins.
     fn process_backend(
         &mut self,
         _events: EventSet,

@@ -4,6 +4,11 @@
 //! does not fit waits (the TAP is not read further) until the guest adds more. Transmit: a queue
 //! notification drains the transmit queue into the TAP; if the TAP would block, the frame waits
 //! and the TAP is watched for output instead.
+//!
+//! A TAP deleted on the host (its descriptor reports an error, reads and writes fail with
+//! EBADFD) ends the interface, not the VM: ember logs it once, stops watching the descriptor,
+//! and from then on returns the guest's transmit chains unsent and leaves its receive buffers
+//! empty.
 
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, RawFd};
@@ -14,9 +19,10 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use super::header::TxOffloads;
 use super::rx::{Delivery, RxPool};
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::tx::{self, MAX_TX_LEN, TxFrame};
@@ -57,6 +63,10 @@ pub struct Net {
     rx_waiting: bool,
     /// A frame the TAP would not take yet; sent before any other.
     tx_pending: Option<TxFrame>,
+    /// What the guest's transmit headers may ask for.
+    tx_offloads: TxOffloads,
+    /// The TAP was deleted under us: nothing is read or written any more.
+    tap_gone: bool,
     active: bool,
     counters: Arc<NetCounters>,
     errors: GuestErrors,
@@ -75,6 +85,8 @@ impl Net {
             rx_pool: RxPool::default(),
             rx_waiting: false,
             tx_pending: None,
+            tx_offloads: TxOffloads::default(),
+            tap_gone: false,
             active: false,
             counters: Arc::new(NetCounters::default()),
             errors: GuestErrors::default(),
@@ -106,23 +118,39 @@ impl Net {
     }
 
     fn apply_offloads(&mut self) {
-        if std::mem::take(&mut self.offload_pending) {
+        if std::mem::take(&mut self.offload_pending) && !self.tap_gone {
             if let Err(e) = self.tap.set_offload(self.tap_offloads()) {
                 log::warn!("virtio-net: {e}");
             }
         }
     }
 
+    /// The TAP is gone (deleted on the host): says so once, and serves the interface no more.
+    fn lose_tap(&mut self) {
+        if !self.tap_gone {
+            self.tap_gone = true;
+            self.rx_pending = 0;
+            log::error!(
+                "virtio-net: TAP {} is gone (deleted on the host?); its interface stops, the VM runs on",
+                self.tap.name()
+            );
+        }
+    }
+
     /// Moves frames from the TAP to the guest until one side runs dry.
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used_any = false;
-        loop {
+        while !self.tap_gone {
             if self.rx_pending == 0 {
                 match self.tap.read_frame(&mut self.rx_frame) {
                     Ok(n) if n > VNET_HDR_LEN => self.rx_pending = n,
                     Ok(_) => continue,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
+                        self.lose_tap();
+                        break;
+                    }
                     Err(e) => {
                         bump(&self.counters.rx_errors, 1);
                         log::warn!("virtio-net: cannot read TAP {}: {e}", self.tap.name());
@@ -186,7 +214,7 @@ impl Net {
                         };
                         found = true;
                         let head = chain.head_index();
-                        match tx::parse(chain, mem) {
+                        match self.checked_frame(chain, mem) {
                             Ok(frame) => frame,
                             Err(why) => {
                                 bump(&self.counters.tx_drops, 1);
@@ -198,6 +226,12 @@ impl Net {
                         }
                     }
                 };
+                if self.tap_gone {
+                    bump(&self.counters.tx_errors, 1);
+                    self.complete(queue, mem, frame.head);
+                    used_any = true;
+                    continue;
+                }
                 match tx::send(&self.tap, mem, &frame) {
                     Ok(n) if n as u64 == frame.len => {
                         bump(&self.counters.tx_packets, 1);
@@ -212,6 +246,10 @@ impl Net {
                         self.tx_pending = Some(frame);
                         return Ok(Pass::Stopped);
                     }
+                    Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
+                        bump(&self.counters.tx_errors, 1);
+                        self.lose_tap();
+                    }
                     Err(e) => {
                         // E.g. a header the kernel rejects, or the TAP is down.
                         bump(&self.counters.tx_errors, 1);
@@ -225,6 +263,19 @@ impl Net {
         });
         end.record(&self.errors, "virtio-net transmit");
         used_any
+    }
+
+    /// A transmit chain checked, and its header checked against the negotiated offloads.
+    fn checked_frame(
+        &self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<TxFrame, String> {
+        let frame = tx::parse(chain, mem)?;
+        self.tx_offloads
+            .check(&frame.header)
+            .map_err(|refused| refused.to_string())?;
+        Ok(frame)
     }
 
     fn complete(&self, queue: &mut Queue, mem: &GuestMemoryMmap, head: u16) {
@@ -261,6 +312,7 @@ impl VirtioDevice for Net {
 
     fn activate(&mut self, features: u64) {
         self.acked = features;
+        self.tx_offloads = TxOffloads::from_features(features);
         self.offload_pending = true;
         self.active = true;
     }
@@ -279,7 +331,7 @@ impl VirtioDevice for Net {
     }
 
     fn backend(&self) -> Option<(RawFd, EventSet)> {
-        if !self.active {
+        if !self.active || self.tap_gone {
             return None;
         }
         let mut events = EventSet::empty();
@@ -300,7 +352,13 @@ impl VirtioDevice for Net {
     ) -> u32 {
         self.apply_offloads();
         let mut moved = 0;
-        if events.contains(EventSet::OUT) {
+        // epoll reports an error on a TAP whose interface was deleted, whatever was asked
+        // for, and keeps reporting it: unhandled, it would spin the event loop.
+        if events.intersects(EventSet::ERROR | EventSet::HANG_UP) {
+            self.lose_tap();
+        }
+        if events.intersects(EventSet::OUT | EventSet::ERROR | EventSet::HANG_UP) {
+            // Also returns a frame that waited for a TAP now gone.
             if let Some(queue) = queues.get_mut(TX) {
                 if self.transmit(queue, mem) {
                     moved |= 1 << TX;
@@ -324,6 +382,7 @@ impl VirtioDevice for Net {
         self.rx_pool.clear();
         self.rx_waiting = false;
         self.tx_pending = None;
+        self.tx_offloads = TxOffloads::default();
     }
 }
 
@@ -454,6 +513,78 @@ mod tests {
                 .recv_timeout(std::time::Duration::from_secs(10))
                 .expect("transmit spins on overlapping rings");
             assert!(errors >= 1, "the broken ring is counted");
+        });
+    }
+
+    /// What epoll reports for the device's backend right now (without waiting).
+    fn epoll_events(net: &Net) -> EventSet {
+        use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet as Ep};
+        let (fd, wanted) = net.backend().unwrap();
+        let epoll = Epoll::new().unwrap();
+        let event = EpollEvent::new(Ep::from_bits_truncate(wanted.bits()), 0);
+        epoll.ctl(ControlOperation::Add, fd, event).unwrap();
+        let mut ready = [EpollEvent::default(); 1];
+        match epoll.wait(0, &mut ready).unwrap() {
+            0 => EventSet::empty(),
+            _ => EventSet::from_bits_truncate(ready[0].events()),
+        }
+    }
+
+    #[test]
+    fn a_deleted_tap_ends_the_interface_instead_of_spinning_the_event_loop() {
+        with_net(|mut net| {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+            let rx = MockSplitQueue::new(&mem, 16);
+            let tx = MockSplitQueue::new(&mem, 16);
+            let mut queues = [rx.create_queue().unwrap(), tx.create_queue().unwrap()];
+            net.activate(VIRTIO_F_VERSION_1);
+            assert_eq!(epoll_events(&net), EventSet::empty());
+            let del = Command::new("ip").args(["link", "del", TAP]).status();
+            assert!(del.unwrap().success());
+            // The deleted TAP's descriptor reports an error, on every wait.
+            let events = epoll_events(&net);
+            assert!(events.contains(EventSet::ERROR), "{events:?}");
+            net.process_backend(events, &mut queues, &mem);
+            assert_eq!(net.backend(), None, "the dead TAP is still watched");
+            // A frame the guest sends now comes back unsent, counted as an error.
+            let hdr = RawDescriptor::from(Descriptor::new(0x10_0000, 12, 1, 1));
+            let body = RawDescriptor::from(Descriptor::new(0x10_1000, 60, 0, 0));
+            tx.add_desc_chains(&[hdr, body], 0).unwrap();
+            assert!(net.process_queue(TX, &mut queues[TX], &mem));
+            let stats = net.counters().snapshot();
+            assert_eq!((stats.tx_packets, stats.tx_errors), (0, 1), "{stats:?}");
+            // Receive buffers stay untouched, and still nothing is watched.
+            let buf = RawDescriptor::from(Descriptor::new(0x20_0000, 2048, 2, 0));
+            rx.add_desc_chains(&[buf], 0).unwrap();
+            assert!(!net.process_queue(RX, &mut queues[RX], &mem));
+            assert_eq!(net.backend(), None);
+        });
+    }
+
+    #[test]
+    fn transmit_headers_asking_for_offloads_not_negotiated_are_dropped_and_counted() {
+        with_net(|mut net| {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+            let tx = MockSplitQueue::new(&mem, 16);
+            let mut queue = tx.create_queue().unwrap();
+            // Checksum and TCPv4 segmentation negotiated; TCPv6 not; UDP never offered.
+            net.activate(VIRTIO_F_VERSION_1 | bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_HOST_TSO4));
+            let mut chains = Vec::new();
+            for (k, gso_type) in [4u8, 3, 0x81].into_iter().enumerate() {
+                let at = 0x10_0000 + 0x1000 * k as u64;
+                let mut hdr = [0u8; VNET_HDR_LEN];
+                hdr[0] = 1; // NEEDS_CSUM
+                hdr[1] = gso_type;
+                hdr[4..6].copy_from_slice(&1448u16.to_le_bytes());
+                mem.write_slice(&hdr, GuestAddress(at)).unwrap();
+                chains.push(RawDescriptor::from(Descriptor::new(at, 12 + 100, 0, 0)));
+            }
+            // Three one-descriptor chains.
+            tx.add_desc_chains(&chains, 0).unwrap();
+            assert!(net.process_queue(TX, &mut queue, &mem));
+            let stats = net.counters().snapshot();
+            assert_eq!((stats.tx_drops, stats.tx_packets), (3, 0), "{stats:?}");
+            assert_eq!(net.errors.count(), 3);
         });
     }
 

@@ -1,6 +1,7 @@
 //! virtio-net on a host TAP: the device ([`Net`]), its receive and transmit paths, and the TAP.
 
 mod device;
+pub mod header;
 pub mod rx;
 pub mod tap;
 pub mod tx;
@@ -41,9 +42,10 @@ pub struct NetStats {
     pub tx_packets: u64,
     /// Bytes written to the TAP.
     pub tx_bytes: u64,
-    /// Malformed transmit chains from the guest, dropped.
+    /// Malformed transmit chains from the guest, and headers asking for offloads it did not
+    /// negotiate: dropped.
     pub tx_drops: u64,
-    /// Frames the TAP refused or failed to take.
+    /// Frames the TAP refused or failed to take (or that found it deleted).
     pub tx_errors: u64,
 }
 

@@ -24,15 +24,21 @@ pub enum BadKind {
     Huge,
     WriteOnly,
     Loop,
+    GsoUdp,
+    GsoUso,
+    GsoEcn,
 }
 
 impl BadKind {
-    const ALL: [BadKind; 5] = [
+    const ALL: [BadKind; 8] = [
         BadKind::Short,
         BadKind::Outside,
         BadKind::Huge,
         BadKind::WriteOnly,
         BadKind::Loop,
+        BadKind::GsoUdp,
+        BadKind::GsoUso,
+        BadKind::GsoEcn,
     ];
 
     /// The `KIND` word.
@@ -43,6 +49,9 @@ impl BadKind {
             BadKind::Huge => "huge",
             BadKind::WriteOnly => "writeonly",
             BadKind::Loop => "loop",
+            BadKind::GsoUdp => "gso-udp",
+            BadKind::GsoUso => "gso-uso",
+            BadKind::GsoEcn => "gso-ecn",
         }
     }
 }

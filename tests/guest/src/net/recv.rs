@@ -1,6 +1,7 @@
 //! `N:recv:COUNT`: waits for `COUNT` frames of ethertype 0x88b5 and checks their payloads
 //! (u32 big-endian sequence number *s*, then byte *i* after it = `(s + i) & 0xff`) against
-//! the test pattern (`repe cmpsq`). Other frames are dropped. [`receive`], the loop
+//! the test pattern (`repe cmpsq`), and that the *k*-th carries *s* = *k* (each frame once, in
+//! order). Other frames are dropped. [`receive`], the loop
 //! itself, runs in ring 3 (natively on PVM hosts).
 
 use super::bytes::{self, Bytes, PATTERN};
@@ -12,7 +13,7 @@ use crate::serial::{Dec, Put};
 /// Without a test frame for this long, `recv` reports what it has.
 const IDLE_US: u64 = 10_000_000;
 
-/// What arrived: `<frames>:<bytes>:<elapsed_us>:<bad>` of the report.
+/// What arrived: `<frames>:<bytes>:<elapsed_us>:<bad>:<misordered>` of the report.
 #[derive(Default)]
 pub struct Received {
     frames: u64,
@@ -20,6 +21,8 @@ pub struct Received {
     first: u64,
     last: u64,
     bad: u64,
+    /// Frames whose sequence number was not their place in the arrival order.
+    misordered: u64,
 }
 
 impl Put for Received {
@@ -29,6 +32,8 @@ impl Put for Received {
             ":".put();
         }
         Dec(self.bad).put();
+        ":".put();
+        Dec(self.misordered).put();
     }
 }
 
@@ -57,12 +62,15 @@ pub fn receive(rx: &mut Rx, diag: &mut Diag, scratch: u64, count: u64, idle: u64
                 got.first = since;
             }
             got.last = since;
+            // SAFETY: `scratch` is the device's gather buffer, MAX_FRAME bytes.
+            let bytes = unsafe { rx.contiguous(&frame, scratch) };
+            if !pattern_ok(bytes) {
+                got.bad += 1;
+            } else if bytes.be32(ETH_LEN) as u64 != got.frames {
+                got.misordered += 1;
+            }
             got.frames += 1;
             got.bytes += frame.len as u64;
-            // SAFETY: `scratch` is the device's gather buffer, MAX_FRAME bytes.
-            if !pattern_ok(unsafe { rx.contiguous(&frame, scratch) }) {
-                got.bad += 1;
-            }
         }
         rx.done(frame);
     }
