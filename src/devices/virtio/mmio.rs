@@ -285,6 +285,21 @@ impl MmioTransport {
         if self.device.process_queue(index, queue, &self.mem) {
             self.signal_used(index);
         }
+        self.reschedule_backlog();
+    }
+
+    /// Queues whose drain ran out of budget get their notification again: the event loop serves
+    /// them on its next turn, after whatever else is ready (a stop, console input, the other
+    /// devices), instead of one guest keeping the thread.
+    fn reschedule_backlog(&mut self) {
+        let backlog = self.device.take_backlog();
+        for (index, evt) in self.notify.iter().enumerate() {
+            if backlog & (1 << index) != 0 {
+                if let Err(e) = evt.write(1) {
+                    log::warn!("virtio-mmio: cannot reschedule a queue: {e}");
+                }
+            }
+        }
     }
 
     /// Queue `index`'s used ring moved: interrupt the guest if it asked to be told.
@@ -313,6 +328,7 @@ impl MmioTransport {
                 self.signal_used(index);
             }
         }
+        self.reschedule_backlog();
     }
 
     /// Makes the event loop watch the backend for what the device waits for now.
@@ -424,7 +440,7 @@ impl MutEventSubscriber for MmioTransport {
             .iter()
             .position(|e| e.as_raw_fd() == events.fd())
         {
-            // The count does not matter: one pass drains everything available.
+            // The count does not matter: each serving takes what is available, up to a budget.
             let _ = self.notify[index].read();
             self.serve_queue(index);
         } else if self
