@@ -41,9 +41,15 @@ pub fn publish(rng: &mut Rng, arena: &Arena, dev: &mut Dev) -> u64 {
     let Some(vq) = dev.queues.first_mut().filter(|vq| vq.size != 0) else {
         return 0;
     };
-    // SAFETY: the used ring's index (the device writes it) in the attack area.
-    let used = unsafe { get::<u16>(vq.used + 2) };
-    let room = vq.size.saturating_sub(vq.idx.wrapping_sub(used));
+    // A used ring the guest placed outside the area (or outside RAM) is not read: the device
+    // cannot use it either, so the whole ring is published.
+    let room = match arena.holds_rings(vq.used, 4) {
+        // SAFETY: the used ring's index (the device writes it), in the attack area.
+        true => vq
+            .size
+            .saturating_sub(vq.idx.wrapping_sub(unsafe { get::<u16>(vq.used + 2) })),
+        false => vq.size,
+    };
     if room == 0 {
         return 0;
     }
