@@ -2,8 +2,10 @@
 //! the test guest's `guest.action=hostile` attacks the ports, the MMIO windows and the virtqueues
 //! of one writable disk and one network interface for 30 s while the host side sends it large
 //! UDP datagrams. ember must not crash or hang (the guest reaches `hostile=done`, resets, and
-//! ember exits 0), its memory (VmRSS) and open descriptors must not grow, and its rate-limited
-//! guest-error log must stay small.
+//! ember exits 0), its memory (VmRSS) and open descriptors must not grow, its rate-limited
+//! guest-error log must stay small, and after the attack both devices must still serve the
+//! guest's proper driver (a disk write, flush and read; an ARP exchange). A second run keeps the
+//! disk's ring full of the heaviest requests and checks that SIGTERM stops ember promptly.
 //!
 //! `cargo test` runs one seed for 30 s. Longer runs, one seed after another:
 //!

@@ -15,8 +15,11 @@
 //! device raises through a pin the I/O APIC attacks unmasked (any vector, most of which have no
 //! gate) stays pending and is never delivered, in ring 0 or ring 3.
 //!
+//! After the attack, `check` drives every device properly once more (in ring 3, polling) and
+//! ring 0 reports what it found.
+//!
 //! Module map: `rng` (xorshift64), `arena`, `regs`, `ports`, `ioapic`, `device`, `chains`,
-//! `payload`.
+//! `payload`, `heavy` (the heaviest block requests), `check`.
 
 mod arena;
 mod chains;
