@@ -180,6 +180,39 @@ fn discard_and_write_zeroes_punch_holes_in_the_image() {
     );
 }
 
+/// The device advertises `size_max` (1 MiB per data buffer) and refuses a buffer past it; the
+/// largest buffer it allows is served.
+#[test]
+fn a_buffer_past_the_advertised_size_max_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let image = Image::new("size-max", 4096, |i| low_byte(i % 239));
+    let before = image.bytes();
+    let out = run_guest(&[
+        "--disk",
+        &image.disk(""),
+        "--cmdline",
+        "guest.blk=0:info,0:read:0:2048,0:read:0:2049,0:write:0:2049:5,0:read:1:1",
+    ]);
+    out.assert_success();
+    let info = out.value("blk0.info");
+    assert!(info.ends_with(" seg_max=254 size_max=1048576"), "{info}");
+    let reads = out.values("blk0.read");
+    assert_eq!(
+        reads[0],
+        format!("0:2048:0:{}", fnv1a64(&before[..2048 * SECTOR])),
+        "1 MiB in one buffer is served"
+    );
+    assert!(reads[1].starts_with("0:2049:1:"), "IOERR: {}", reads[1]);
+    assert_eq!(out.value("blk0.write"), "0:2049:1", "IOERR");
+    assert_eq!(
+        reads[2],
+        format!("1:1:0:{}", fnv1a64(&before[SECTOR..2 * SECTOR]))
+    );
+    assert_eq!(image.bytes(), before, "the refused write changed nothing");
+}
+
 #[test]
 fn every_malformed_request_is_refused_and_the_next_one_is_served() {
     if !kvm_available() {
