@@ -2,8 +2,10 @@
 //! the test guest's `guest.action=hostile` attacks the ports, the MMIO windows and the virtqueues
 //! of one writable disk and one network interface for 30 s while the host side sends it large
 //! UDP datagrams. ember must not crash or hang (the guest reaches `hostile=done`, resets, and
-//! ember exits 0), its memory (VmRSS) and open descriptors must not grow, and its rate-limited
-//! guest-error log must stay small.
+//! ember exits 0), its memory (VmRSS) and open descriptors must not grow, its rate-limited
+//! guest-error log must stay small, and after the attack both devices must still serve the
+//! guest's proper driver (a disk write, flush and read; an ARP exchange). A second run keeps the
+//! disk's ring full of the heaviest requests and checks that SIGTERM stops ember promptly.
 //!
 //! `cargo test` runs one seed for 30 s. Longer runs, one seed after another:
 //!
@@ -40,19 +42,33 @@ const GUEST_IP: &str = "10.0.0.2";
 /// The largest UDP payload one frame carries at the TAP's MTU (65521 - 20 - 8).
 const MTU: u32 = 65_521;
 const BIG_DATAGRAM: usize = 65_493;
+/// Where the guest's attack area is with `--memory 256`.
+const AREA: &str = "0xf000000";
+/// The sector the guest's check after the attack writes (tests/guest/src/hostile/check.rs),
+/// and its bytes.
+const CHECK_SECTOR: usize = 8;
+fn check_pattern(seed: u64, i: u64) -> u8 {
+    seed.wrapping_mul(31).wrapping_add(i * 7).to_le_bytes()[0]
+}
+/// How long ember may take to stop: a hang check, not a timing.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A scratch disk image, in /dev/shm when there is one (the guest flushes a lot).
 struct Image(PathBuf);
 
 impl Image {
-    fn new(seed: u64) -> Image {
+    fn bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.0).unwrap()
+    }
+
+    fn new(name: &str) -> Image {
         let shm = PathBuf::from("/dev/shm");
         let dir = if shm.is_dir() {
             shm
         } else {
             std::env::temp_dir()
         };
-        let path = dir.join(format!("ember-hostile-{}-{seed}.img", std::process::id()));
+        let path = dir.join(format!("ember-hostile-{}-{name}.img", std::process::id()));
         let file = std::fs::File::create(&path).unwrap();
         file.set_len(DISK_BYTES).unwrap();
         Image(path)
@@ -129,12 +145,10 @@ struct Run {
     stderr_bytes: usize,
 }
 
-fn hostile_run(seed: u64, seconds: u64) -> Run {
-    assert!(
-        seconds > WARM_UP_SECONDS + 1,
-        "{SECONDS} must exceed {WARM_UP_SECONDS}"
-    );
-    let image = Image::new(seed);
+/// A namespace with the TAP, the image, and the ember command that runs the hostile guest
+/// with `guest.hostile=ARG`.
+fn setup(tag: &str, seed: u64, arg: &str) -> (NetNs, Image, std::process::Command) {
+    let image = Image::new(&format!("{tag}-{seed}"));
     let ns = NetNs::new("hostile");
     ns.add_tap("tap0", "10.0.0.1/24", MTU);
     // The guest answers no ARP: tell the host its MAC.
@@ -158,15 +172,33 @@ fn hostile_run(seed: u64, seconds: u64) -> Run {
         .arg(format!("path={}", image.0.display()))
         .args(["--net", &format!("tap=tap0,mac={GUEST_MAC}")])
         .arg("--cmdline")
-        .arg(format!(
-            "guest.action=hostile guest.hostile={seed}:{seconds}"
-        ));
+        .arg(format!("guest.action=hostile guest.hostile={arg}"));
+    (ns, image, command)
+}
+
+fn hostile_run(seed: u64, seconds: u64) -> Run {
+    assert!(
+        seconds > WARM_UP_SECONDS + 1,
+        "{SECONDS} must exceed {WARM_UP_SECONDS}"
+    );
+    let (ns, image, command) = setup("attack", seed, &format!("{seed}:{seconds}"));
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| ns.run(|| blast(&stop)));
         let _stop = StopOnDrop(&stop); // also when `watch` panics, or the scope never ends
-        watch(Ember::spawn_command(command), seed, seconds)
+        watch(Ember::spawn_command(command), &image, seed, seconds)
     })
+}
+
+/// Waits for the guest's start line and checks it: `params` as given (`SEED seconds=SECONDS`,
+/// perhaps ` heavy`), and both devices found.
+fn expect_start(vm: &mut Ember, params: &str) {
+    let line = vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("guest: hostile"));
+    assert_eq!(
+        line,
+        format!("guest: hostile seed={params} devices=2 blk=1 net=1 area={AREA}"),
+        "the guest found the disk and the network interface"
+    );
 }
 
 /// Sets its flag when dropped.
@@ -180,10 +212,10 @@ impl Drop for StopOnDrop<'_> {
 
 /// Follows one run to ember's exit, sampling its RSS and descriptors: at the start, after the
 /// warm-up, and at each later progress line (the last one before `hostile=done` counts).
-fn watch(mut vm: Ember, seed: u64, seconds: u64) -> Run {
+fn watch(mut vm: Ember, image: &Image, seed: u64, seconds: u64) -> Run {
     // `ip netns exec` execs ember: same pid.
     let pid = vm.pid();
-    vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("guest: hostile seed="));
+    expect_start(&mut vm, &format!("{seed} seconds={seconds}"));
     let fds_start = open_fds(pid);
     // Progress lines come about every second of guest time; allow a slow host plenty.
     let deadline = Instant::now() + Duration::from_secs(2 * seconds + 60);
@@ -241,6 +273,22 @@ fn watch(mut vm: Ember, seed: u64, seconds: u64) -> Run {
         fds_end <= fds_start,
         "seed {seed}: ember's open descriptors grew from {fds_start} to {fds_end}"
     );
+    // After the attack the guest drives both devices properly once more.
+    assert_eq!(
+        (
+            finished.value("hostile.blk0"),
+            finished.value("hostile.net0")
+        ),
+        ("ok".to_owned(), "ok".to_owned()),
+        "seed {seed}: the devices still serve a proper driver"
+    );
+    let sector = &image.bytes()[CHECK_SECTOR * 512..(CHECK_SECTOR + 1) * 512];
+    let expected: Vec<u8> = (0..512).map(|i| check_pattern(seed, i)).collect();
+    assert_eq!(
+        sector,
+        &expected[..],
+        "seed {seed}: the check's write is in the image"
+    );
     Run {
         ops,
         rss_kib: (rss_start, rss_end),
@@ -266,4 +314,27 @@ fn ember_survives_a_hostile_guest_without_growing() {
             run.ops, run.rss_kib.0, run.rss_kib.1, run.fds.0, run.fds.1, run.stderr_bytes
         );
     }
+}
+
+/// SIGTERM while the guest keeps the disk's ring full of the heaviest requests it can make
+/// (`guest.hostile=SEED:SECONDS:heavy`: aliased discard storms, whole-disk reads and writes,
+/// requests past every limit) and a vCPU waits for the device's lock: ember must stop within
+/// [`STOP_TIMEOUT`], not when the ring drains.
+#[test]
+fn a_stop_during_the_heaviest_requests_ends_ember_promptly() {
+    if !kvm_available() {
+        return;
+    }
+    let seed = env_list(SEEDS, DEFAULT_SEED)[0];
+    let (_ns, _image, command) = setup("stop", seed, &format!("{seed}:600:heavy"));
+    let mut vm = Ember::spawn_command(command);
+    expect_start(&mut vm, &format!("{seed} seconds=600 heavy"));
+    // Two seconds into the attack: the ring has been full for a while.
+    vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("hostile=2:"));
+    let out = vm.stop(STOP_TIMEOUT);
+    assert!(
+        !out.stderr.contains("panicked at"),
+        "an ember thread panicked:\n{}",
+        out.stderr
+    );
 }

@@ -70,9 +70,16 @@ impl DiskConfig {
         }
     }
 
-    /// The device's id (the API's `drive_id`): the given id, else the file name.
+    /// The device's id (the API's `drive_id`): the given id, else the whole file name.
     pub fn device_id(&self) -> String {
-        self.serial()
+        match &self.id {
+            Some(id) => id.clone(),
+            None => self
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }
     }
 
     /// The GET_ID string: the given id, else the file name cut to 20 bytes.

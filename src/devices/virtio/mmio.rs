@@ -285,6 +285,21 @@ impl MmioTransport {
         if self.device.process_queue(index, queue, &self.mem) {
             self.signal_used(index);
         }
+        self.reschedule_backlog();
+    }
+
+    /// Queues whose drain ran out of budget get their notification again: the event loop serves
+    /// them on its next turn, after whatever else is ready (a stop, console input, the other
+    /// devices), instead of one guest keeping the thread.
+    fn reschedule_backlog(&mut self) {
+        let backlog = self.device.take_backlog();
+        for (index, evt) in self.notify.iter().enumerate() {
+            if backlog & (1 << index) != 0 {
+                if let Err(e) = evt.write(1) {
+                    log::warn!("virtio-mmio: cannot reschedule a queue: {e}");
+                }
+            }
+        }
     }
 
     /// Queue `index`'s used ring moved: interrupt the guest if it asked to be told.
@@ -313,6 +328,7 @@ impl MmioTransport {
                 self.signal_used(index);
             }
         }
+        self.reschedule_backlog();
     }
 
     /// Makes the event loop watch the backend for what the device waits for now.
@@ -424,7 +440,7 @@ impl MutEventSubscriber for MmioTransport {
             .iter()
             .position(|e| e.as_raw_fd() == events.fd())
         {
-            // The count does not matter: one pass drains everything available.
+            // The count does not matter: each serving takes what is available, up to a budget.
             let _ = self.notify[index].read();
             self.serve_queue(index);
         } else if self
@@ -434,5 +450,86 @@ impl MutEventSubscriber for MmioTransport {
             self.serve_backend(events.event_set());
         }
         self.sync_backend(ops);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::{Block, DiskFile};
+    use crate::devices::virtio::drain::CHAINS_PER_PASS;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes};
+
+    fn write(transport: &mut MmioTransport, offset: u64, value: u32) {
+        transport.write(offset, &value.to_le_bytes());
+    }
+
+    /// A queue left with work after its turn gets its notification again, so the event loop
+    /// comes back to it after serving whatever else is ready.
+    #[test]
+    fn a_queue_with_work_left_after_its_turn_is_notified_again() {
+        let image = std::env::temp_dir().join(format!("ember-mmio-{}-backlog", std::process::id()));
+        std::fs::write(&image, vec![0u8; 64 * 512]).unwrap();
+        let block = Block::new(DiskFile::open(&image, false, false).unwrap(), "backlog");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 256);
+        // 128 requests of an unknown type (header and status each): twice a turn's chains.
+        let descs: Vec<RawDescriptor> = (0..128u16)
+            .flat_map(|n| {
+                let header = 0x30_0000 + u64::from(n) * 16;
+                mem.write_obj(0x7fffu32, GuestAddress(header)).unwrap();
+                [
+                    Descriptor::new(header, 16, 1, 2 * n + 1),
+                    Descriptor::new(0x38_0000 + u64::from(n), 1, 2, 0),
+                ]
+            })
+            .map(RawDescriptor::from)
+            .collect();
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let notify = evt();
+        let mut transport = MmioTransport::new(
+            Box::new(block),
+            mem.clone(),
+            evt(),
+            vec![notify.try_clone().unwrap()],
+        )
+        .unwrap();
+        for (offset, value) in [(0x070, 1), (0x070, 3), (0x024, 1), (0x020, 1), (0x070, 11)] {
+            write(&mut transport, offset, value);
+        }
+        write(&mut transport, 0x038, 256);
+        for (offset, addr) in [
+            (0x080, vq.desc_table_addr().0),
+            (0x090, vq.avail_addr().0),
+            (0x0a0, vq.used_addr().0),
+        ] {
+            write(
+                &mut transport,
+                offset,
+                u32::try_from(addr & 0xffff_ffff).unwrap(),
+            );
+            write(
+                &mut transport,
+                offset + 4,
+                u32::try_from(addr >> 32).unwrap(),
+            );
+        }
+        write(&mut transport, 0x044, 1);
+        write(&mut transport, 0x070, 15);
+        // DRIVER_OK kicks the queue once; take that kick, then serve one turn.
+        assert_eq!(notify.read().unwrap(), 1);
+        write(&mut transport, QUEUE_NOTIFY_OFFSET, 0);
+        let used: u16 = mem.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
+        assert_eq!(u32::from(used), CHAINS_PER_PASS, "one turn's chains");
+        assert_eq!(notify.read().ok(), Some(1), "the queue is notified again");
+        write(&mut transport, QUEUE_NOTIFY_OFFSET, 0);
+        let used: u16 = mem.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
+        assert_eq!(used, 128);
+        drop(transport);
+        std::fs::remove_file(image).unwrap();
     }
 }

@@ -46,6 +46,12 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
     /// The driver reset the device.
     fn reset(&mut self);
+    /// Queues (one bit each) whose last drain ran out of its budget with work left, cleared by
+    /// reading: the transport serves them again on a later turn of the event loop, which in
+    /// between sees its other events (the stop event among them).
+    fn take_backlog(&mut self) -> u32 {
+        0
+    }
     /// A descriptor the event loop watches for the device besides its queues (a TAP, say), and
     /// the readiness the device waits for right now (empty: none).
     fn backend(&self) -> Option<(RawFd, EventSet)> {

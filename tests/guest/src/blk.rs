@@ -32,13 +32,15 @@ const ID_LEN: u32 = 20;
 const SECTOR: u64 = 512;
 
 const DEVICE_ID_BLOCK: u32 = 2;
+const F_SIZE_MAX: u64 = 1 << 1;
 const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
 const F_FLUSH: u64 = 1 << 9;
 const F_DISCARD: u64 = 1 << 13;
 const F_WRITE_ZEROES: u64 = 1 << 14;
-const KNOWN: u64 = F_SEG_MAX
+const KNOWN: u64 = F_SIZE_MAX
+    | F_SEG_MAX
     | F_RO
     | F_BLK_SIZE
     | F_FLUSH
@@ -48,6 +50,7 @@ const KNOWN: u64 = F_SEG_MAX
     | F_EVENT_IDX;
 // Config space offsets.
 const CFG_CAPACITY: u64 = 0x00;
+const CFG_SIZE_MAX: u64 = 0x08;
 const CFG_SEG_MAX: u64 = 0x0c;
 const CFG_BLK_SIZE: u64 = 0x14;
 
@@ -114,6 +117,7 @@ struct Blk {
     capacity: u64,
     blk_size: u32,
     seg_max: u32,
+    size_max: u32,
 }
 
 impl Blk {
@@ -136,6 +140,7 @@ impl Blk {
             capacity: mmio.config64(CFG_CAPACITY),
             blk_size: optional(F_BLK_SIZE, CFG_BLK_SIZE),
             seg_max: optional(F_SEG_MAX, CFG_SEG_MAX),
+            size_max: optional(F_SIZE_MAX, CFG_SIZE_MAX),
         })
     }
 
@@ -232,7 +237,9 @@ impl Blk {
                 " blk_size=",
                 Dec(self.blk_size.into()),
                 " seg_max=",
-                Dec(self.seg_max.into())
+                Dec(self.seg_max.into()),
+                " size_max=",
+                Dec(self.size_max.into())
             ),
             BlkOp::Id => {
                 // SAFETY: the id buffer lives in this device's area.

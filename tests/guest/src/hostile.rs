@@ -15,12 +15,17 @@
 //! device raises through a pin the I/O APIC attacks unmasked (any vector, most of which have no
 //! gate) stays pending and is never delivered, in ring 0 or ring 3.
 //!
+//! After the attack, `check` drives every device properly once more (in ring 3, polling) and
+//! ring 0 reports what it found.
+//!
 //! Module map: `rng` (xorshift64), `arena`, `regs`, `ports`, `ioapic`, `device`, `chains`,
-//! `payload`.
+//! `payload`, `heavy` (the heaviest block requests), `check`.
 
 mod arena;
 mod chains;
+mod check;
 mod device;
+mod heavy;
 mod ioapic;
 mod payload;
 mod ports;
@@ -28,7 +33,7 @@ mod regs;
 mod rng;
 
 use arena::{Arena, GAP, GAP_END};
-use device::{Dev, MAX_DEVS};
+use device::{Dev, ID_BLK, ID_NET, MAX_DEVS};
 use ports::Plan;
 use rng::Rng;
 
@@ -59,12 +64,17 @@ struct Hostile {
     /// many chains the last hoard gave.
     hoard: bool,
     hoards: u16,
+    /// `guest.hostile=SEED:SECONDS:heavy`: nothing but heavy requests (`heavy.rs`).
+    heavy_only: bool,
+    seed: u64,
+    /// What the check after the attack found, per device.
+    checks: [&'static str; MAX_DEVS],
 }
 
 /// Runs the hostile mode for the configured time; returns after `hostile=done:<ops>`.
 pub fn run(boot: &BootInfo) {
     let cmdline = boot.cmdline();
-    let (seed, seconds) = parse(cmdline);
+    let (seed, seconds, heavy_only) = parse(cmdline);
     clock::calibrate();
     let Some(arena) = Arena::find(boot).filter(Arena::ram_below_4g) else {
         report!("guest: hostile needs 16 MiB of RAM above 0x5000000, and none above 4 GiB");
@@ -82,6 +92,9 @@ pub fn run(boot: &BootInfo) {
         deadline: 0,
         hoard: false,
         hoards: 0,
+        heavy_only,
+        seed,
+        checks: [""; MAX_DEVS],
     };
     cmdline::for_each_virtio_mmio(cmdline, |entry| {
         // Only windows inside the MMIO gap: attacking anything else would hit the guest's RAM.
@@ -93,13 +106,19 @@ pub fn run(boot: &BootInfo) {
             }
         }
     });
+    let count = |id| h.devs.iter().flatten().filter(|d| d.id == id).count() as u64;
     report!(
         "guest: hostile seed=",
         Dec(seed),
         " seconds=",
         Dec(seconds),
+        if heavy_only { " heavy" } else { "" },
         " devices=",
         Dec(h.ndevs as u64),
+        " blk=",
+        Dec(count(ID_BLK)),
+        " net=",
+        Dec(count(ID_NET)),
         " area=",
         Hex(h.arena.base)
     );
@@ -128,11 +147,34 @@ pub fn run(boot: &BootInfo) {
         }
     }
     report!("hostile=done:", Dec(h.ops));
+    user::run(after, ctx);
+    let (mut blks, mut nets) = (0, 0);
+    for (dev, result) in h.devs.iter().flatten().zip(h.checks) {
+        let (kind, n) = match dev.id {
+            ID_BLK => ("blk", &mut blks),
+            ID_NET => ("net", &mut nets),
+            _ => continue,
+        };
+        report!("hostile.", kind, Dec(*n), "=", result);
+        *n += 1;
+    }
 }
 
-/// `guest.hostile=SEED:SECONDS` (decimal; the last one counts).
-fn parse(cmdline: &[u8]) -> (u64, u64) {
-    let mut got = (DEFAULT_SEED, DEFAULT_SECONDS);
+/// Ring 3, after the attack: checks that every device still serves a proper driver.
+extern "C" fn after(ctx: u64) -> u64 {
+    // SAFETY: as in `start`.
+    let h = unsafe { &mut *(ctx as *mut Hostile) };
+    for (i, dev) in h.devs.iter_mut().enumerate() {
+        if let Some(dev) = dev {
+            h.checks[i] = check::check(dev, &h.arena, h.seed);
+        }
+    }
+    0
+}
+
+/// `guest.hostile=SEED:SECONDS[:heavy]` (decimal; the last one counts).
+fn parse(cmdline: &[u8]) -> (u64, u64, bool) {
+    let mut got = (DEFAULT_SEED, DEFAULT_SECONDS, false);
     for (key, value) in words(cmdline).filter_map(key_value) {
         if key != b"guest.hostile" {
             continue;
@@ -141,8 +183,11 @@ fn parse(cmdline: &[u8]) -> (u64, u64) {
         match (
             fields.next().and_then(number),
             fields.next().and_then(number),
+            fields.next(),
         ) {
-            (Some(seed), Some(secs)) if fields.next().is_none() => got = (seed, secs),
+            (Some(seed), Some(secs), mode @ (None | Some(b"heavy"))) if fields.next().is_none() => {
+                got = (seed, secs, mode.is_some())
+            }
             _ => report!("guest: bad guest.hostile ", value),
         }
     }
@@ -183,6 +228,9 @@ fn step(h: &mut Hostile) -> u64 {
         regs::gap(rng, arena);
         return 1;
     };
+    if h.heavy_only {
+        return heavy_step(rng, arena, dev);
+    }
     let q = rng.below(dev.nqueues() as u64) as usize;
     let times = |rng: &mut Rng, n: u64, f: &mut dyn FnMut(&mut Rng)| {
         let n = 1 + rng.below(n);
@@ -213,7 +261,8 @@ fn step(h: &mut Hostile) -> u64 {
         82..87 => chains::rewrite(rng, arena, dev.queues[q]) + chains::publish(rng, arena, dev, q),
         87..90 => chains::jump(rng, arena, dev, q),
         90..92 => chains::crumbs(rng, arena, dev, h.deadline),
-        92 if h.hoard && dev.id == device::ID_NET => {
+        92..94 => heavy::publish(rng, arena, dev),
+        94 if h.hoard && dev.id == ID_NET => {
             // Once a burst, four chains more each time, up to a queue: the VMM's memory would
             // grow through the run (up to 256 MiB, not more) if each costs it a megabyte.
             h.hoard = false;
@@ -227,4 +276,15 @@ fn step(h: &mut Hostile) -> u64 {
             2
         }
     }
+}
+
+/// The heavy-only mode's step: a ring of heavy requests when the disk has room, and now and
+/// then a QueueNotify value no ioeventfd matches (the vCPU then waits for the device's lock,
+/// which the device thread holds while it works).
+fn heavy_step(rng: &mut Rng, arena: &Arena, dev: &mut Dev) -> u64 {
+    if rng.one_in(64) {
+        dev.notify(arena, 0xffff);
+        return 1;
+    }
+    heavy::publish(rng, arena, dev)
 }

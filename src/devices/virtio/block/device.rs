@@ -3,11 +3,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::disk::{DiskFile, SECTOR_SIZE};
-use super::request::{self, Request, RequestKind, SEGMENT_SIZE};
+use super::request::{self, MAX_RANGE_SECTORS, MAX_RANGES, Request, RequestKind, SIZE_MAX};
 use crate::devices::GuestErrors;
 use crate::devices::virtio::drain::{Pass, drain};
 use crate::devices::virtio::{
@@ -16,6 +17,7 @@ use crate::devices::virtio::{
 };
 
 const VIRTIO_ID_BLOCK: u32 = 2;
+const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
@@ -34,8 +36,9 @@ const WRITE_ZEROES_UNMAP: u32 = 1;
 pub const QUEUE_SIZE: u16 = 256;
 /// Data segments per request (queue size minus header and status).
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
-/// Largest discard / write-zeroes range, in sectors.
-const MAX_DISCARD_SECTORS: u32 = u32::MAX / 512;
+/// What a punched hole counts against a pass's budget, in bytes: a system call whose cost
+/// grows with the extents it frees, not with the bytes (none of which are moved).
+const HOLE_COST: u64 = 1 << 20;
 
 /// What the device has done, readable while the VM runs.
 #[derive(Debug, Default)]
@@ -63,6 +66,8 @@ pub struct Block {
     counters: Arc<BlockCounters>,
     guest_errors: GuestErrors,
     io_errors: GuestErrors,
+    /// The last drain ran out of budget with chains left.
+    backlog: bool,
 }
 
 impl Block {
@@ -74,6 +79,7 @@ impl Block {
         let mut features = VIRTIO_F_VERSION_1
             | VIRTIO_RING_F_EVENT_IDX
             | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_BLK_F_SIZE_MAX
             | VIRTIO_BLK_F_SEG_MAX
             | VIRTIO_BLK_F_BLK_SIZE
             | VIRTIO_BLK_F_FLUSH;
@@ -90,6 +96,7 @@ impl Block {
             counters: Arc::new(BlockCounters::default()),
             guest_errors: GuestErrors::default(),
             io_errors: GuestErrors::default(),
+            backlog: false,
         }
     }
 
@@ -119,9 +126,7 @@ impl Block {
                     .map(|()| n)
                     .map_err(|_| VIRTIO_BLK_S_IOERR)
             }
-            RequestKind::Discard | RequestKind::WriteZeroes => {
-                self.deallocate(req, mem).map(|()| 0)
-            }
+            RequestKind::Discard | RequestKind::WriteZeroes => self.deallocate(req).map(|()| 0),
             RequestKind::Unsupported(kind) => {
                 self.guest_errors
                     .record(|| format!("virtio-blk: unsupported request type {kind}"));
@@ -175,46 +180,77 @@ impl Block {
         })
     }
 
-    /// Discard and write-zeroes: each 16-byte segment is {sector, sectors, flags}.
-    fn deallocate(&mut self, req: &Request, mem: &GuestMemoryMmap) -> Result<(), u8> {
+    /// Discard and write-zeroes: the ranges parse read (at most [`MAX_RANGES`], each of at
+    /// most [`MAX_RANGE_SECTORS`]) become holes.
+    fn deallocate(&mut self, req: &Request) -> Result<(), u8> {
         if self.disk.read_only() {
             return Err(VIRTIO_BLK_S_IOERR);
         }
-        for &(addr, len) in &req.data {
-            for i in 0..len / SEGMENT_SIZE {
-                let seg: [u8; 16] = mem
-                    .read_obj(GuestAddress(addr.0 + u64::from(i * SEGMENT_SIZE)))
-                    .map_err(|_| VIRTIO_BLK_S_IOERR)?;
-                let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
-                let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
-                let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
-                let allowed_flags = if req.kind == RequestKind::WriteZeroes {
-                    WRITE_ZEROES_UNMAP
-                } else {
-                    0
-                };
-                if flags & !allowed_flags != 0 {
-                    return Err(VIRTIO_BLK_S_UNSUPP);
-                }
-                if sectors == 0 {
-                    // Nothing to deallocate (fallocate would refuse a zero length).
-                    continue;
-                }
-                let bytes = u64::from(sectors) * SECTOR_SIZE;
-                if !self.in_bounds(sector, bytes) {
-                    self.guest_errors.record(|| {
-                        format!(
-                            "virtio-blk: discard of sector {sector} + {sectors} is past the end"
-                        )
-                    });
-                    return Err(VIRTIO_BLK_S_IOERR);
-                }
-                self.disk
-                    .punch_hole(sector * SECTOR_SIZE, bytes)
-                    .map_err(|e| self.io_failed("discard", e))?;
+        let allowed_flags = if req.kind == RequestKind::WriteZeroes {
+            WRITE_ZEROES_UNMAP
+        } else {
+            0
+        };
+        for range in &req.ranges {
+            if range.flags & !allowed_flags != 0 {
+                return Err(VIRTIO_BLK_S_UNSUPP);
             }
+            if range.sectors == 0 {
+                // Nothing to deallocate (fallocate would refuse a zero length).
+                continue;
+            }
+            let bytes = u64::from(range.sectors) * SECTOR_SIZE;
+            if !self.in_bounds(range.sector, bytes) {
+                self.guest_errors.record(|| {
+                    format!(
+                        "virtio-blk: discard of sector {} + {} is past the end",
+                        range.sector, range.sectors
+                    )
+                });
+                return Err(VIRTIO_BLK_S_IOERR);
+            }
+            self.disk
+                .punch_hole(range.sector * SECTOR_SIZE, bytes)
+                .map_err(|e| self.io_failed("discard", e))?;
         }
         Ok(())
+    }
+
+    /// Parses and executes one chain and writes its status; returns the used length and what
+    /// the request costs the pass's budget.
+    fn serve(
+        &mut self,
+        descriptors: &[Descriptor],
+        cut: bool,
+        mem: &GuestMemoryMmap,
+    ) -> (u32, u64) {
+        match request::parse(descriptors, cut, mem, SEG_MAX as usize) {
+            Ok(req) => {
+                let (status, written) = self.execute(&req, mem);
+                if status != VIRTIO_BLK_S_OK {
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                // The status address was checked in parse.
+                let _ = mem.write_obj(status, req.status);
+                let cost = match req.kind {
+                    RequestKind::In | RequestKind::Out => req.data_len(),
+                    RequestKind::Discard | RequestKind::WriteZeroes => {
+                        HOLE_COST * req.ranges.len() as u64
+                    }
+                    _ => 0,
+                };
+                (written + 1, cost)
+            }
+            Err(refused) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.guest_errors
+                    .record(|| format!("virtio-blk: refused request: {}", refused.error));
+                match refused.status {
+                    Some(addr) if mem.write_obj(VIRTIO_BLK_S_IOERR, addr).is_ok() => (1, 0),
+                    _ => (0, 0),
+                }
+            }
+        }
     }
 
     /// A host I/O error: IOERR for the guest, and a log line rate-limited like guest errors,
@@ -232,14 +268,15 @@ fn config_space(sectors: u64) -> Vec<u8> {
     let mut put =
         |offset: usize, bytes: &[u8]| config[offset..offset + bytes.len()].copy_from_slice(bytes);
     put(0, &sectors.to_le_bytes()); // capacity
+    put(8, &SIZE_MAX.to_le_bytes()); // size_max
     put(12, &SEG_MAX.to_le_bytes()); // seg_max
     put(20, &512u32.to_le_bytes()); // blk_size
     put(34, &1u16.to_le_bytes()); // num_queues
-    put(36, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
-    put(40, &1u32.to_le_bytes()); // max_discard_seg
+    put(36, &MAX_RANGE_SECTORS.to_le_bytes()); // max_discard_sectors
+    put(40, &MAX_RANGES.to_le_bytes()); // max_discard_seg
     put(44, &1u32.to_le_bytes()); // discard_sector_alignment
-    put(48, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
-    put(52, &1u32.to_le_bytes()); // max_write_zeroes_seg
+    put(48, &MAX_RANGE_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+    put(52, &MAX_RANGES.to_le_bytes()); // max_write_zeroes_seg
     put(56, &[1]); // write_zeroes_may_unmap
     config
 }
@@ -265,43 +302,35 @@ impl VirtioDevice for Block {
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used_any = false;
-        let end = drain(queue, mem, |queue| {
-            let chains: Vec<_> = queue.iter(mem)?.collect();
-            let found = !chains.is_empty();
-            for chain in chains {
-                let head = chain.head_index();
-                let descriptors: Vec<_> = chain.clone().take(usize::from(QUEUE_SIZE) + 1).collect();
-                let cut = descriptors.last().is_some_and(|d| d.has_next());
-                let used_len = match request::parse(&descriptors, cut, mem, SEG_MAX as usize) {
-                    Ok(req) => {
-                        let (status, written) = self.execute(&req, mem);
-                        if status != VIRTIO_BLK_S_OK {
-                            self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                        // The status address was checked in parse.
-                        let _ = mem.write_obj(status, req.status);
-                        written + 1
-                    }
-                    Err(refused) => {
-                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                        self.guest_errors
-                            .record(|| format!("virtio-blk: refused request: {}", refused.error));
-                        match refused.status {
-                            Some(addr) if mem.write_obj(VIRTIO_BLK_S_IOERR, addr).is_ok() => 1,
-                            _ => 0,
-                        }
-                    }
+        let end = drain(queue, mem, |queue, budget| {
+            let mut found = false;
+            while budget.allows() {
+                let Some(chain) = queue.iter(mem)?.next() else {
+                    return Ok(Pass::Drained { found });
                 };
+                found = true;
+                let head = chain.head_index();
+                let descriptors: Vec<_> = chain.take(usize::from(QUEUE_SIZE) + 1).collect();
+                let cut = descriptors.last().is_some_and(|d| d.has_next());
+                let (used_len, cost) = self.serve(&descriptors, cut, mem);
+                budget.charge(cost);
                 return_chain(queue, mem, head, used_len, &self.guest_errors);
                 used_any = true;
             }
-            Ok(Pass::Drained { found })
+            Ok(Pass::Exhausted)
         });
         end.record(&self.guest_errors, "virtio-blk");
+        self.backlog = end.backlog();
         used_any
     }
 
-    fn reset(&mut self) {}
+    fn take_backlog(&mut self) -> u32 {
+        u32::from(std::mem::take(&mut self.backlog))
+    }
+
+    fn reset(&mut self) {
+        self.backlog = false;
+    }
 }
 
 #[cfg(test)]
@@ -315,7 +344,7 @@ mod tests {
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::Address;
+    use vm_memory::{Address, GuestAddress};
 
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;
@@ -657,6 +686,43 @@ mod tests {
             },
             VIRTIO_BLK_S_IOERR,
         );
+    }
+
+    /// A full queue is served a budget at a time, each time saying that work is left, so the
+    /// event loop gets its thread back in between.
+    #[test]
+    fn a_full_queue_is_served_in_bounded_passes() {
+        use crate::devices::virtio::drain::CHAINS_PER_PASS;
+        let mut f = fixture("passes", false);
+        let vq = MockSplitQueue::new(&f.mem, QUEUE_SIZE);
+        let chains = QUEUE_SIZE / 2;
+        let descs: Vec<RawDescriptor> = (0..u64::from(chains))
+            .flat_map(|n| {
+                let i = u16::try_from(2 * n).unwrap();
+                [
+                    desc(header(&f.mem, n, 0x7fff, 0), 16, NEXT, i + 1),
+                    desc(status(&f.mem, n), 1, WRITE, 0),
+                ]
+            })
+            .collect();
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let mut queue: Queue = vq.create_queue().unwrap();
+        let used = |queue: &Queue, mem| queue.used_idx(mem, Ordering::Acquire).unwrap().0;
+        let mut passes = 0;
+        loop {
+            let before = used(&queue, &f.mem);
+            f.block.process_queue(0, &mut queue, &f.mem);
+            passes += 1;
+            let taken = used(&queue, &f.mem) - before;
+            assert!(u32::from(taken) <= CHAINS_PER_PASS, "one pass took {taken}");
+            if f.block.take_backlog() == 0 {
+                break;
+            }
+            assert!(passes < 10, "the backlog never ends");
+        }
+        assert_eq!(used(&queue, &f.mem), chains, "every chain served");
+        assert_eq!(passes, u32::from(chains) / CHAINS_PER_PASS + 1);
+        assert!((0..u64::from(chains)).all(|n| status_of(&f, n) == VIRTIO_BLK_S_UNSUPP));
     }
 
     /// Found by the `virtio_mmio_registers` fuzz target: a guest that puts its used ring two

@@ -2,6 +2,7 @@
 //! and written at sector offsets straight into guest memory.
 
 use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -42,8 +43,9 @@ pub struct DiskFile {
 }
 
 impl DiskFile {
-    /// Opens `path` (with O_DIRECT when `direct`) and takes an advisory lock: exclusive when
-    /// writable, shared when read-only, so no two VMMs write one image at once.
+    /// Opens `path` (a file or a block device; with O_DIRECT when `direct`) and locks it (see
+    /// [`lock`]): exclusively when writable, shared when read-only, so no two VMMs write one
+    /// image at once.
     pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Self, DiskError> {
         let owned = || path.to_owned();
         let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
@@ -65,22 +67,17 @@ impl DiskFile {
                 }
                 _ => DiskError::Open(owned(), e),
             })?;
-        let mode = if read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock on a descriptor we own; the result is checked.
-        if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(match e.raw_os_error() {
-                Some(libc::EWOULDBLOCK) => DiskError::Locked(owned()),
-                _ => DiskError::Open(owned(), e),
-            });
-        }
+        lock(&file, read_only).map_err(|e| match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK | libc::EACCES) => DiskError::Locked(owned()),
+            _ => DiskError::Open(owned(), e),
+        })?;
+        // A block device's metadata says 0 bytes: its end is where its size is.
+        let bytes = (&file)
+            .seek(SeekFrom::End(0))
+            .map_err(|e| DiskError::Open(owned(), e))?;
         Ok(DiskFile {
             file,
-            sectors: meta.len() / SECTOR_SIZE,
+            sectors: bytes / SECTOR_SIZE,
             read_only,
         })
     }
@@ -184,6 +181,35 @@ impl DiskFile {
     }
 }
 
+/// Takes the whole file's open-file-description lock (the kind QEMU takes and tests, on bytes
+/// of its own, so it and ember see each other) and its `flock` (the kind `flock(1)` and older
+/// tools take): a write lock when writable, a read lock when read-only, never waiting.
+fn lock(file: &File, read_only: bool) -> std::io::Result<()> {
+    let kind = if read_only {
+        libc::F_RDLCK
+    } else {
+        libc::F_WRLCK
+    };
+    // SAFETY: `flock` is plain data; all zeroes (the whole file from offset 0) is valid.
+    let mut range: libc::flock = unsafe { std::mem::zeroed() };
+    range.l_type = i16::try_from(kind).unwrap_or(0);
+    range.l_whence = i16::try_from(libc::SEEK_SET).unwrap_or(0);
+    // SAFETY: fcntl on a descriptor we own with a valid `flock`; the result is checked.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &raw const range) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mode = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock on a descriptor we own; the result is checked.
+    if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,6 +276,60 @@ mod tests {
             disk.transfer(0, &mem, &[(GuestAddress(0x1f000), 8192)], true)
                 .is_err()
         );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// Takes an OFD lock on `path` as QEMU does (a read lock on one of its permission bytes,
+    /// or a write lock on the whole file) and keeps it while the returned file lives.
+    fn ofd_locked(path: &Path, kind: libc::c_int, start: i64, len: i64) -> File {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        // SAFETY: `flock` is plain data; all zeroes is valid.
+        let mut range: libc::flock = unsafe { std::mem::zeroed() };
+        range.l_type = i16::try_from(kind).unwrap();
+        range.l_start = start;
+        range.l_len = len;
+        // SAFETY: fcntl on our own descriptor with a valid `flock`.
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &raw const range) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        file
+    }
+
+    #[test]
+    fn an_image_another_process_locks_like_qemu_is_refused() {
+        let path = image("ofd", &[0u8; 1024]);
+        {
+            let _writer = ofd_locked(&path, libc::F_WRLCK, 0, 0);
+            for read_only in [false, true] {
+                let e = DiskFile::open(&path, read_only, false).unwrap_err();
+                assert!(
+                    matches!(e, DiskError::Locked(_)),
+                    "read_only {read_only}: {e}"
+                );
+            }
+        }
+        {
+            // QEMU's shared lock on its "write" permission byte: ember may not write.
+            let _qemu = ofd_locked(&path, libc::F_RDLCK, 101, 1);
+            let e = DiskFile::open(&path, false, false).unwrap_err();
+            assert!(matches!(e, DiskError::Locked(_)), "{e}");
+            assert!(DiskFile::open(&path, true, false).is_ok(), "readers share");
+        }
+        let disk = DiskFile::open(&path, false, false).unwrap();
+        // And ember's lock is one QEMU sees: its lock on byte 100 is refused.
+        let probe = OpenOptions::new().read(true).open(&path).unwrap();
+        // SAFETY: `flock` is plain data; all zeroes is valid.
+        let mut range: libc::flock = unsafe { std::mem::zeroed() };
+        range.l_type = i16::try_from(libc::F_RDLCK).unwrap();
+        range.l_start = 100;
+        range.l_len = 1;
+        // SAFETY: fcntl on our own descriptor with a valid `flock`.
+        let rc = unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_OFD_SETLK, &raw const range) };
+        assert_ne!(rc, 0, "QEMU's lock would be granted");
+        drop(disk);
         std::fs::remove_file(path).unwrap();
     }
 }

@@ -25,6 +25,14 @@ pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
 const HEADER_SIZE: u32 = 16;
 /// Size of one discard / write-zeroes segment.
 pub const SEGMENT_SIZE: u32 = 16;
+/// Bytes one read or write data buffer may hold (advertised as `size_max`): with `seg_max`
+/// buffers, it bounds what one request moves.
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Ranges one discard or write-zeroes request may carry (`max_discard_seg`,
+/// `max_write_zeroes_seg`).
+pub const MAX_RANGES: u32 = 1;
+/// Sectors one range may cover (`max_discard_sectors`, `max_write_zeroes_sectors`): 1 GiB.
+pub const MAX_RANGE_SECTORS: u32 = 1 << 21;
 
 /// What the request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +80,26 @@ pub enum RequestError {
     /// Missing data.
     #[error("the request carries no data")]
     NoData,
+    /// A read or write buffer larger than `size_max`.
+    #[error("a data buffer is larger than the device's size_max")]
+    BufferTooLarge,
+    /// More discard / write-zeroes ranges than the device allows.
+    #[error("the request has more ranges than the device allows")]
+    TooManyRanges,
+    /// A discard / write-zeroes range of more sectors than the device allows.
+    #[error("a range covers more sectors than the device allows")]
+    RangeTooLarge,
+}
+
+/// One discard / write-zeroes range as the guest wrote it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Range {
+    /// First sector.
+    pub sector: u64,
+    /// Sectors covered.
+    pub sectors: u32,
+    /// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP` and whatever else the guest set.
+    pub flags: u32,
 }
 
 /// A request whose buffers are all inside guest memory and point the right way.
@@ -83,6 +111,8 @@ pub struct Request {
     pub sector: u64,
     /// Data buffers, in order.
     pub data: Vec<(GuestAddress, u32)>,
+    /// Discard / write-zeroes: the ranges, read from the data buffers.
+    pub ranges: Vec<Range>,
     /// Where the status byte goes.
     pub status: GuestAddress,
 }
@@ -149,6 +179,7 @@ pub fn parse(
             kind,
             sector,
             data: Vec::new(),
+            ranges: Vec::new(),
             status,
         });
     }
@@ -164,12 +195,16 @@ pub fn parse(
         if desc.is_write_only() != device_writes {
             return Err(refuse(RequestError::WrongDirection, Some(status)));
         }
+        if matches!(kind, RequestKind::In | RequestKind::Out) && desc.len() > SIZE_MAX {
+            return Err(refuse(RequestError::BufferTooLarge, Some(status)));
+        }
         data.push((desc.addr(), desc.len()));
     }
-    let request = Request {
+    let mut request = Request {
         kind,
         sector,
         data,
+        ranges: Vec::new(),
         status,
     };
     let len = request.data_len();
@@ -186,8 +221,46 @@ pub fn parse(
         {
             Err(refuse(RequestError::BadLength, Some(status)))
         }
+        RequestKind::Discard | RequestKind::WriteZeroes => {
+            // Checked before anything is read: however many bytes the (perhaps aliased)
+            // buffers hold, at most MAX_RANGES segments are looked at.
+            if len > u64::from(MAX_RANGES * SEGMENT_SIZE) {
+                return Err(refuse(RequestError::TooManyRanges, Some(status)));
+            }
+            request.ranges = read_ranges(mem, &request.data)
+                .ok_or_else(|| refuse(RequestError::OutsideMemory, Some(status)))?;
+            if request.ranges.iter().any(|r| r.sectors > MAX_RANGE_SECTORS) {
+                return Err(refuse(RequestError::RangeTooLarge, Some(status)));
+            }
+            Ok(request)
+        }
         _ => Ok(request),
     }
+}
+
+/// The 16-byte `{sector, sectors, flags}` segments held by `data` (a whole number of them,
+/// at most [`MAX_RANGES`]; a segment may straddle two buffers).
+fn read_ranges(mem: &GuestMemoryMmap, data: &[(GuestAddress, u32)]) -> Option<Vec<Range>> {
+    let mut bytes = [0u8; (MAX_RANGES * SEGMENT_SIZE) as usize];
+    let mut filled = 0;
+    for &(addr, len) in data {
+        let end = filled + len as usize;
+        mem.read_slice(bytes.get_mut(filled..end)?, addr).ok()?;
+        filled = end;
+    }
+    let ranges = bytes[..filled]
+        .chunks_exact(SEGMENT_SIZE as usize)
+        .map(|seg| {
+            let word =
+                |at: usize| u32::from_le_bytes([seg[at], seg[at + 1], seg[at + 2], seg[at + 3]]);
+            Range {
+                sector: u64::from(word(0)) | u64::from(word(4)) << 32,
+                sectors: word(8),
+                flags: word(12),
+            }
+        })
+        .collect();
+    Some(ranges)
 }
 
 #[cfg(test)]
@@ -342,5 +415,112 @@ mod tests {
             parse(&chain, false, &m, 2).unwrap().kind,
             RequestKind::Unsupported(0x7fff)
         );
+    }
+
+    /// Room for buffers of up to 2 MiB.
+    fn big_mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
+    }
+
+    fn range(mem: &GuestMemoryMmap, at: u64, sector: u64, sectors: u32, flags: u32) {
+        let mut seg = [0u8; 16];
+        seg[..8].copy_from_slice(&sector.to_le_bytes());
+        seg[8..12].copy_from_slice(&sectors.to_le_bytes());
+        seg[12..].copy_from_slice(&flags.to_le_bytes());
+        mem.write_obj(seg, GuestAddress(at)).unwrap();
+    }
+
+    #[test]
+    fn a_buffer_past_size_max_is_refused() {
+        let m = big_mem();
+        let fits = Desc::new(0x10_0000, SIZE_MAX, NEXT | WRITE, 2);
+        let chain = [header(&m, VIRTIO_BLK_T_IN, 0), fits, status()];
+        assert_eq!(
+            parse(&chain, false, &m, 8).unwrap().data_len(),
+            u64::from(SIZE_MAX)
+        );
+        for kind in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
+            let flags = if kind == VIRTIO_BLK_T_IN {
+                NEXT | WRITE
+            } else {
+                NEXT
+            };
+            let big = Desc::new(0x10_0000, SIZE_MAX + 512, flags, 2);
+            let chain = [header(&m, kind, 0), big, status()];
+            assert_eq!(
+                parse(&chain, false, &m, 8).unwrap_err(),
+                Refused {
+                    error: RequestError::BufferTooLarge,
+                    status: Some(GuestAddress(0x3000))
+                },
+                "type {kind}"
+            );
+        }
+    }
+
+    #[test]
+    fn discard_takes_one_range_and_reads_it() {
+        let m = big_mem();
+        range(&m, 0x2000, 77, 8, 1);
+        // One segment split over two buffers is still one range.
+        let chain = [
+            header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0),
+            Desc::new(0x2000, 8, NEXT, 2),
+            Desc::new(0x2008, 8, NEXT, 3),
+            status(),
+        ];
+        let r = parse(&chain, false, &m, 8).unwrap();
+        assert_eq!(
+            r.ranges,
+            vec![Range {
+                sector: 77,
+                sectors: 8,
+                flags: 1
+            }]
+        );
+    }
+
+    /// The segment storm: aliased buffers that would hold millions of 16-byte segments are
+    /// refused before any of them is read.
+    #[test]
+    fn more_ranges_than_advertised_are_refused() {
+        let m = big_mem();
+        let two = [
+            header(&m, VIRTIO_BLK_T_DISCARD, 0),
+            Desc::new(0x2000, 32, NEXT, 2),
+            status(),
+        ];
+        assert_eq!(
+            parse(&two, false, &m, 8).unwrap_err().error,
+            RequestError::TooManyRanges
+        );
+        let mut storm = vec![header(&m, VIRTIO_BLK_T_DISCARD, 0)];
+        storm.extend((0..254).map(|_| Desc::new(0, 4 << 20, NEXT, 2)));
+        storm.push(status());
+        assert_eq!(
+            parse(&storm, false, &m, 254).unwrap_err(),
+            Refused {
+                error: RequestError::TooManyRanges,
+                status: Some(GuestAddress(0x3000))
+            }
+        );
+    }
+
+    #[test]
+    fn a_range_past_the_sector_limit_is_refused() {
+        let m = big_mem();
+        for (sectors, ok) in [(MAX_RANGE_SECTORS, true), (MAX_RANGE_SECTORS + 1, false)] {
+            range(&m, 0x2000, 0, sectors, 0);
+            let chain = [
+                header(&m, VIRTIO_BLK_T_DISCARD, 0),
+                Desc::new(0x2000, 16, NEXT, 2),
+                status(),
+            ];
+            let parsed = parse(&chain, false, &m, 8);
+            match ok {
+                true => assert_eq!(parsed.unwrap().ranges[0].sectors, sectors),
+                false => assert_eq!(parsed.unwrap_err().error, RequestError::RangeTooLarge),
+            }
+        }
     }
 }

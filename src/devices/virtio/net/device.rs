@@ -67,6 +67,8 @@ pub struct Net {
     tx_offloads: TxOffloads,
     /// The TAP was deleted under us: nothing is read or written any more.
     tap_gone: bool,
+    /// The last transmit drain ran out of budget: serve the queue again.
+    tx_backlog: bool,
     active: bool,
     counters: Arc<NetCounters>,
     errors: GuestErrors,
@@ -87,6 +89,7 @@ impl Net {
             tx_pending: None,
             tx_offloads: TxOffloads::default(),
             tap_gone: false,
+            tx_backlog: false,
             active: false,
             counters: Arc::new(NetCounters::default()),
             errors: GuestErrors::default(),
@@ -202,17 +205,19 @@ impl Net {
     /// Sends every frame the guest queued, until the TAP would block.
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used_any = false;
-        let end = drain(queue, mem, |queue| {
+        let end = drain(queue, mem, |queue, budget| {
             let mut found = false;
             loop {
                 let frame = match self.tx_pending.take() {
                     Some(frame) => frame,
+                    None if !budget.allows() => return Ok(Pass::Exhausted),
                     None => {
                         // A ring error is retried when the guest notifies again, not spun on.
                         let Some(chain) = next_chain(queue, mem)? else {
                             return Ok(Pass::Drained { found });
                         };
                         found = true;
+                        budget.charge(0);
                         let head = chain.head_index();
                         match self.checked_frame(chain, mem) {
                             Ok(frame) => frame,
@@ -262,6 +267,7 @@ impl Net {
             }
         });
         end.record(&self.errors, "virtio-net transmit");
+        self.tx_backlog = end.backlog();
         used_any
     }
 
@@ -383,6 +389,11 @@ impl VirtioDevice for Net {
         self.rx_waiting = false;
         self.tx_pending = None;
         self.tx_offloads = TxOffloads::default();
+        self.tx_backlog = false;
+    }
+
+    fn take_backlog(&mut self) -> u32 {
+        u32::from(std::mem::take(&mut self.tx_backlog)) << TX
     }
 }
 

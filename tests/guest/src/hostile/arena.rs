@@ -114,6 +114,11 @@ impl Arena {
         addr >= self.base + SMALL && addr.saturating_add(len) <= self.end()
     }
 
+    /// The start of the small-buffer region (1 MiB), for the check after the attack.
+    pub fn scratch(&self) -> u64 {
+        self.base + SMALL
+    }
+
     /// A data buffer with `len` bytes of room when `len` fits the data region (sector aligned).
     pub fn data(&self, rng: &mut Rng, len: u64) -> u64 {
         let room = (LEN - DATA).saturating_sub(len) / 512;

@@ -30,6 +30,7 @@ const ACKNOWLEDGE: u32 = 1;
 const DRIVER: u32 = 2;
 const DRIVER_OK: u32 = 4;
 const FEATURES_OK: u32 = 8;
+const NEEDS_RESET: u32 = 0x40;
 const F_VERSION_1: u64 = 1 << 32;
 pub const F_EVENT_IDX: u64 = 1 << 29;
 
@@ -200,6 +201,61 @@ impl Dev {
         }
         self.write(arena, QUEUE_READY, 1);
         10
+    }
+
+    /// A handshake without surprises (the check after the attack): `want` of the offered
+    /// features and `VERSION_1`, every queue of the largest size offered (at most 256) in its
+    /// slot of the attack area, zeroed. Returns whether the device took it.
+    pub fn setup(&mut self, arena: &Arena, want: u64) -> bool {
+        self.write(arena, STATUS, 0);
+        self.write(arena, STATUS, ACKNOWLEDGE);
+        self.write(arena, STATUS, ACKNOWLEDGE | DRIVER);
+        let mut offered = 0;
+        for sel in 0..2 {
+            self.write(arena, DEVICE_FEATURES_SEL, sel);
+            offered |= u64::from(self.read(DEVICE_FEATURES)) << (32 * sel);
+        }
+        let accept = offered & want | F_VERSION_1;
+        for sel in 0..2 {
+            self.write(arena, DRIVER_FEATURES_SEL, sel);
+            self.write(arena, DRIVER_FEATURES, (accept >> (32 * sel)) as u32);
+        }
+        let status = ACKNOWLEDGE | DRIVER | FEATURES_OK;
+        self.write(arena, STATUS, status);
+        if self.read(STATUS) & FEATURES_OK == 0 {
+            return false;
+        }
+        self.features = accept;
+        for q in 0..self.nqueues() {
+            self.write(arena, QUEUE_SEL, q as u32);
+            let size = self.read(QUEUE_NUM_MAX).min(256);
+            if !size.is_power_of_two() {
+                return false;
+            }
+            let (desc, avail, used) = arena.rings(self.n, q);
+            arena.zero(desc, 16 * u64::from(size));
+            arena.zero(avail, 6 + 2 * u64::from(size));
+            arena.zero(used, 6 + 8 * u64::from(size));
+            self.queues[q] = Vq {
+                desc,
+                avail,
+                used,
+                size: size as u16,
+                idx: 0,
+            };
+            self.write(arena, QUEUE_NUM, size);
+            for (reg, addr) in [
+                (QUEUE_DESC, desc),
+                (QUEUE_DRIVER, avail),
+                (QUEUE_DEVICE, used),
+            ] {
+                self.write(arena, reg, addr as u32);
+                self.write(arena, reg + 4, (addr >> 32) as u32);
+            }
+            self.write(arena, QUEUE_READY, 1);
+        }
+        self.write(arena, STATUS, status | DRIVER_OK);
+        self.read(STATUS) & NEEDS_RESET == 0
     }
 
     /// A broken handshake: `steps` random register writes among those a driver makes, each
