@@ -69,7 +69,8 @@ impl SerialState {
                 ),
             ));
         }
-        if (self.line_status & LSR_DATA_READY != 0) != !self.in_buffer.is_empty() {
+        let data_ready = self.line_status & LSR_DATA_READY != 0;
+        if data_ready == self.in_buffer.is_empty() {
             return Err(StateError::invalid(
                 DEVICE,
                 "data-ready bit disagrees with the input buffer",

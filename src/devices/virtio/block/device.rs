@@ -15,6 +15,9 @@ use crate::devices::virtio::{
     return_chain,
 };
 
+mod persist;
+pub use persist::BlockState;
+
 const VIRTIO_ID_BLOCK: u32 = 2;
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
@@ -302,6 +305,17 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {}
+
+    fn save_state(&self) -> crate::devices::virtio::state::VirtioDeviceState {
+        crate::devices::virtio::state::VirtioDeviceState::Block(self.save())
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &crate::devices::virtio::state::VirtioDeviceState,
+    ) -> Result<(), crate::devices::StateError> {
+        self.restore(state)
+    }
 }
 
 #[cfg(test)]
