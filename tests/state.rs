@@ -32,7 +32,7 @@ const APIC_SPIV: usize = 0xf0;
 struct TestVm {
     vm: VmFd,
     vcpu: VcpuFd,
-    _mem: GuestMemoryMmap,
+    mem: GuestMemoryMmap,
 }
 
 fn test_vm(kvm: &KvmContext) -> TestVm {
@@ -60,11 +60,7 @@ fn test_vm(kvm: &KvmContext) -> TestVm {
     cpuid::normalize(&mut cpuid, 0, 1);
     vcpu.set_cpuid2(&cpuid).unwrap();
     vcpu.set_msrs(&msr::boot_msrs().unwrap()).unwrap();
-    TestVm {
-        vm,
-        vcpu,
-        _mem: mem,
-    }
+    TestVm { vm, vcpu, mem }
 }
 
 fn kvm() -> Option<KvmContext> {
@@ -269,4 +265,61 @@ fn vcpu_state_survives_serialization() {
     let json = serde_json::to_string(&saved).unwrap();
     let back: VcpuState = serde_json::from_str(&json).unwrap();
     assert_eq!(back, saved);
+}
+
+/// Where the guest code goes, and the port its last instruction writes.
+const CODE: u64 = 0x10_0000;
+
+/// Runs 32-bit code that writes each MSR as a Linux guest does (`wrmsr`), then `out 0x80`.
+fn run_guest_writing(t: &mut TestVm, msrs: &[(u32, u64)]) {
+    use ember::arch::x86_64::regs::{self, EntryMode};
+    use vm_memory::{Bytes, GuestAddress};
+    let mut code = Vec::new();
+    for &(index, value) in msrs {
+        code.push(0xb9); // mov ecx, imm32
+        code.extend_from_slice(&index.to_le_bytes());
+        code.push(0xb8); // mov eax, imm32
+        code.extend_from_slice(&u32::try_from(value & 0xffff_ffff).unwrap().to_le_bytes());
+        code.push(0xba); // mov edx, imm32
+        code.extend_from_slice(&u32::try_from(value >> 32).unwrap().to_le_bytes());
+        code.extend_from_slice(&[0x0f, 0x30]); // wrmsr
+    }
+    code.extend_from_slice(&[0xe6, 0x80, 0xeb, 0xfe]); // out 0x80, al; jmp $
+    t.mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    let mut sregs = t.vcpu.get_sregs().unwrap();
+    regs::setup_sregs(&t.mem, EntryMode::Pvh, &mut sregs).unwrap();
+    t.vcpu.set_sregs(&sregs).unwrap();
+    t.vcpu
+        .set_regs(&regs::boot_regs(EntryMode::Pvh, GuestAddress(CODE)))
+        .unwrap();
+    match t.vcpu.run().unwrap() {
+        kvm_ioctls::VcpuExit::IoOut(0x80, _) => {}
+        other => panic!("the guest stopped with {other:?}"),
+    }
+}
+
+#[test]
+fn a_vcpu_whose_guest_set_the_paravirtual_msrs_round_trips() {
+    let Some(kvm) = kvm() else { return };
+    let msrs = msrs_to_save(kvm.kvm()).unwrap();
+    let mut a = test_vm(&kvm);
+    // Linux's order: kvm-clock, the async-PF vector before async PF, steal time, PV EOI.
+    let written = [
+        (MSR_KVM_SYSTEM_TIME_NEW, 0x20_0000 | 1),
+        (MSR_KVM_ASYNC_PF_INT, 0xec),
+        (MSR_KVM_ASYNC_PF_EN, 0x20_1000 | 0b1011),
+        (MSR_KVM_STEAL_TIME, 0x20_2000 | 1),
+        (MSR_KVM_PV_EOI_EN, 0x20_3000 | 1),
+        (MSR_KVM_POLL_CONTROL, 0),
+        (MSR_KERNEL_GS_BASE, 0xffff_8880_0000_0000),
+    ];
+    run_guest_writing(&mut a, &written);
+    let saved = save_vcpu(&a.vcpu, &msrs).unwrap();
+    for (index, value) in written {
+        assert!(saved.msrs.contains(&(index, value)), "MSR {index:#x}");
+    }
+    let b = test_vm(&kvm);
+    restore_vcpu(&b.vcpu, &saved, &msrs).unwrap();
+    let (again, _) = without_tsc(save_vcpu(&b.vcpu, &msrs).unwrap());
+    assert_eq!(again, without_tsc(saved).0);
 }
