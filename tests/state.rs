@@ -29,6 +29,7 @@ const APIC_TPR: usize = 0x80;
 const APIC_SPIV: usize = 0xf0;
 
 /// A VM shaped like ember's (memory, split irqchip) with one vCPU configured as ember does.
+/// Without `memory`, no guest memory is registered.
 struct TestVm {
     vm: VmFd,
     vcpu: VcpuFd,
@@ -36,9 +37,13 @@ struct TestVm {
 }
 
 fn test_vm(kvm: &KvmContext) -> TestVm {
+    test_vm_with(kvm, true)
+}
+
+fn test_vm_with(kvm: &KvmContext, memory: bool) -> TestVm {
     let vm = kvm.kvm().create_vm().unwrap();
     let mem = ember::vstate::memory::create_guest_memory(16).unwrap();
-    for (slot, region) in mem.iter().enumerate() {
+    for (slot, region) in mem.iter().enumerate().filter(|_| memory) {
         let region = kvm_userspace_memory_region {
             slot: u32::try_from(slot).unwrap(),
             guest_phys_addr: region.start_addr().0,
@@ -322,4 +327,22 @@ fn a_vcpu_whose_guest_set_the_paravirtual_msrs_round_trips() {
     restore_vcpu(&b.vcpu, &saved, &msrs).unwrap();
     let (again, _) = without_tsc(save_vcpu(&b.vcpu, &msrs).unwrap());
     assert_eq!(again, without_tsc(saved).0);
+}
+
+#[test]
+fn restoring_before_guest_memory_is_registered_names_the_msr_and_the_order() {
+    let Some(kvm) = kvm() else { return };
+    let msrs = msrs_to_save(kvm.kvm()).unwrap();
+    let a = test_vm(&kvm);
+    make_distinctive(&a.vcpu);
+    let saved = save_vcpu(&a.vcpu, &msrs).unwrap();
+    let b = test_vm_with(&kvm, false);
+    let before = without_tsc(save_vcpu(&b.vcpu, &msrs).unwrap()).0;
+    let err = restore_vcpu(&b.vcpu, &saved, &msrs).unwrap_err();
+    assert!(
+        matches!(err, VcpuStateError::MsrBeforeMemory(MSR_KVM_ASYNC_PF_EN)),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("register guest memory"), "{err}");
+    assert_eq!(without_tsc(save_vcpu(&b.vcpu, &msrs).unwrap()).0, before);
 }

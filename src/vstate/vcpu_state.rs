@@ -4,7 +4,9 @@
 //! Restore order matters: the special registers first (they carry the APIC base, so x2APIC mode,
 //! and EFER), then the LAPIC, then the MSRs (a TSC-deadline write is ignored unless the LAPIC
 //! timer is already in TSC-deadline mode, so the deadline would be lost), with the TSC itself
-//! before the deadline. The vCPU events go last: they must see the final register state.
+//! before the deadline. The vCPU events go last: they must see the final register state. Guest
+//! memory must be registered before any of it: two paravirtual MSRs point into it
+//! ([`MSRS_INTO_GUEST_MEMORY`]). The TSC frequency is set first, when it differs from this host's.
 //!
 //! The state is untrusted: its shape is checked before any ioctl (lengths, MSR indices, the
 //! APIC ID, the MP state), and if KVM refuses a value midway the vCPU is put back as it was.
@@ -30,11 +32,20 @@ const APIC_ID_OFFSET: usize = 0x20;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 /// MSRs that KVM_GET_MSR_INDEX_LIST reports but that are not saved, each with the reason it was
-/// proven it cannot be restored. On the development hosts (PVM, Linux 6.18) every listed MSR,
-/// paravirtual ones included, was read and written back with KVM_SET_MSRS (see
-/// `tests/state.rs`), so the list is empty; a host that refuses one makes restore fail with an
-/// error naming it, and that MSR goes here with the evidence.
+/// proven it cannot be restored. On the development hosts (PVM, Linux 6.18) every listed MSR was
+/// read and written back with KVM_SET_MSRS, the paravirtual ones included, both with the values a
+/// guest wrote itself (`tests/state.rs`) and with those a Linux 6.1 guest had set when it stopped,
+/// so the list is empty. Two paravirtual MSRs are refused only out of order, when guest memory is
+/// not registered yet (they point into it; see [`MSRS_INTO_GUEST_MEMORY`]): that is not a reason
+/// to skip them. A host that refuses another makes restore fail with an error naming it, and that
+/// MSR goes here with the evidence.
 pub const UNRESTORABLE_MSRS: &[(u32, &str)] = &[];
+
+/// Paravirtual MSRs whose value is a guest-physical address KVM maps at once: KVM_SET_MSRS
+/// refuses them (enabled) until that memory is registered, so guest memory must be registered
+/// before a vCPU is restored. MSR_KVM_ASYNC_PF_EN and MSR_KVM_PV_EOI_EN (proven on the
+/// development hosts).
+pub const MSRS_INTO_GUEST_MEMORY: [u32; 2] = [0x4b56_4d02, 0x4b56_4d04];
 
 /// A vCPU save or restore that failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +61,11 @@ pub enum VcpuStateError {
         /// Reading or writing.
         what: &'static str,
     },
+    /// A paravirtual MSR pointing into guest memory that is not registered yet.
+    #[error(
+        "KVM refused MSR {0:#x}, which points into guest memory: register guest memory before restoring vCPUs"
+    )]
+    MsrBeforeMemory(u32),
     /// The state is malformed or does not fit this vCPU.
     #[error("vCPU state refused: {0}")]
     Invalid(String),
@@ -258,7 +274,10 @@ fn write_msrs(fd: &VcpuFd, values: &[(u32, u64)]) -> Result<(), VcpuStateError> 
         let written = fd
             .set_msrs(&msr_buffer(&entries)?)
             .map_err(|e| VcpuStateError::Kvm("set the MSRs", e))?;
-        if let Some(&(index, _)) = chunk.get(written) {
+        if let Some(&(index, value)) = chunk.get(written) {
+            if MSRS_INTO_GUEST_MEMORY.contains(&index) && value & 1 != 0 {
+                return Err(VcpuStateError::MsrBeforeMemory(index));
+            }
             return Err(VcpuStateError::Msr {
                 index,
                 what: "writing",
