@@ -122,6 +122,8 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, GuestAddress};
 
+    use virtio_queue::QueueOwnedT;
+
     use super::super::bit;
     use super::super::tests::{inject, with_net};
     use super::*;
@@ -188,6 +190,34 @@ mod tests {
                 .used_idx(&mem, std::sync::atomic::Ordering::Acquire)
                 .unwrap();
             assert_eq!(used.0, 2, "both returned, empty");
+        });
+    }
+
+    #[test]
+    fn a_transmit_chain_waiting_for_the_tap_goes_back_to_the_ring() {
+        with_net(|mut net| {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+            let rx = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+            let tx = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+            let desc = RawDescriptor::from(Descriptor::new(0x10_0000, 100, 0, 0));
+            tx.add_desc_chains(&[desc], 0).unwrap();
+            let mut queues: [Queue; 2] = [rx.create_queue().unwrap(), tx.create_queue().unwrap()];
+            net.activate(VIRTIO_F_VERSION_1);
+            // The device took the chain and the TAP would not take the frame yet.
+            let head = queues[TX].iter(&mem).unwrap().next().unwrap().head_index();
+            net.tx_pending = Some(crate::devices::virtio::net::tx::TxFrame {
+                head,
+                buffers: vec![(GuestAddress(0x10_0000), 100)],
+                len: 100,
+            });
+            assert_eq!(queues[TX].next_avail(), 1);
+            net.prepare_save(&mut queues, &mem);
+            assert_eq!(queues[TX].next_avail(), 0);
+            assert!(net.tx_pending.is_none());
+            let used = queues[TX]
+                .used_idx(&mem, std::sync::atomic::Ordering::Acquire)
+                .unwrap();
+            assert_eq!(used.0, 0);
         });
     }
 
