@@ -307,14 +307,14 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {}
 
     fn save_state(&self) -> crate::devices::virtio::state::VirtioDeviceState {
-        crate::devices::virtio::state::VirtioDeviceState::Block(self.save())
+        self.save_device_state()
     }
 
     fn restore_state(
         &mut self,
         state: &crate::devices::virtio::state::VirtioDeviceState,
     ) -> Result<(), crate::devices::StateError> {
-        self.restore(state)
+        self.restore_device_state(state)
     }
 }
 

@@ -30,14 +30,27 @@ impl Block {
         }
     }
 
-    /// Checks that `state` describes this disk; there is nothing else to apply.
-    pub fn restore(&mut self, state: &VirtioDeviceState) -> Result<(), StateError> {
-        let VirtioDeviceState::Block(state) = state else {
-            return Err(StateError::mismatch(
+    /// The device's state for its transport.
+    pub(super) fn save_device_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block(self.save())
+    }
+
+    /// Restores a transport's device state, which must be virtio-blk's.
+    pub(super) fn restore_device_state(
+        &mut self,
+        state: &VirtioDeviceState,
+    ) -> Result<(), StateError> {
+        match state {
+            VirtioDeviceState::Block(state) => self.restore(state),
+            other => Err(StateError::mismatch(
                 DEVICE,
-                format!("state of {}", state.kind()),
-            ));
-        };
+                format!("state of {}", other.kind()),
+            )),
+        }
+    }
+
+    /// Checks that `state` describes this disk; there is nothing else to apply.
+    pub fn restore(&mut self, state: &BlockState) -> Result<(), StateError> {
         if state.capacity != self.disk.sectors() {
             return Err(StateError::mismatch(
                 DEVICE,

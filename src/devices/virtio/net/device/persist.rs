@@ -40,15 +40,28 @@ impl Net {
         }
     }
 
+    /// The device's state for its transport.
+    pub(super) fn save_device_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Net(self.save())
+    }
+
+    /// Restores a transport's device state, which must be virtio-net's.
+    pub(super) fn restore_device_state(
+        &mut self,
+        state: &VirtioDeviceState,
+    ) -> Result<(), StateError> {
+        match state {
+            VirtioDeviceState::Net(state) => self.restore(state),
+            other => Err(StateError::mismatch(
+                DEVICE,
+                format!("state of {}", other.kind()),
+            )),
+        }
+    }
+
     /// Applies `state`: the saved MAC address replaces the configured one, since the guest
     /// already uses it.
-    pub fn restore(&mut self, state: &VirtioDeviceState) -> Result<(), StateError> {
-        let VirtioDeviceState::Net(state) = state else {
-            return Err(StateError::mismatch(
-                DEVICE,
-                format!("state of {}", state.kind()),
-            ));
-        };
+    pub fn restore(&mut self, state: &NetState) -> Result<(), StateError> {
         let offered = self.features();
         if state.acked_features & !offered != 0 {
             return Err(StateError::invalid(
