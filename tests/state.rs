@@ -8,7 +8,7 @@ use std::path::Path;
 use ember::arch::x86_64::{cpuid, msr};
 use ember::vstate::kvm::KvmContext;
 use ember::vstate::vcpu_state::{VcpuState, VcpuStateError, msrs_to_save, restore_vcpu, save_vcpu};
-use ember::vstate::vm_state::{VmStateError, restore_vm, save_vm};
+use ember::vstate::vm_state::{VmState, VmStateError, restore_vm, save_vm};
 use kvm_bindings::{
     KVM_CAP_SPLIT_IRQCHIP, Msrs, kvm_enable_cap, kvm_msr_entry, kvm_userspace_memory_region,
 };
@@ -232,6 +232,8 @@ fn the_kvm_clock_continues_from_the_saved_time() {
     a.vm.set_clock(&ten_seconds).unwrap();
     let saved = save_vm(&a.vm).unwrap();
     assert!(saved.clock.clock >= 10_000_000_000);
+    let json = serde_json::to_string(&saved).unwrap();
+    assert_eq!(serde_json::from_str::<VmState>(&json).unwrap(), saved);
 
     let b = test_vm(&kvm);
     let host_before = std::time::Instant::now();
@@ -270,6 +272,16 @@ fn vcpu_state_survives_serialization() {
     let json = serde_json::to_string(&saved).unwrap();
     let back: VcpuState = serde_json::from_str(&json).unwrap();
     assert_eq!(back, saved);
+
+    // A registers blob one byte short is refused, not zero-filled.
+    let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    value["regs"].as_array_mut().unwrap().pop();
+    let err = serde_json::from_value::<VcpuState>(value).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("143 bytes for a 144-byte kvm_regs"),
+        "{err}"
+    );
 }
 
 /// Where the guest code goes, and the port its last instruction writes.

@@ -2,6 +2,7 @@
 //! their state as plain data for snapshots (`vcpu_state`, `vm_state`).
 
 pub mod kvm;
+mod kvm_bytes;
 pub mod memory;
 pub mod smaps;
 pub mod vcpu;

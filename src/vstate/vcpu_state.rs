@@ -72,18 +72,22 @@ pub enum VcpuStateError {
 }
 
 /// Everything KVM holds for one vCPU, as plain data. The KVM structs are serialized as their
-/// bytes (kvm-bindings' `serde` feature).
+/// bytes (kvm-bindings' `serde` feature), and only exactly that many are read back.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VcpuState {
     /// General registers.
+    #[serde(with = "super::kvm_bytes")]
     pub regs: kvm_regs,
     /// Segment, control and descriptor-table registers, EFER, APIC base.
+    #[serde(with = "super::kvm_bytes")]
     pub sregs: kvm_sregs,
     /// FPU, SSE and AVX state: the XSAVE area, [`XSAVE_WORDS`] words.
     pub xsave: Vec<u32>,
     /// Extended control registers (XCR0).
+    #[serde(with = "super::kvm_bytes")]
     pub xcrs: kvm_xcrs,
     /// Debug registers.
+    #[serde(with = "super::kvm_bytes")]
     pub debug_regs: kvm_debugregs,
     /// (index, value) of every MSR in [`msrs_to_save`], in that order.
     pub msrs: Vec<(u32, u64)>,
@@ -92,6 +96,7 @@ pub struct VcpuState {
     /// Runnable, halted, waiting for SIPI...
     pub mp_state: u32,
     /// Pending exceptions, interrupts, NMIs, SIPI vector, SMM.
+    #[serde(with = "super::kvm_bytes")]
     pub events: kvm_vcpu_events,
     /// TSC frequency in kHz.
     pub tsc_khz: u32,

@@ -27,6 +27,7 @@ pub enum VmStateError {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmState {
     /// The kvm-clock (guest nanoseconds), as KVM_GET_CLOCK reports it.
+    #[serde(with = "super::kvm_bytes")]
     pub clock: kvm_clock_data,
 }
 
