@@ -199,6 +199,17 @@ fn hostile_vcpu_state_is_refused_and_the_vcpu_left_as_it_was() {
         restore_vcpu(&b.vcpu, &s, &msrs),
         Err(VcpuStateError::Kvm(..))
     ));
+    // An XSAVE header with a reserved feature bit (xstate_bv bit 63), after the registers.
+    let mut s = good.clone();
+    s.xsave[129] |= 1 << 31;
+    assert!(
+        matches!(
+            restore_vcpu(&b.vcpu, &s, &msrs),
+            Err(VcpuStateError::Kvm(..))
+        ),
+        "a reserved XSAVE feature bit"
+    );
+    assert_eq!(without_tsc(save_vcpu(&b.vcpu, &msrs).unwrap()).0, before);
     // An MSR value KVM refuses (a reserved bit of the steal-time MSR), after the others are set.
     let mut s = good.clone();
     let steal = s
