@@ -4,7 +4,10 @@
 pub mod bus;
 pub mod legacy;
 pub mod pseudo;
+pub mod state;
 pub mod virtio;
+
+pub use state::StateError;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -46,6 +46,23 @@ impl BusDevice for I8042 {
     }
 }
 
+/// The i8042's state: none. vm-superio's controller only acts on the reset command and reads as
+/// 0, so there is nothing to carry over; the type keeps every device's save/restore alike.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {}
+
+impl I8042 {
+    /// The controller's state.
+    pub fn save(&self) -> I8042State {
+        I8042State {}
+    }
+
+    /// Applies `state` (nothing to apply).
+    pub fn restore(&mut self, _state: &I8042State) -> Result<(), crate::devices::StateError> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

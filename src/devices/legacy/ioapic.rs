@@ -16,6 +16,9 @@ use std::io;
 use super::super::GuestErrors;
 use crate::devices::bus::BusDevice;
 
+mod persist;
+pub use persist::IoApicState;
+
 /// Pins, and so GSIs, of the I/O APIC.
 pub use crate::arch::x86_64::layout::IOAPIC_PINS;
 const PINS: usize = IOAPIC_PINS as usize;
@@ -224,9 +227,9 @@ mod tests {
 
     /// Keeps every table it is given; refuses all of them when `fail` is set.
     #[derive(Clone, Default)]
-    struct Recorder {
-        tables: Arc<Mutex<Vec<PinRoutes>>>,
-        fail: bool,
+    pub(super) struct Recorder {
+        pub(super) tables: Arc<Mutex<Vec<PinRoutes>>>,
+        pub(super) fail: bool,
     }
 
     impl RouteInstaller for Recorder {
@@ -239,13 +242,13 @@ mod tests {
         }
     }
 
-    fn ioapic() -> (IoApic, Arc<Mutex<Vec<PinRoutes>>>) {
+    pub(super) fn ioapic() -> (IoApic, Arc<Mutex<Vec<PinRoutes>>>) {
         let recorder = Recorder::default();
         let tables = recorder.tables.clone();
         (IoApic::new(1, Box::new(recorder)), tables)
     }
 
-    fn write_reg(ioapic: &mut IoApic, reg: u32, value: u32) {
+    pub(super) fn write_reg(ioapic: &mut IoApic, reg: u32, value: u32) {
         ioapic.write(IOREGSEL, &reg.to_le_bytes());
         ioapic.write(IOWIN, &value.to_le_bytes());
     }

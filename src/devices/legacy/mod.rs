@@ -5,6 +5,6 @@ pub mod i8042;
 pub mod ioapic;
 pub mod serial;
 
-pub use i8042::I8042;
-pub use ioapic::IoApic;
-pub use serial::{SerialCounters, SerialDevice};
+pub use i8042::{I8042, I8042State};
+pub use ioapic::{IoApic, IoApicState};
+pub use serial::{SerialCounters, SerialDevice, SerialState};

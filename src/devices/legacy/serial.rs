@@ -16,6 +16,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::devices::EventFdTrigger;
 use crate::devices::bus::BusDevice;
 
+mod persist;
+pub use persist::SerialState;
+
 /// What the UART has moved, readable while the VM runs.
 #[derive(Debug, Default)]
 pub struct SerialCounters {
@@ -131,7 +134,7 @@ mod tests {
     const LSR: u64 = 5;
 
     #[derive(Clone, Default)]
-    struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+    pub(super) struct SharedBuf(pub(super) Arc<Mutex<Vec<u8>>>);
 
     impl Write for SharedBuf {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -143,7 +146,7 @@ mod tests {
         }
     }
 
-    fn device() -> (SerialDevice, SharedBuf, EventFd, EventFd) {
+    pub(super) fn device() -> (SerialDevice, SharedBuf, EventFd, EventFd) {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let rx_space = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let out = SharedBuf::default();

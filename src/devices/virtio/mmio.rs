@@ -18,6 +18,9 @@ use super::{Interrupt, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING, VirtioDevice};
 use crate::devices::GuestErrors;
 use crate::devices::bus::BusDevice;
 
+mod persist;
+pub use persist::MmioState;
+
 /// Size of one device's register window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
 /// Offset of QueueNotify, where the ioeventfds listen.

@@ -9,6 +9,7 @@ pub mod block;
 pub mod drain;
 pub mod mmio;
 pub mod net;
+pub mod state;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -18,6 +19,9 @@ use event_manager::EventSet;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+use self::state::VirtioDeviceState;
+use crate::devices::StateError;
 
 /// Feature bit: the device conforms to virtio 1.x.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -68,6 +72,23 @@ pub trait VirtioDevice: Send {
         _mem: &GuestMemoryMmap,
     ) -> u32 {
         0
+    }
+    /// Before a save, on the event loop: gives back to the guest's rings whatever the device
+    /// took from them and still holds, so nothing is in flight.
+    fn prepare_save(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) {}
+    /// The device's own state.
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::None
+    }
+    /// Applies a saved state to this freshly built device, checking all of it first.
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), StateError> {
+        match state {
+            VirtioDeviceState::None => Ok(()),
+            other => Err(StateError::mismatch(
+                "virtio device",
+                format!("state of {} for a stateless device", other.kind()),
+            )),
+        }
     }
 }
 

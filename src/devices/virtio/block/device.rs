@@ -16,6 +16,9 @@ use crate::devices::virtio::{
     return_chain,
 };
 
+mod persist;
+pub use persist::BlockState;
+
 const VIRTIO_ID_BLOCK: u32 = 2;
 const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -330,6 +333,17 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.backlog = false;
+    }
+
+    fn save_state(&self) -> crate::devices::virtio::state::VirtioDeviceState {
+        self.save_device_state()
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &crate::devices::virtio::state::VirtioDeviceState,
+    ) -> Result<(), crate::devices::StateError> {
+        self.restore_device_state(state)
     }
 }
 

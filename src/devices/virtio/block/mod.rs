@@ -5,5 +5,5 @@ pub mod device;
 pub mod disk;
 pub mod request;
 
-pub use device::{Block, BlockCounters};
+pub use device::{Block, BlockCounters, BlockState};
 pub use disk::{DiskError, DiskFile};

@@ -34,6 +34,9 @@ use crate::devices::virtio::{
     return_chain,
 };
 
+mod persist;
+pub use persist::NetState;
+
 const VIRTIO_ID_NET: u32 = 1;
 /// Receive queue, then transmit queue.
 const RX: usize = 0;
@@ -405,6 +408,21 @@ impl VirtioDevice for Net {
     fn take_backlog(&mut self) -> u32 {
         u32::from(std::mem::take(&mut self.tx_backlog)) << TX
     }
+
+    fn prepare_save(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) {
+        self.give_back_buffers(queues, mem);
+    }
+
+    fn save_state(&self) -> crate::devices::virtio::state::VirtioDeviceState {
+        self.save_device_state()
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &crate::devices::virtio::state::VirtioDeviceState,
+    ) -> Result<(), crate::devices::StateError> {
+        self.restore_device_state(state)
+    }
 }
 
 #[cfg(test)]
@@ -421,7 +439,7 @@ mod tests {
 
     /// Sends one Ethernet frame out of interface `TAP` from the host side: it becomes readable
     /// on the TAP's descriptor.
-    fn inject(frame: &[u8]) {
+    pub(super) fn inject(frame: &[u8]) {
         // SAFETY: socket(2) with constant arguments; the result is checked.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
         assert!(fd >= 0, "{}", std::io::Error::last_os_error());
@@ -450,7 +468,7 @@ mod tests {
 
     /// Runs `f` with a device on a fresh TAP (up, no IPv6 chatter) in a network namespace of
     /// its own thread.
-    fn with_net(f: impl FnOnce(Net) + Send + 'static) {
+    pub(super) fn with_net(f: impl FnOnce(Net) + Send + 'static) {
         std::thread::spawn(|| {
             // SAFETY: unshare affects only this thread's namespaces; the result is checked.
             let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 
-pub use device::Net;
+pub use device::{Net, NetState};
 pub use tap::{Tap, TapError};
 
 /// What one interface has done, updated by the event loop and readable while the VM runs.

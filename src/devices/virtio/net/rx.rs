@@ -196,6 +196,13 @@ impl RxPool {
     }
 }
 
+impl RxPool {
+    /// Heads of the pooled chains, oldest first: what a save gives back to the guest.
+    pub fn heads(&self) -> impl Iterator<Item = u16> + '_ {
+        self.chains.iter().map(|chain| chain.head)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
