@@ -68,6 +68,11 @@ pub struct RunArgs {
     #[arg(long, hide = true, value_enum, value_name = "THREAD")]
     pub seccomp_selftest: Option<SelftestThread>,
 
+    /// Debug builds only: the first guest write to COM1 panics the vCPU thread making it.
+    #[cfg(debug_assertions)]
+    #[arg(long, hide = true)]
+    pub panic_selftest: bool,
+
     /// Entry protocol: auto (PVH if the kernel has the note), linux (64-bit boot protocol) or pvh.
     #[arg(long, value_enum, default_value_t = Protocol::Auto, value_name = "PROTOCOL")]
     pub boot_protocol: Protocol,
@@ -212,13 +217,16 @@ impl RunArgs {
 /// Runs the VM to its end; returns the process exit code.
 pub fn run(args: &RunArgs) -> Result<i32, ember::StartError> {
     let config = args.to_config()?;
+    #[cfg(debug_assertions)]
+    ember::devices::legacy::serial::PANIC_SELFTEST
+        .store(args.panic_selftest, std::sync::atomic::Ordering::Relaxed);
     let mut vm = Vm::start(&config)?;
     let signals = vm.stop_trigger().and_then(SignalGuard::install);
     if let Err(e) = &signals {
         log::warn!("Ctrl-C/SIGTERM will not stop the VM cleanly: {e}");
     }
     let raw = (config.console == ConsoleConfig::Stdio)
-        .then(RawTerminal::enable)
+        .then(|| RawTerminal::enable(config.seccomp))
         .flatten();
     if config.seccomp {
         // From here this thread only waits, tears down and restores the terminal.
@@ -235,6 +243,11 @@ pub fn run(args: &RunArgs) -> Result<i32, ember::StartError> {
         log::debug!("timeline: {phase:?} at {} us", at.as_micros());
     }
     drop(signals);
+    if super::signals::panicked() {
+        // The panic's own line said what happened.
+        eprintln!("ember: the VM was stopped because an ember thread panicked");
+        return Ok(exit_code::ERROR);
+    }
     Ok(report(&reason))
 }
 
