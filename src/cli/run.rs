@@ -220,6 +220,8 @@ pub fn run(args: &RunArgs) -> Result<i32, ember::StartError> {
     #[cfg(debug_assertions)]
     ember::devices::legacy::serial::PANIC_SELFTEST
         .store(args.panic_selftest, std::sync::atomic::Ordering::Relaxed);
+    // Looked up now: the main thread's filter refuses it later.
+    let pvm_host = ember::exit::host_is_pvm();
     let mut vm = Vm::start(&config)?;
     let signals = vm.stop_trigger().and_then(SignalGuard::install);
     if let Err(e) = &signals {
@@ -248,11 +250,17 @@ pub fn run(args: &RunArgs) -> Result<i32, ember::StartError> {
         eprintln!("ember: the VM was stopped because an ember thread panicked");
         return Ok(exit_code::ERROR);
     }
-    Ok(report(&reason))
+    Ok(report(&reason, pvm_host))
 }
 
-/// Prints what ended the VM (one line, when it is news) and picks the exit code.
-fn report(reason: &ExitReason) -> i32 {
+/// Prints what ended the VM (one line, when it is news; a second saying what to do, when
+/// ember knows) and picks the exit code.
+fn report(reason: &ExitReason, pvm_host: bool) -> i32 {
+    if let Some(advice) = reason.advice(pvm_host) {
+        eprintln!("ember: {reason}");
+        eprintln!("ember: {advice}");
+        return exit_code::GUEST_FAILURE;
+    }
     if let Some(rip) = reason.rip() {
         log::debug!("guest RIP at exit: {rip:#x}");
     }
