@@ -2,7 +2,8 @@
 //! Debian's stock cloud kernel print the command line and e820 map ember gave them and find both
 //! vCPUs (ours in the MP table, Debian's, built without MP-table support, in the ACPI MADT);
 //! the PVM-quirks kernel reaches busybox init and resets. On a host with hardware KVM (no
-//! `kvm_pvm`), the normal kernel also boots to userspace.
+//! `kvm_pvm`), the normal kernel also boots to userspace; on a PVM host, where it cannot, ember
+//! says so and names the pvm build. A test the host cannot run prints `SKIPPED <test>: <why>`.
 //!
 //! The guests come from `resources/` (built once, cached in `~/.cache/ember`, rebuilt when
 //! their inputs change). Linux runs under instruction emulation on PVM hosts, so one boot keeps
