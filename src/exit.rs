@@ -61,6 +61,30 @@ impl ExitReason {
     }
 }
 
+/// Where the kernel's sysfs shows the PVM flavour of KVM (guest kernel code emulated by the host).
+pub const PVM_MODULE: &str = "/sys/module/kvm_pvm";
+
+/// True on a PVM host. Read it before seccomp filters apply: they refuse the lookup.
+pub fn host_is_pvm() -> bool {
+    std::path::Path::new(PVM_MODULE).exists()
+}
+
+impl ExitReason {
+    /// What to do about this end, when ember knows (`pvm_host`: [`host_is_pvm`]).
+    pub fn advice(&self, pvm_host: bool) -> Option<&'static str> {
+        match self {
+            // PVM emulates the guest kernel and cannot run everything a stock build does
+            // (resources/README.md lists what; the pvm build avoids it).
+            ExitReason::InternalError { suberror: 1, .. } if pvm_host => Some(
+                "this host runs KVM through PVM, which cannot emulate every instruction of a \
+                 stock kernel: boot the pvm build (resources/build-kernel.sh pvm, with \
+                 resources/cmdline-pvm.txt)",
+            ),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for ExitReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -88,5 +112,33 @@ impl fmt::Display for ExitReason {
             }
             ExitReason::VmmError(message) => write!(f, "{message}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_emulation_failure_on_a_pvm_host_names_the_pvm_build() {
+        let failure = ExitReason::InternalError {
+            vcpu: 0,
+            suberror: 1,
+            rip: None,
+        };
+        assert!(
+            failure
+                .advice(true)
+                .unwrap()
+                .contains("build-kernel.sh pvm")
+        );
+        assert_eq!(failure.advice(false), None);
+        let other = ExitReason::InternalError {
+            vcpu: 0,
+            suberror: 2,
+            rip: None,
+        };
+        assert_eq!(other.advice(true), None);
+        assert_eq!(ExitReason::Reset.advice(true), None);
     }
 }

@@ -13,6 +13,7 @@ use ember::error_chain;
 fn main() -> ExitCode {
     ember::timing::mark_process_start();
     reserve_standard_fds();
+    cli::panic_report::install();
     let cli = Cli::parse();
     env_logger::Builder::new()
         .filter_level(cli.log_level)

@@ -172,3 +172,115 @@ fn sigterm_restores_the_terminal() {
         "terminal restored after SIGTERM"
     );
 }
+
+/// Debug builds only (`--panic-selftest`): the vCPU thread panics on the guest's first COM1
+/// write, under its seccomp filter.
+#[cfg(debug_assertions)]
+#[test]
+fn a_panic_on_a_vcpu_thread_is_reported_and_restores_the_terminal() {
+    if !kvm_available() {
+        return;
+    }
+    let pty = open_pty();
+    let original = termios(&pty.slave);
+    let mut child = Command::new(ember())
+        .args(["run", "--panic-selftest", "--kernel"])
+        .arg(test_guest())
+        .args(["--cmdline", "guest.action=halt"])
+        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let code = wait_exit(&mut child);
+    let mut report = String::new();
+    stderr.read_to_string(&mut report).unwrap();
+    assert!(
+        report
+            .lines()
+            .any(|l| l
+                .starts_with("ember: thread ember-vcpu0 panicked: panic selftest: guest wrote")),
+        "the panic, its thread and its message: {report}"
+    );
+    assert!(!report.contains("seccomp"), "not a seccomp kill: {report}");
+    // Debug builds unwind: the VM is stopped and ember says why; release builds abort.
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        report.contains("the VM was stopped because an ember thread panicked"),
+        "{report}"
+    );
+    assert!(
+        same_settings(&termios(&pty.slave), &original),
+        "terminal restored after the panic"
+    );
+}
+
+/// A pipe: (read end, write end).
+fn os_pipe() -> (File, File) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`; the result is checked.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors are new and ours alone.
+    unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+}
+
+#[test]
+fn a_console_nobody_reads_never_blocks_the_vm_and_the_drops_are_reported() {
+    if !kvm_available() {
+        return;
+    }
+    // stdout is a pipe whose read end the test holds and never reads.
+    let (_unread, stdout) = os_pipe();
+    let mut child = Command::new(ember())
+        .args(["run", "--kernel"])
+        .arg(test_guest())
+        .args(["--cmdline", "guest.action=echo"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The guest echoes every byte: 256 KiB of input is twice what the stdout pipe and ember's
+    // queue hold together. Input flows only as fast as the guest takes it, so once all of it
+    // is written, ember has read (and the guest echoed) all but what stdin's pipe holds.
+    let mut stdin = child.stdin.take().unwrap();
+    let (done, written) = channel();
+    std::thread::spawn(move || {
+        let line = [b"x".repeat(63), b"\n".to_vec()].concat();
+        for _ in 0..4096 {
+            if stdin.write_all(&line).is_err() {
+                return;
+            }
+        }
+        let _ = done.send(stdin);
+    });
+    let stdin = written.recv_timeout(GUEST_TIMEOUT).unwrap_or_else(|_| {
+        let _ = child.kill();
+        panic!("ember stopped taking console input: its output blocked the VM");
+    });
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let code = wait_exit(&mut child);
+    drop(stdin);
+    let mut report = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut report)
+        .unwrap();
+    assert_eq!(code, Some(128 + libc::SIGTERM), "{report}");
+    let lost: u64 = report
+        .lines()
+        .find_map(|l| {
+            l.split("console output: ")
+                .nth(1)?
+                .strip_suffix(" bytes lost (the console was not read)")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no count of lost output: {report}"));
+    assert!(lost > 0, "{report}");
+}

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod jail;
+pub mod panic_report;
 pub mod run;
 mod signals;
 mod terminal;

@@ -74,6 +74,11 @@ pub struct RunArgs {
     #[arg(long, hide = true, value_enum, value_name = "THREAD")]
     pub seccomp_selftest: Option<SelftestThread>,
 
+    /// Debug builds only: the first guest write to COM1 panics the vCPU thread making it.
+    #[cfg(debug_assertions)]
+    #[arg(long, hide = true)]
+    pub panic_selftest: bool,
+
     /// Entry protocol: auto (PVH if the kernel has the note), linux (64-bit boot protocol) or pvh.
     #[arg(long, value_enum, default_value_t = Protocol::Auto, value_name = "PROTOCOL")]
     pub boot_protocol: Protocol,
@@ -255,13 +260,18 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
         Some(path) => Some(MetricsFile::open(path)?),
         None => None,
     };
+    #[cfg(debug_assertions)]
+    ember::devices::legacy::serial::PANIC_SELFTEST
+        .store(args.panic_selftest, std::sync::atomic::Ordering::Relaxed);
+    // Looked up now: the main thread's filter refuses it later.
+    let pvm_host = ember::exit::host_is_pvm();
     let mut vm = Vm::start(&config)?;
     let signals = vm.stop_trigger().and_then(SignalGuard::install);
     if let Err(e) = &signals {
         log::warn!("Ctrl-C/SIGTERM will not stop the VM cleanly: {e}");
     }
     let raw = (config.console == ConsoleConfig::Stdio)
-        .then(RawTerminal::enable)
+        .then(|| RawTerminal::enable(config.seccomp))
         .flatten();
     if config.seccomp {
         // From here this thread only waits, tears down and restores the terminal.
@@ -293,11 +303,22 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
         log::debug!("timeline: {phase:?} at {} us", at.as_micros());
     }
     drop(signals);
-    Ok(report(&reason))
+    if super::signals::panicked() {
+        // The panic's own line said what happened.
+        eprintln!("ember: the VM was stopped because an ember thread panicked");
+        return Ok(exit_code::ERROR);
+    }
+    Ok(report(&reason, pvm_host))
 }
 
-/// Prints what ended the VM (one line, when it is news) and picks the exit code.
-fn report(reason: &ExitReason) -> i32 {
+/// Prints what ended the VM (one line, when it is news; a second saying what to do, when
+/// ember knows) and picks the exit code.
+fn report(reason: &ExitReason, pvm_host: bool) -> i32 {
+    if let Some(advice) = reason.advice(pvm_host) {
+        eprintln!("ember: {reason}");
+        eprintln!("ember: {advice}");
+        return exit_code::GUEST_FAILURE;
+    }
     if let Some(rip) = reason.rip() {
         log::debug!("guest RIP at exit: {rip:#x}");
     }

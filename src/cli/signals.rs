@@ -1,16 +1,35 @@
 //! SIGINT, SIGTERM and SIGHUP stop the VM cleanly: the handler only writes to the VM's stop
 //! descriptor (async-signal-safe), and the run loop then tears down and restores the terminal.
+//! A panicking thread stops the VM the same way ([`stop_for_panic`]).
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use ember::StopTrigger;
 
 static STOP_FD: AtomicI32 = AtomicI32::new(-1);
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
+static PANICKED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(signal: libc::c_int) {
     RECEIVED.store(signal, Ordering::SeqCst);
+    request_stop();
+}
+
+/// Stops the VM because a thread panicked (with `panic = "unwind"`, the thread is gone but the
+/// VM would run on without it); the run loop then reports the panic as the reason.
+pub fn stop_for_panic() {
+    PANICKED.store(true, Ordering::SeqCst);
+    request_stop();
+}
+
+/// Whether a thread panicked while the VM ran.
+pub fn panicked() -> bool {
+    PANICKED.load(Ordering::SeqCst)
+}
+
+/// Wakes the VM's stop path; async-signal-safe and allowed under every thread's filter.
+fn request_stop() {
     let fd: RawFd = STOP_FD.load(Ordering::SeqCst);
     if fd >= 0 {
         let one: u64 = 1;

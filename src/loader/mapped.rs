@@ -65,7 +65,7 @@ impl MappedImage {
                     self.file.as_raw_fd(),
                     dst.add(done).cast(),
                     len - done,
-                    i64::try_from(offset + done as u64).unwrap_or(i64::MAX),
+                    i64::try_from(offset.saturating_add(done as u64)).unwrap_or(i64::MAX),
                 )
             };
             match n {
@@ -135,7 +135,7 @@ impl MappedImage {
 impl Read for MappedImage {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.file.read_at(buf, self.pos)?;
-        self.pos += n as u64;
+        self.pos = self.pos.saturating_add(n as u64);
         Ok(n)
     }
 }
@@ -162,10 +162,13 @@ impl ReadVolatile for MappedImage {
         let dst = guard.as_ptr();
         let head = (dst as usize).next_multiple_of(PAGE_SIZE) - dst as usize;
         let whole = len.saturating_sub(head) / PAGE_SIZE * PAGE_SIZE;
-        let body_offset = self.pos + head as u64;
+        // A seek may have put `pos` anywhere (the image is untrusted): nothing past the end maps.
+        let body_offset = self.pos.saturating_add(head as u64);
         let mappable = whole >= MIN_MAPPED_BYTES
             && body_offset % PAGE_SIZE as u64 == 0
-            && body_offset + whole as u64 <= self.len;
+            && body_offset
+                .checked_add(whole as u64)
+                .is_some_and(|end| end <= self.len);
         let pos = self.pos;
         let io = VolatileMemoryError::IOError;
         // SAFETY: `dst..dst + len` is the slice's memory, valid for writes by the VolatileSlice's
@@ -177,7 +180,7 @@ impl ReadVolatile for MappedImage {
                 self.copy(
                     dst.add(copied_head),
                     len - copied_head,
-                    pos + copied_head as u64,
+                    pos.saturating_add(copied_head as u64),
                 )
             };
             copied_head + rest.map_err(io)?
@@ -186,7 +189,7 @@ impl ReadVolatile for MappedImage {
         // else holds its contents.
         } else if unsafe { self.map(dst.add(head), whole, body_offset) } {
             self.mapped += whole as u64;
-            let tail_offset = body_offset + whole as u64;
+            let tail_offset = body_offset.saturating_add(whole as u64);
             // SAFETY: the slice's last `len - head - whole` bytes.
             let tail = unsafe { self.copy(dst.add(head + whole), len - head - whole, tail_offset) };
             head + whole + tail.map_err(io)?
@@ -196,7 +199,7 @@ impl ReadVolatile for MappedImage {
             head + rest.map_err(io)?
         };
         buf.bitmap().mark_dirty(0, done);
-        self.pos += done as u64;
+        self.pos = self.pos.saturating_add(done as u64);
         Ok(done)
     }
 }
@@ -281,6 +284,18 @@ mod tests {
         image
             .seek(SeekFrom::Start(FILE_LEN as u64 - 0x1_0000))
             .unwrap();
+        let result = mem.read_exact_volatile_from(GuestAddress(0x10_0000), &mut image, 0x10_0000);
+        assert!(result.is_err());
+        assert_eq!(image.mapped_bytes(), 0);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// Found by the `loader` fuzz target: a seek near `u64::MAX` made the next read overflow.
+    #[test]
+    fn a_read_after_a_seek_near_the_end_of_the_offset_space_fails_cleanly() {
+        let (mut image, path) = image("far");
+        let mem = mem();
+        image.seek(SeekFrom::Start(u64::MAX - 10)).unwrap();
         let result = mem.read_exact_volatile_from(GuestAddress(0x10_0000), &mut image, 0x10_0000);
         assert!(result.is_err());
         assert_eq!(image.mapped_bytes(), 0);

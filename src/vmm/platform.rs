@@ -67,7 +67,12 @@ pub fn create(
     buses
         .mmio
         .insert(IOAPIC_START, IoApic::WINDOW, ioapic.clone())?;
-    let ends = console::open(&config.console)?;
+    let mut ends = console::open(&config.console)?;
+    // Flushes queued guest output when the host side can take it again, not only on the
+    // guest's next write.
+    if let Some(drain) = ends.drain.take() {
+        subscribers.push(Arc::new(Mutex::new(drain)));
+    }
 
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::Eventfd)?;
     vm.register_irqfd(&irq, COM1_IRQ)?;

@@ -1,6 +1,9 @@
 //! The 8250 UART (COM1) over vm-superio: guest output goes to a writer (terminal, file, pipe),
 //! host input is queued by the event loop, and the interrupt leaves through an irqfd.
 //!
+//! Output never blocks the vCPU: the writer (`vmm::console::ConsoleOutput`) queues and drops
+//! instead of waiting for a reader.
+//!
 //! Input flow control: the event loop stops reading the host side when the 64-byte receive FIFO
 //! is full and starts again when the guest has drained it (`rx_space` fires), so typed or piped
 //! input is never dropped.
@@ -13,8 +16,8 @@ use vm_superio::Serial;
 use vm_superio::serial::SerialEvents;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::EventFdTrigger;
 use crate::devices::bus::BusDevice;
+use crate::devices::{EventFdTrigger, GuestErrors};
 
 mod persist;
 pub use persist::SerialState;
@@ -22,9 +25,9 @@ pub use persist::SerialState;
 /// What the UART has moved, readable while the VM runs.
 #[derive(Debug, Default)]
 pub struct SerialCounters {
-    /// Bytes the guest wrote that reached the output.
+    /// Bytes the guest wrote that the output took (sent, or queued for a slow reader).
     pub tx_bytes: AtomicU64,
-    /// Bytes the guest wrote that the output refused (e.g. a full, non-blocking pipe).
+    /// Bytes the guest wrote that the output refused with an error.
     pub tx_lost_bytes: AtomicU64,
     /// Bytes queued to the guest.
     pub rx_bytes: AtomicU64,
@@ -56,7 +59,15 @@ impl SerialEvents for Events {
 pub struct SerialDevice {
     uart: Serial<EventFdTrigger, Events, Box<dyn Write + Send>>,
     counters: Arc<SerialCounters>,
+    /// Failed register writes: one per guest byte at worst, so the log line is rate-limited.
+    write_errors: GuestErrors,
 }
+
+/// Debug builds only: the next guest byte on COM1 panics the vCPU thread writing it, to test
+/// how ember reports a panic on a filtered thread (`ember run --panic-selftest`).
+#[cfg(debug_assertions)]
+pub static PANIC_SELFTEST: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 impl SerialDevice {
     /// Ports per UART.
@@ -73,6 +84,7 @@ impl SerialDevice {
         SerialDevice {
             uart: Serial::with_events(EventFdTrigger::new(irq), events, out),
             counters,
+            write_errors: GuestErrors::quiet(),
         }
     }
 
@@ -116,9 +128,14 @@ impl BusDevice for SerialDevice {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
+            #[cfg(debug_assertions)]
+            if offset == 0 && PANIC_SELFTEST.swap(false, Ordering::Relaxed) {
+                panic!("panic selftest: guest wrote {byte:#x} to COM1");
+            }
             // Output errors are counted by `tx_lost_byte`; interrupt errors cannot be answered.
             if let Err(e) = self.uart.write(offset, *byte) {
-                log::debug!("serial write at offset {offset}: {e:?}");
+                self.write_errors
+                    .record(|| format!("serial write at offset {offset}: {e:?}"));
             }
         }
     }

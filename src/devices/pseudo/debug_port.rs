@@ -1,11 +1,13 @@
 //! The POST/debug port 0x80, as Cloud Hypervisor uses it for boot timing: a guest writes a
 //! progress code, 0x40-0x5f from the kernel and 0x60-0x7f from userspace, and ember logs it with
 //! its timestamp. Other values (Linux's I/O delay writes) are ignored. The codes are kept, up to
-//! a bound, for the library API.
+//! a bound, for the library API; past the bound they are only counted, in a rate-limited line,
+//! so a guest writing codes in a loop cannot flood the log.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::devices::GuestErrors;
 use crate::devices::bus::BusDevice;
 use crate::timing;
 
@@ -22,12 +24,17 @@ pub type DebugCodes = Arc<Mutex<Vec<(u8, Duration)>>>;
 /// Port 0x80.
 pub struct DebugPort {
     codes: DebugCodes,
+    /// Codes past [`MAX_KEPT`].
+    ignored: GuestErrors,
 }
 
 impl DebugPort {
     /// A port recording into `codes`.
     pub fn new(codes: DebugCodes) -> Self {
-        DebugPort { codes }
+        DebugPort {
+            codes,
+            ignored: GuestErrors::quiet(),
+        }
     }
 }
 
@@ -46,13 +53,16 @@ impl BusDevice for DebugPort {
             return;
         };
         let at = timing::since_start();
-        log::debug!(
-            "debug port: {source} code {code:#x} at {} us",
-            at.as_micros()
-        );
         let mut codes = self.codes.lock().unwrap_or_else(PoisonError::into_inner);
         if codes.len() < MAX_KEPT {
+            log::debug!(
+                "debug port: {source} code {code:#x} at {} us",
+                at.as_micros()
+            );
             codes.push((*code, at));
+        } else {
+            self.ignored
+                .record(|| format!("debug port: codes past the first {MAX_KEPT} are ignored"));
         }
     }
 }
@@ -82,5 +92,6 @@ mod tests {
             port.write(0, &[0x50]);
         }
         assert_eq!(codes.lock().unwrap().len(), MAX_KEPT);
+        assert_eq!(port.ignored.count(), 10_000 - MAX_KEPT as u64);
     }
 }
