@@ -17,6 +17,7 @@
 //! # Ok::<(), ember::StartError>(())
 //! ```
 
+pub mod api;
 pub mod arch;
 pub mod bench;
 pub mod config;

@@ -49,8 +49,9 @@ pub struct RunArgs {
     #[arg(long = "disk", value_parser = parse_disk, value_name = "SPEC")]
     pub disks: Vec<DiskConfig>,
 
-    /// A virtio-net interface on a host TAP: tap=NAME[,mac=MAC]; repeat for more (eth0, eth1...).
-    /// A missing TAP is created (it lasts as long as ember) when ember may.
+    /// A virtio-net interface on a host TAP: tap=NAME[,mac=MAC][,id=NAME]; repeat for more (eth0,
+    /// eth1...). A missing TAP is created (it lasts as long as ember) when ember may. `id` names
+    /// the interface for the API (default: the TAP's name).
     #[arg(long = "net", value_parser = parse_net, value_name = "SPEC")]
     pub nets: Vec<NetSpec>,
 
@@ -142,29 +143,33 @@ fn parse_disk(value: &str) -> Result<DiskConfig, String> {
 pub struct NetSpec {
     tap: String,
     mac: Option<String>,
+    id: Option<String>,
 }
 
 fn parse_net(value: &str) -> Result<NetSpec, String> {
     let mut tap = None;
     let mut mac = None;
+    let mut id = None;
     for item in value.split(',') {
         match item.split_once('=') {
             Some(("tap", name)) => tap = Some(name.to_owned()),
             Some(("mac", addr)) => mac = Some(addr.to_owned()),
+            Some(("id", name)) => id = Some(name.to_owned()),
             _ => {
                 return Err(format!(
-                    "unknown item {item:?}: expected tap=NAME[,mac=MAC]"
+                    "unknown item {item:?}: expected tap=NAME[,mac=MAC][,id=NAME]"
                 ));
             }
         }
     }
     let tap = tap.ok_or("missing tap=NAME")?;
-    Ok(NetSpec { tap, mac })
+    Ok(NetSpec { tap, mac, id })
 }
 
 impl NetSpec {
     fn to_config(&self) -> Result<NetConfig, ConfigError> {
         let mut net = NetConfig::new(&self.tap);
+        net.id = self.id.clone();
         if let Some(mac) = &self.mac {
             net.mac = Some(mac.parse()?);
         }

@@ -254,6 +254,12 @@ impl VmHandle {
         }
         self.result.clone().unwrap_or(ExitReason::Stopped)
     }
+
+    /// A descriptor that becomes readable when the VM ends (or a stop is requested), to poll;
+    /// `None` once it has been torn down.
+    pub fn exit_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.running.as_ref().map(|r| r.exit.wake_fd())
+    }
 }
 
 impl Drop for VmHandle {
