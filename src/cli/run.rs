@@ -16,9 +16,32 @@ use ember::{
 /// `ember run` options.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Kernel to boot: an ELF vmlinux (PVH entry if it has the note) or a bzImage.
+    /// Kernel to boot: an ELF vmlinux (PVH entry if it has the note) or a bzImage. Without it
+    /// (and with --api-sock) the VM is configured and started through the API.
+    #[arg(long, value_name = "PATH", required_unless_present = "api_sock")]
+    pub kernel: Option<PathBuf>,
+
+    /// Serve Firecracker's REST API on this Unix socket (docs/api.md).
     #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    pub api_sock: Option<PathBuf>,
+
+    /// The instance's name in the API (`GET /`).
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "api_sock",
+        default_value = "anonymous-instance"
+    )]
+    pub id: String,
+
+    /// Boot at once from Firecracker's JSON configuration (the sections of `GET /vm/config`).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "api_sock",
+        conflicts_with = "kernel"
+    )]
+    pub config_file: Option<PathBuf>,
 
     /// Initial ramdisk (cpio, compressed or not).
     #[arg(long, value_name = "PATH")]
@@ -180,7 +203,7 @@ impl NetSpec {
 impl RunArgs {
     /// The library configuration these options describe.
     pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
-        let mut config = VmConfig::new(&self.kernel);
+        let mut config = VmConfig::new(self.kernel.clone().unwrap_or_default());
         config.initrd = self.initrd.clone();
         config.cmdline = self.cmdline.clone();
         if let Some(rootfs) = &self.rootfs {
@@ -216,6 +239,9 @@ impl RunArgs {
 
 /// Runs the VM to its end; returns the process exit code.
 pub fn run(args: &RunArgs) -> Result<i32, ember::StartError> {
+    if let Some(socket) = &args.api_sock {
+        return super::api_run::run(args, socket);
+    }
     let config = args.to_config()?;
     let mut vm = Vm::start(&config)?;
     let signals = vm.stop_trigger().and_then(SignalGuard::install);
@@ -244,7 +270,7 @@ pub fn run(args: &RunArgs) -> Result<i32, ember::StartError> {
 }
 
 /// Prints what ended the VM (one line, when it is news) and picks the exit code.
-fn report(reason: &ExitReason) -> i32 {
+pub(super) fn report(reason: &ExitReason) -> i32 {
     if let Some(rip) = reason.rip() {
         log::debug!("guest RIP at exit: {rip:#x}");
     }
