@@ -28,6 +28,8 @@
 //! with the VMM and is hidden from the documentation.
 
 #[doc(hidden)]
+pub mod api;
+#[doc(hidden)]
 pub mod arch;
 #[doc(hidden)]
 pub mod bench;

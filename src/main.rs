@@ -31,6 +31,7 @@ fn main() -> ExitCode {
             eprintln!("ember: {}", error_chain(&e));
             exit_code::ERROR
         }),
+        Command::Ctl(args) => cli::ctl::run(args),
         Command::Bench(command) => match cli::bench::run(command) {
             Ok(()) => exit_code::SUCCESS,
             Err(e) => {

@@ -112,7 +112,9 @@ pub fn run(args: &JailArgs) -> Result<i32, JailCliError> {
         keep: args.keep,
         guest_memory_mib: run_args.memory,
     })?;
-    run_args.kernel = jail.add_file(&run_args.kernel, Access::ReadOnly)?;
+    if let Some(kernel) = &run_args.kernel {
+        run_args.kernel = Some(jail.add_file(kernel, Access::ReadOnly)?);
+    }
     if let Some(initrd) = &run_args.initrd {
         run_args.initrd = Some(jail.add_file(initrd, Access::ReadOnly)?);
     }

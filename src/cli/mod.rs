@@ -1,6 +1,8 @@
 //! The `ember` command line: clap definitions, one file per subcommand.
 
+mod api_run;
 pub mod bench;
+pub mod ctl;
 pub mod jail;
 pub mod panic_report;
 pub mod run;
@@ -30,6 +32,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Run `ember run` in a jail: chroot, namespaces, cgroup, no privileges.
     Jail(jail::JailArgs),
+    /// Talk to a running ember's API socket: info, pause, resume, metrics, ...
+    Ctl(ctl::CtlArgs),
     /// Measure ember: `ember bench boot`.
     #[command(subcommand)]
     Bench(bench::BenchCommand),

@@ -18,9 +18,32 @@ use ember::{
 /// `ember run` options.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Kernel to boot: an ELF vmlinux (PVH entry if it has the note) or a bzImage.
+    /// Kernel to boot: an ELF vmlinux (PVH entry if it has the note) or a bzImage. Without it
+    /// (and with --api-sock) the VM is configured and started through the API.
+    #[arg(long, value_name = "PATH", required_unless_present = "api_sock")]
+    pub kernel: Option<PathBuf>,
+
+    /// Serve Firecracker's REST API on this Unix socket (docs/api.md).
     #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    pub api_sock: Option<PathBuf>,
+
+    /// The instance's name in the API (`GET /`).
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "api_sock",
+        default_value = "anonymous-instance"
+    )]
+    pub id: String,
+
+    /// Boot at once from Firecracker's JSON configuration (the sections of `GET /vm/config`).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "api_sock",
+        conflicts_with = "kernel"
+    )]
+    pub config_file: Option<PathBuf>,
 
     /// Initial ramdisk (cpio, compressed or not).
     #[arg(long, value_name = "PATH")]
@@ -51,8 +74,9 @@ pub struct RunArgs {
     #[arg(long = "disk", value_parser = parse_disk, value_name = "SPEC")]
     pub disks: Vec<DiskConfig>,
 
-    /// A virtio-net interface on a host TAP: tap=NAME[,mac=MAC]; repeat for more (eth0, eth1...).
-    /// A missing TAP is created (it lasts as long as ember) when ember may.
+    /// A virtio-net interface on a host TAP: tap=NAME[,mac=MAC][,id=NAME]; repeat for more (eth0,
+    /// eth1...). A missing TAP is created (it lasts as long as ember) when ember may. `id` names
+    /// the interface for the API (default: the TAP's name).
     #[arg(long = "net", value_parser = parse_net, value_name = "SPEC")]
     pub nets: Vec<NetSpec>,
 
@@ -153,29 +177,33 @@ fn parse_disk(value: &str) -> Result<DiskConfig, String> {
 pub struct NetSpec {
     tap: String,
     mac: Option<String>,
+    id: Option<String>,
 }
 
 fn parse_net(value: &str) -> Result<NetSpec, String> {
     let mut tap = None;
     let mut mac = None;
+    let mut id = None;
     for item in value.split(',') {
         match item.split_once('=') {
             Some(("tap", name)) => tap = Some(name.to_owned()),
             Some(("mac", addr)) => mac = Some(addr.to_owned()),
+            Some(("id", name)) => id = Some(name.to_owned()),
             _ => {
                 return Err(format!(
-                    "unknown item {item:?}: expected tap=NAME[,mac=MAC]"
+                    "unknown item {item:?}: expected tap=NAME[,mac=MAC][,id=NAME]"
                 ));
             }
         }
     }
     let tap = tap.ok_or("missing tap=NAME")?;
-    Ok(NetSpec { tap, mac })
+    Ok(NetSpec { tap, mac, id })
 }
 
 impl NetSpec {
     fn to_config(&self) -> Result<NetConfig, ConfigError> {
         let mut net = NetConfig::new(&self.tap);
+        net.id = self.id.clone();
         if let Some(mac) = &self.mac {
             net.mac = Some(mac.parse()?);
         }
@@ -186,7 +214,7 @@ impl NetSpec {
 impl RunArgs {
     /// The library configuration these options describe.
     pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
-        let mut config = VmConfig::new(&self.kernel);
+        let mut config = VmConfig::new(self.kernel.clone().unwrap_or_default());
         config.initrd = self.initrd.clone();
         config.cmdline = self.cmdline.clone();
         if let Some(rootfs) = &self.rootfs {
@@ -255,6 +283,9 @@ pub fn flag_for(error: &RunError) -> Option<&'static str> {
 
 /// Runs the VM to its end; returns the process exit code.
 pub fn run(args: &RunArgs) -> Result<i32, RunError> {
+    if let Some(socket) = &args.api_sock {
+        return Ok(super::api_run::run(args, socket)?);
+    }
     let config = args.to_config().map_err(ember::StartError::from)?;
     let mut metrics = match &args.metrics_path {
         Some(path) => Some(MetricsFile::open(path)?),
@@ -313,7 +344,7 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
 
 /// Prints what ended the VM (one line, when it is news; a second saying what to do, when
 /// ember knows) and picks the exit code.
-fn report(reason: &ExitReason, pvm_host: bool) -> i32 {
+pub(super) fn report(reason: &ExitReason, pvm_host: bool) -> i32 {
     if let Some(advice) = reason.advice(pvm_host) {
         eprintln!("ember: {reason}");
         eprintln!("ember: {advice}");

@@ -5,8 +5,6 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
-use ember::StopTrigger;
-
 static STOP_FD: AtomicI32 = AtomicI32::new(-1);
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
 static PANICKED: AtomicBool = AtomicBool::new(false);
@@ -41,12 +39,13 @@ fn request_stop() {
 
 /// Routes the stop signals to `trigger` until the returned guard is dropped.
 pub struct SignalGuard {
-    _trigger: StopTrigger,
+    _trigger: Box<dyn AsRawFd>,
 }
 
 impl SignalGuard {
-    /// Installs the handlers.
-    pub fn install(trigger: StopTrigger) -> std::io::Result<SignalGuard> {
+    /// Installs the handlers, which write an 8-byte 1 to `trigger` (a VM's `StopTrigger`, or an
+    /// eventfd of the API run loop's own).
+    pub fn install(trigger: impl AsRawFd + 'static) -> std::io::Result<SignalGuard> {
         STOP_FD.store(trigger.as_raw_fd(), Ordering::SeqCst);
         for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
             // SAFETY: installing a handler that only does async-signal-safe work.
@@ -56,7 +55,9 @@ impl SignalGuard {
                 return Err(std::io::Error::last_os_error());
             }
         }
-        Ok(SignalGuard { _trigger: trigger })
+        Ok(SignalGuard {
+            _trigger: Box::new(trigger),
+        })
     }
 
     /// The signal that stopped the VM, if one did.

@@ -5,8 +5,10 @@ mod net;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
-pub use net::{MAX_TAP_NAME_LEN, MacAddr, MacParseError, NetConfig};
+pub use net::{MAX_NET_ID_LEN, MAX_TAP_NAME_LEN, MacAddr, MacParseError, NetConfig};
 
 /// The kernel command line used when none is given: the serial console, reset on reboot through
 /// the i8042 (which ends the VM), reboot on panic, and no probing for hardware a microVM lacks.
@@ -18,7 +20,8 @@ pub const DEFAULT_MEMORY_MIB: u64 = 128;
 pub const MIN_MEMORY_MIB: u64 = 2;
 
 /// How the boot vCPU enters the kernel.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BootProtocol {
     /// PVH when the ELF kernel carries the PVH note, else the 64-bit Linux boot protocol.
     #[default]
@@ -30,7 +33,8 @@ pub enum BootProtocol {
 }
 
 /// Where the guest's serial console goes.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ConsoleConfig {
     /// Output to the process's stdout, input from its stdin.
     #[default]
@@ -45,18 +49,26 @@ pub enum ConsoleConfig {
 }
 
 /// A virtio-blk disk.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// The image file.
     pub path: PathBuf,
     /// Refuse guest writes (and share the image with other read-only users).
+    #[serde(default)]
     pub read_only: bool,
     /// Open the image with O_DIRECT: I/O bypasses the host page cache. The guest's buffers must
     /// then be 512-byte aligned (Linux's are); misaligned requests fail with IOERR.
+    #[serde(default)]
     pub direct: bool,
     /// The serial the guest reads with GET_ID (`/sys/block/vdX/serial`), up to 20 ASCII bytes;
-    /// `None` uses the file name.
+    /// `None` uses the file name. The API's `drive_id`.
+    #[serde(default)]
     pub id: Option<String>,
+    /// This disk holds the root filesystem (the API's `is_root_device`): [`VmConfig::for_boot`]
+    /// makes it `/dev/vda` and adds `root=/dev/vda rw` (`ro` when read-only) to the command line.
+    #[serde(default)]
+    pub root: bool,
 }
 
 impl DiskConfig {
@@ -67,6 +79,7 @@ impl DiskConfig {
             read_only: false,
             direct: false,
             id: None,
+            root: false,
         }
     }
 
@@ -106,38 +119,77 @@ pub const MAX_DISK_ID_LEN: usize = 20;
 /// Most virtio devices: IOAPIC pins 5 to 23.
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 
-/// A VM to start.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A VM to start. Plain data: the CLI, the API, its configuration file and `GET /vm/config`
+/// all go through this one type (with serde: unknown fields are refused, missing ones take the
+/// defaults of [`VmConfig::new`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// ELF vmlinux or bzImage.
     pub kernel: PathBuf,
     /// Initial ramdisk, if any.
+    #[serde(default)]
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
+    #[serde(default = "default_cmdline")]
     pub cmdline: String,
     /// Number of vCPUs.
+    #[serde(default = "default_vcpus")]
     pub vcpus: u8,
     /// Guest memory in MiB.
+    #[serde(default = "default_memory_mib")]
     pub memory_mib: u64,
     /// Serial console.
+    #[serde(default)]
     pub console: ConsoleConfig,
     /// Entry protocol.
+    #[serde(default)]
     pub boot_protocol: BootProtocol,
     /// The KVM device (normally `/dev/kvm`).
+    #[serde(default = "default_kvm_device")]
     pub kvm_device: PathBuf,
     /// virtio-blk disks, `/dev/vda` first.
+    #[serde(default)]
     pub disks: Vec<DiskConfig>,
     /// virtio-net interfaces, `eth0` first.
+    #[serde(default)]
     pub nets: Vec<NetConfig>,
     /// The Firecracker-compatible boot timer at 0xC000_0000.
+    #[serde(default)]
     pub boot_timer: bool,
     /// Seccomp filters on ember's vCPU and event-loop threads (on unless debugging).
+    #[serde(default = "default_true")]
     pub seccomp: bool,
+    /// Where the VMM writes a line of metrics (JSON) when asked to flush them (the API's
+    /// `PUT /metrics`); `None`: nowhere.
+    #[serde(default)]
+    pub metrics_path: Option<PathBuf>,
     /// Debug builds only: make this thread call a forbidden system call once filtered, to test
     /// that violations are caught.
     #[cfg(debug_assertions)]
     #[doc(hidden)]
+    #[serde(skip)]
     pub seccomp_selftest: Option<crate::sandbox::ThreadKind>,
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_owned()
+}
+
+fn default_vcpus() -> u8 {
+    1
+}
+
+fn default_memory_mib() -> u64 {
+    DEFAULT_MEMORY_MIB
+}
+
+fn default_kvm_device() -> PathBuf {
+    PathBuf::from("/dev/kvm")
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl VmConfig {
@@ -146,19 +198,33 @@ impl VmConfig {
         VmConfig {
             kernel: kernel.into(),
             initrd: None,
-            cmdline: DEFAULT_CMDLINE.to_owned(),
-            vcpus: 1,
-            memory_mib: DEFAULT_MEMORY_MIB,
+            cmdline: default_cmdline(),
+            vcpus: default_vcpus(),
+            memory_mib: default_memory_mib(),
             console: ConsoleConfig::default(),
             boot_protocol: BootProtocol::default(),
-            kvm_device: PathBuf::from("/dev/kvm"),
+            kvm_device: default_kvm_device(),
             disks: Vec::new(),
             nets: Vec::new(),
             boot_timer: false,
             seccomp: true,
+            metrics_path: None,
             #[cfg(debug_assertions)]
             seccomp_selftest: None,
         }
+    }
+
+    /// The configuration the VMM boots: the root disk (if one is marked [`DiskConfig::root`])
+    /// moved first, to be `/dev/vda`, and `root=/dev/vda rw` (or `ro`) added to the command line.
+    pub fn for_boot(&self) -> VmConfig {
+        let mut config = self.clone();
+        if let Some(index) = config.disks.iter().position(|d| d.root) {
+            let root = config.disks.remove(index);
+            let mode = if root.read_only { "ro" } else { "rw" };
+            config.cmdline.push_str(&format!(" root=/dev/vda {mode}"));
+            config.disks.insert(0, root);
+        }
+        config
     }
 
     /// Checks everything that can be checked before touching KVM.
@@ -180,7 +246,15 @@ impl VmConfig {
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
-        for disk in &self.disks {
+        if self.disks.iter().filter(|d| d.root).count() > 1 {
+            return Err(ConfigError::TwoRootDisks);
+        }
+        for (i, disk) in self.disks.iter().enumerate() {
+            if let Some(id) = &disk.id {
+                if self.disks[..i].iter().any(|d| d.id.as_ref() == Some(id)) {
+                    return Err(ConfigError::DuplicateDiskId(id.clone()));
+                }
+            }
             let id = disk.serial();
             // A path without a file name (a directory) derives an empty id; opening the image
             // reports it. An id given empty is refused here.
@@ -196,6 +270,9 @@ impl VmConfig {
             net.validate()?;
             if self.nets[..i].iter().any(|other| other.tap == net.tap) {
                 return Err(ConfigError::DuplicateTap(net.tap.clone()));
+            }
+            if self.nets[..i].iter().any(|other| other.id() == net.id()) {
+                return Err(ConfigError::DuplicateNetId(net.id().to_owned()));
             }
         }
         Ok(())
@@ -228,6 +305,18 @@ pub enum ConfigError {
     /// A disk id the guest could not read back.
     #[error("disk id {0:?} must be 1 to 20 printable ASCII characters without spaces")]
     BadDiskId(String),
+    /// Two disks with the same id.
+    #[error("disk id {0:?} is given twice: each disk needs its own id")]
+    DuplicateDiskId(String),
+    /// More than one root filesystem.
+    #[error("only one disk can be the root device")]
+    TwoRootDisks,
+    /// An interface id that is empty, too long or not printable.
+    #[error("network interface id {0:?} must be 1 to 64 printable ASCII characters without spaces")]
+    BadNetId(String),
+    /// Two interfaces with the same id.
+    #[error("network interface id {0:?} is given twice: each interface needs its own id")]
+    DuplicateNetId(String),
     /// A TAP name Linux would refuse.
     #[error("TAP name {0:?} must be 1 to {MAX_TAP_NAME_LEN} characters without '/', ':' or spaces")]
     BadTapName(String),
@@ -352,6 +441,55 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::BadDiskId(id)) if id.is_empty()));
         c.disks[0].id = Some("d".into());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_root_disk_boots_first_with_root_on_the_command_line() {
+        let mut c = config();
+        c.disks.push(DiskConfig::new("/data"));
+        let mut root = DiskConfig::new("/rootfs");
+        root.root = true;
+        root.read_only = true;
+        c.disks.push(root);
+        let boot = c.for_boot();
+        assert_eq!(boot.disks[0].path, PathBuf::from("/rootfs"));
+        assert!(
+            boot.cmdline.ends_with(" root=/dev/vda ro"),
+            "{}",
+            boot.cmdline
+        );
+        assert_eq!(
+            c.cmdline, DEFAULT_CMDLINE,
+            "the stored config keeps its command line"
+        );
+        c.disks[0].root = true;
+        assert!(matches!(c.validate(), Err(ConfigError::TwoRootDisks)));
+    }
+
+    #[test]
+    fn duplicate_disk_and_interface_ids_are_refused() {
+        let mut c = config();
+        let mut a = DiskConfig::new("/a");
+        a.id = Some("x".into());
+        c.disks = vec![a.clone(), a];
+        assert!(matches!(c.validate(), Err(ConfigError::DuplicateDiskId(_))));
+        let mut c = config();
+        let mut n = NetConfig::new("tap0");
+        n.id = Some("eth0".into());
+        let mut m = NetConfig::new("tap1");
+        m.id = Some("eth0".into());
+        c.nets = vec![n, m];
+        assert!(matches!(c.validate(), Err(ConfigError::DuplicateNetId(_))));
+    }
+
+    #[test]
+    fn serde_is_strict_and_fills_defaults() {
+        let c: VmConfig = serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap();
+        assert_eq!(c, VmConfig::new("/k"));
+        let back: VmConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        assert!(serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "cpus": 2}"#).is_err());
+        assert!(serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "vcpus": 300}"#).is_err());
     }
 
     #[test]

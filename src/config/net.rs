@@ -3,6 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
 use super::ConfigError;
 
 /// Longest TAP name Linux accepts (IFNAMSIZ minus the terminating NUL).
@@ -37,6 +39,22 @@ impl fmt::Display for MacAddr {
     }
 }
 
+impl Serialize for MacAddr {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Longest interface id.
+pub const MAX_NET_ID_LEN: usize = 64;
+
 /// Not six colon-separated hex bytes.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0:?} is not a MAC address: expected six hex bytes like 06:00:ac:10:00:02")]
@@ -64,11 +82,17 @@ impl FromStr for MacAddr {
 }
 
 /// A virtio-net interface on a host TAP.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NetConfig {
+    /// The interface's name for the VMM and its API (Firecracker's `iface_id`); `None` uses the
+    /// TAP's name.
+    #[serde(default)]
+    pub id: Option<String>,
     /// The TAP's name; ember creates it (for its own lifetime) if it does not exist and may.
     pub tap: String,
     /// The guest's address; `None` uses [`MacAddr::for_tap`].
+    #[serde(default)]
     pub mac: Option<MacAddr>,
 }
 
@@ -76,14 +100,20 @@ impl NetConfig {
     /// An interface on TAP `tap` with the default MAC address.
     pub fn new(tap: impl Into<String>) -> Self {
         NetConfig {
+            id: None,
             tap: tap.into(),
             mac: None,
         }
     }
 
-    /// The device's id (the API's `iface_id`): the TAP's name.
+    /// The interface's id (the API's `iface_id`): the one given, else the TAP's name.
+    pub fn id(&self) -> &str {
+        self.id.as_deref().unwrap_or(&self.tap)
+    }
+
+    /// The device's id, owned (see [`NetConfig::id`]).
     pub fn device_id(&self) -> String {
-        self.tap.clone()
+        self.id().to_owned()
     }
 
     /// The MAC address the guest gets.
@@ -102,6 +132,14 @@ impl NetConfig {
             || name.chars().any(bad_char)
         {
             return Err(ConfigError::BadTapName(name.clone()));
+        }
+        if let Some(id) = &self.id {
+            if id.is_empty()
+                || id.len() > MAX_NET_ID_LEN
+                || !id.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(ConfigError::BadNetId(id.clone()));
+            }
         }
         let mac = self.mac();
         if !mac.is_valid_station() {
@@ -143,6 +181,32 @@ mod tests {
         ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn interface_ids_default_to_the_tap_and_are_checked() {
+        let mut net = NetConfig::new("tap0");
+        assert_eq!(net.id(), "tap0");
+        net.id = Some("eth0".into());
+        assert_eq!(net.id(), "eth0");
+        net.validate().unwrap();
+        for bad in ["", "a b", &"x".repeat(65)] {
+            net.id = Some(bad.to_owned());
+            assert!(
+                matches!(net.validate(), Err(ConfigError::BadNetId(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn macs_are_strings_in_json() {
+        let mac: MacAddr = serde_json::from_str(r#""06:00:ac:10:00:02""#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&mac).unwrap(),
+            r#""06:00:ac:10:00:02""#
+        );
+        assert!(serde_json::from_str::<MacAddr>(r#""06:00""#).is_err());
     }
 
     #[test]

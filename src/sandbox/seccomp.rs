@@ -35,6 +35,9 @@ pub enum ThreadKind {
     Events,
     /// The `ember` binary's main thread once the VM runs: waiting, signals, teardown.
     Main,
+    /// `ember-api`: the API socket's connections (accept, non-blocking reads and writes,
+    /// poll) and the eventfd and channel to the VMM thread. Opens and creates nothing.
+    Api,
 }
 
 /// Building or installing a filter failed.
@@ -177,6 +180,19 @@ fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
             let terminal = [libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TCSETSF];
             rules.push(with_arg(kind, libc::SYS_ioctl, 1, &terminal)?);
         }
+        ThreadKind::Api => {
+            rules.extend(any(&[
+                libc::SYS_accept4,
+                libc::SYS_poll,
+                libc::SYS_ppoll,
+                libc::SYS_read,
+                libc::SYS_recvfrom,
+                // std's UnixStream writes with send(MSG_NOSIGNAL).
+                libc::SYS_sendto,
+            ]));
+            // UnixStream::set_nonblocking on each accepted connection.
+            rules.push(with_arg(kind, libc::SYS_ioctl, 1, &[libc::FIONBIO])?);
+        }
     }
     Ok(rules)
 }
@@ -263,7 +279,12 @@ mod tests {
 
     #[test]
     fn every_filter_compiles() {
-        for kind in [ThreadKind::Vcpu, ThreadKind::Events, ThreadKind::Main] {
+        for kind in [
+            ThreadKind::Vcpu,
+            ThreadKind::Events,
+            ThreadKind::Main,
+            ThreadKind::Api,
+        ] {
             assert!(!filter(kind).unwrap().is_empty(), "{kind:?}");
         }
     }
@@ -291,5 +312,45 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// The API thread's filter lets it accept, read, write and poll, and nothing more.
+    #[test]
+    fn the_api_filter_serves_a_connection_and_refuses_the_rest() {
+        use std::io::{Read, Write};
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let dir = std::env::temp_dir().join(format!("ember-seccomp-api-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let filter = ThreadFilter::new(ThreadKind::Api, None).unwrap();
+        let server = std::thread::spawn(move || {
+            apply(&filter).unwrap();
+            let (mut stream, _) = listener.accept().unwrap();
+            stream.set_nonblocking(true).unwrap();
+            let mut pollfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&stream),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd on a descriptor this thread owns.
+            assert_eq!(unsafe { libc::poll(&mut pollfd, 1, 10_000) }, 1);
+            let mut buf = [0u8; 4];
+            stream.read_exact(&mut buf).unwrap();
+            stream.write_all(&buf).unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            tx.send(1).unwrap();
+            rx.recv_timeout(std::time::Duration::from_millis(1))
+                .unwrap();
+            std::fs::File::open("/etc/hostname").unwrap_err().kind()
+        });
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"ping").unwrap();
+        let mut echo = [0u8; 4];
+        client.read_exact(&mut echo).unwrap();
+        assert_eq!(&echo, b"ping");
+        assert_eq!(server.join().unwrap(), std::io::ErrorKind::PermissionDenied);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,0 +1,112 @@
+//! `ember ctl`: a small client for a running ember's API socket.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use super::exit_code;
+
+/// `ember ctl` options.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The API socket of the ember to talk to (its `--api-sock`).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// `ember ctl` commands.
+#[derive(Clone, Copy, Debug, Subcommand)]
+pub enum CtlCommand {
+    /// The instance's name, state and version (`GET /`).
+    Info,
+    /// Pause the vCPUs (`PATCH /vm`).
+    Pause,
+    /// Resume them.
+    Resume,
+    /// Press Ctrl-Alt-Del on the guest's keyboard controller.
+    CtrlAltDel,
+    /// The VM's metrics (`GET /metrics`).
+    Metrics,
+    /// The configuration (`GET /vm/config`).
+    Config,
+    /// Write a metrics line to the metrics file now.
+    FlushMetrics,
+}
+
+impl CtlCommand {
+    /// Method, path and body.
+    fn request(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            CtlCommand::Info => ("GET", "/", ""),
+            CtlCommand::Pause => ("PATCH", "/vm", r#"{"state":"Paused"}"#),
+            CtlCommand::Resume => ("PATCH", "/vm", r#"{"state":"Resumed"}"#),
+            CtlCommand::CtrlAltDel => ("PUT", "/actions", r#"{"action_type":"SendCtrlAltDel"}"#),
+            CtlCommand::Metrics => ("GET", "/metrics", ""),
+            CtlCommand::Config => ("GET", "/vm/config", ""),
+            CtlCommand::FlushMetrics => ("PUT", "/actions", r#"{"action_type":"FlushMetrics"}"#),
+        }
+    }
+}
+
+/// Makes the call and prints the answer; returns the exit code.
+pub fn run(args: &CtlArgs) -> i32 {
+    match call(args) {
+        Ok(Some(body)) => {
+            println!("{body}");
+            exit_code::SUCCESS
+        }
+        Ok(None) => exit_code::SUCCESS,
+        Err(message) => {
+            eprintln!("ember: {message}");
+            exit_code::ERROR
+        }
+    }
+}
+
+fn call(args: &CtlArgs) -> Result<Option<String>, String> {
+    let path = args.api_sock.display();
+    let mut stream = UnixStream::connect(&args.api_sock).map_err(|e| {
+        format!("cannot connect to the API socket {path} ({e}): is ember running with --api-sock?")
+    })?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let (method, target, body) = args.command.request();
+    let request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut answer = Vec::new();
+    stream
+        .write_all(request.as_bytes())
+        .and_then(|()| stream.take(1 << 20).read_to_end(&mut answer))
+        .map_err(|e| format!("the API socket {path} did not answer: {e}"))?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("the API socket {path} sent no HTTP answer"))?;
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("the API socket {path} sent no HTTP status"))?;
+    let json: Option<serde_json::Value> = serde_json::from_str(body).ok();
+    if !(200..300).contains(&status) {
+        let fault = json
+            .as_ref()
+            .and_then(|j| j["fault_message"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| body.trim().to_owned());
+        return Err(format!("{fault} (HTTP {status})"));
+    }
+    Ok(match json {
+        Some(json) => Some(serde_json::to_string_pretty(&json).unwrap_or_else(|_| body.into())),
+        None if body.trim().is_empty() => None,
+        None => Some(body.trim().to_owned()),
+    })
+}
