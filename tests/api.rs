@@ -498,7 +498,6 @@ fn running_guest(name: &str) -> (Ember, PathBuf, PathBuf) {
 }
 
 #[test]
-#[ignore = "needs VmHandle::pause from the lead"]
 fn pause_and_resume_a_running_vm() {
     if !kvm_available() {
         return;

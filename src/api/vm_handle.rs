@@ -1,6 +1,5 @@
-//! [`ManagedVm`] for [`VmHandle`]: where the VMM plugs in. Until `VmHandle` can pause, flush
-//! metrics, press Ctrl-Alt-Del and swap disks, each of those answers with an error that says so,
-//! so that no API call succeeds without doing what it says.
+//! [`ManagedVm`] for [`VmHandle`]: where the VMM plugs in. What `VmHandle` cannot do yet
+//! answers with an error that says so, so that no API call succeeds without doing what it says.
 
 use std::path::Path;
 
@@ -13,36 +12,19 @@ fn not_yet(what: &str) -> Result<(), String> {
 
 impl ManagedVm for VmHandle {
     fn pause(&mut self) -> Result<(), String> {
-        not_yet("pausing the microVM")
+        VmHandle::pause(self).map_err(|e| e.to_string())
     }
 
     fn resume(&mut self) -> Result<(), String> {
-        not_yet("resuming the microVM")
+        VmHandle::resume(self).map_err(|e| e.to_string())
     }
 
     fn is_paused(&self) -> bool {
-        false
+        VmHandle::is_paused(self)
     }
 
     fn metrics(&self) -> serde_json::Value {
-        // Firecracker's per-interface sections are "net_<iface>"; its counter names.
-        let mut metrics = serde_json::Map::new();
-        for (tap, s) in self.net_stats() {
-            metrics.insert(
-                format!("net_{tap}"),
-                serde_json::json!({
-                    "rx_packets_count": s.rx_packets,
-                    "rx_bytes_count": s.rx_bytes,
-                    "rx_fails": s.rx_errors,
-                    "rx_dropped": s.rx_drops,
-                    "tx_packets_count": s.tx_packets,
-                    "tx_bytes_count": s.tx_bytes,
-                    "tx_fails": s.tx_errors,
-                    "tx_dropped": s.tx_drops,
-                }),
-            );
-        }
-        serde_json::Value::Object(metrics)
+        VmHandle::metrics(self).to_json()
     }
 
     fn flush_metrics(&mut self) -> Result<(), String> {
