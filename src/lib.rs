@@ -42,6 +42,8 @@ pub mod loader;
 #[doc(hidden)]
 pub mod sandbox;
 #[doc(hidden)]
+pub mod snapshot;
+#[doc(hidden)]
 pub mod timing;
 #[doc(hidden)]
 pub mod vmm;

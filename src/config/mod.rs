@@ -229,6 +229,17 @@ impl VmConfig {
 
     /// Checks everything that can be checked before touching KVM.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_shape()?;
+        check_readable_file("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            check_readable_file("initrd", initrd)?;
+        }
+        Ok(())
+    }
+
+    /// Checks the VM's shape (vCPUs, memory, devices) but not the boot files: what a restore,
+    /// which needs no kernel, relies on.
+    pub fn validate_shape(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 {
             return Err(ConfigError::NoVcpus);
         }
@@ -237,10 +248,6 @@ impl VmConfig {
         }
         if self.cmdline.len() >= CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
-        }
-        check_readable_file("kernel", &self.kernel)?;
-        if let Some(initrd) = &self.initrd {
-            check_readable_file("initrd", initrd)?;
         }
         let devices = self.disks.len() + self.nets.len();
         if devices > MAX_VIRTIO_DEVICES {

@@ -23,6 +23,41 @@ mod kvm_numbers {
     ioctl_io_nr!(KVM_KVMCLOCK_CTRL, KVMIO, 0xad);
     ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
     ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
+
+    /// What a parked vCPU thread reads to save its vCPU's state (a snapshot), and nothing that
+    /// writes it.
+    pub mod save {
+        use kvm_bindings::{
+            KVMIO, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_sregs,
+            kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+        };
+        use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
+
+        ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+        ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+        ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+        ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+        ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+        ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+        ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+        ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+        ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+
+        /// Every one of them.
+        pub fn all() -> [u64; 9] {
+            [
+                KVM_GET_SREGS(),
+                KVM_GET_MSRS(),
+                KVM_GET_LAPIC(),
+                KVM_GET_MP_STATE(),
+                KVM_GET_VCPU_EVENTS(),
+                KVM_GET_DEBUGREGS(),
+                KVM_GET_TSC_KHZ(),
+                KVM_GET_XSAVE(),
+                KVM_GET_XCRS(),
+            ]
+        }
+    }
 }
 
 /// The threads ember runs, each with its own list.
@@ -143,12 +178,18 @@ fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
                 1,
                 // KVM_SET_GSI_ROUTING: the guest programming the I/O APIC.
                 // KVM_KVMCLOCK_CTRL: telling the guest it was paused.
+                // The KVM_GET_* of a parked vCPU saving its state for a snapshot.
                 &[
-                    KVM_RUN(),
-                    KVM_GET_REGS(),
-                    KVM_SET_GSI_ROUTING(),
-                    KVM_KVMCLOCK_CTRL(),
-                ],
+                    [
+                        KVM_RUN(),
+                        KVM_GET_REGS(),
+                        KVM_SET_GSI_ROUTING(),
+                        KVM_KVMCLOCK_CTRL(),
+                    ]
+                    .as_slice(),
+                    kvm_numbers::save::all().as_slice(),
+                ]
+                .concat(),
             )?);
             // The boot timer reports the VMM's CPU time.
             rules.extend(any(&[libc::SYS_getrusage]));
@@ -293,6 +334,20 @@ mod tests {
     fn kvm_ioctl_numbers_match_the_kernel_abi() {
         assert_eq!(KVM_RUN(), 0xae80);
         assert_eq!(KVM_KVMCLOCK_CTRL(), 0xaead);
+        assert_eq!(
+            kvm_numbers::save::all(),
+            [
+                0x8138_ae83,
+                0xc008_ae88,
+                0x8400_ae8e,
+                0x8004_ae98,
+                0x8040_ae9f,
+                0x8080_aea1,
+                0xaea3,
+                0x9000_aea4,
+                0x8188_aea6
+            ]
+        );
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
         assert_eq!(KVM_SET_GSI_ROUTING(), 0x4008_ae6a);
     }

@@ -3,8 +3,9 @@
 //! 1. [`shape`]: KVM, guest memory, the VM with its memory slots and split irqchip, every device
 //!    with its backend (disk images, TAPs) in the device manager, the vCPUs created with their
 //!    CPUID. Everything a boot and a restore share.
-//! 2. [`boot`]: kernel, initrd, command line, boot tables and the vCPUs' entry state. (A restore
-//!    applies saved state to the same shape instead.)
+//! 2. [`boot`]: kernel, initrd, command line, boot tables and the vCPUs' entry state; or
+//!    [`restore`]: a snapshot's state applied to the same shape (guest memory mapped from its
+//!    file by `shape`).
 //! 3. [`run`]: the seccomp filters, the event loop and the vCPU threads; returns the handle.
 
 use std::sync::Arc;
@@ -13,9 +14,10 @@ use linux_loader::cmdline::Cmdline;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::console::Console;
-use super::devices::{DeviceManager, VirtioEntry, VirtioKind};
+use super::devices::{DeviceManager, VirtioEntry, VirtioKind, lock};
 use super::event_loop::{self, Subscriber};
 use super::exit::ExitState;
+use super::persist::{PersistError, VmSnapshot};
 use super::vcpus::{Target, VcpuControl};
 use super::{StartError, VmHandle, platform, virtio};
 use crate::arch::x86_64::boot_params::{self, E820Entry};
@@ -33,12 +35,23 @@ use crate::sandbox::ThreadKind;
 use crate::sandbox::seccomp::{self, ThreadFilter};
 use crate::timing::{Phase, Timeline};
 use crate::vstate::kvm::KvmContext;
-use crate::vstate::memory::create_guest_memory;
+use crate::vstate::memory::{create_guest_memory, map_guest_memory_file};
 use crate::vstate::vcpu::{self, BootEntry, Vcpu};
+use crate::vstate::vcpu_state::{msrs_to_save, restore_vcpu};
 use crate::vstate::vm::Vm;
+use crate::vstate::vm_state::restore_vm;
+
+/// Where guest RAM comes from.
+pub enum GuestRam<'a> {
+    /// Fresh anonymous memory (a boot).
+    Fresh,
+    /// A snapshot's memory file, mapped privately (a restore).
+    File(&'a std::fs::File),
+}
 
 /// A VM of the configured shape, not yet booted or restored, with no thread started.
 pub struct Shaped {
+    kvm: KvmContext,
     memory: GuestMemoryMmap,
     vm: Vm,
     buses: Buses,
@@ -53,14 +66,17 @@ pub struct Shaped {
 
 /// Builds and starts the VM described by `config`: shape, boot, run.
 pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
-    let mut shaped = shape(config)?;
+    let mut shaped = shape(config, GuestRam::Fresh)?;
     boot(&mut shaped, config)?;
-    run(shaped, config)
+    run(shaped, config, false)
 }
 
 /// Stage 1: everything but the guest's contents and the threads.
-pub fn shape(config: &VmConfig) -> Result<Shaped, StartError> {
-    config.validate()?;
+pub fn shape(config: &VmConfig, ram: GuestRam<'_>) -> Result<Shaped, StartError> {
+    match ram {
+        GuestRam::Fresh => config.validate()?,
+        GuestRam::File(_) => config.validate_shape()?,
+    }
     // Disks first: a locked or missing image is the user's error, worth reporting before KVM's.
     let disks = config
         .disks
@@ -83,7 +99,10 @@ pub fn shape(config: &VmConfig) -> Result<Shaped, StartError> {
     let timeline = Arc::new(Timeline::default());
     // Opened now: the thread that measures the overhead at teardown may not open files then.
     let smaps = std::fs::File::open("/proc/self/smaps").ok();
-    let memory = create_guest_memory(config.memory_mib)?;
+    let memory = match ram {
+        GuestRam::Fresh => create_guest_memory(config.memory_mib)?,
+        GuestRam::File(file) => map_guest_memory_file(config.memory_mib, file)?,
+    };
     let vm = Vm::new(&kvm)?;
     timeline.mark(Phase::VmCreated);
     vm.register_memory(&memory)?;
@@ -132,6 +151,7 @@ pub fn shape(config: &VmConfig) -> Result<Shaped, StartError> {
     }
     timeline.mark(Phase::DevicesReady);
     Ok(Shaped {
+        kvm,
         memory,
         vm,
         buses,
@@ -169,9 +189,50 @@ pub fn boot(shaped: &mut Shaped, config: &VmConfig) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Stage 3: filters, the event loop, one thread per vCPU; the VM runs.
-pub fn run(shaped: Shaped, config: &VmConfig) -> Result<VmHandle, StartError> {
+/// Stage 2 for a restore: the snapshot's state applied to a VM of its shape (built by [`shape`]
+/// from `snapshot.config`, with guest memory mapped from the snapshot's memory file). Order:
+/// the VM's clock, every vCPU, then the devices; each part checks its state before it changes
+/// anything, and any failure leaves a VM that is dropped, never run.
+pub fn restore(shaped: &mut Shaped, snapshot: &VmSnapshot) -> Result<(), PersistError> {
+    if snapshot.vcpus.len() != shaped.vcpus.len() {
+        return Err(PersistError::Shape(format!(
+            "{} vCPU states for {} vCPUs",
+            snapshot.vcpus.len(),
+            shaped.vcpus.len()
+        )));
+    }
+    let ids: Vec<&str> = shaped
+        .devices
+        .virtio
+        .iter()
+        .map(|v| v.id.as_str())
+        .collect();
+    let saved: Vec<&str> = snapshot.virtio.iter().map(|(id, _)| id.as_str()).collect();
+    if ids != saved {
+        return Err(PersistError::Shape(format!(
+            "devices {saved:?} saved, {ids:?} configured"
+        )));
+    }
+    restore_vm(shaped.vm.fd(), &snapshot.vm)?;
+    let msrs = msrs_to_save(shaped.kvm.kvm())?;
+    for (vcpu, state) in shaped.vcpus.iter().zip(&snapshot.vcpus) {
+        restore_vcpu(vcpu.fd(), state, &msrs)?;
+    }
+    let devices = &shaped.devices;
+    lock(&devices.ioapic).restore(&snapshot.ioapic)?;
+    lock(&devices.serial).restore(&snapshot.serial)?;
+    lock(&devices.i8042).restore(&snapshot.i8042)?;
+    for (entry, (_, state)) in devices.virtio.iter().zip(&snapshot.virtio) {
+        entry.lock().restore(state)?;
+    }
+    Ok(())
+}
+
+/// Stage 3: filters, the event loop, one thread per vCPU; the VM runs (or, with `paused`, its
+/// threads start parked: a restored VM that waits for a resume).
+pub fn run(shaped: Shaped, config: &VmConfig, paused: bool) -> Result<VmHandle, StartError> {
     let Shaped {
+        kvm,
         memory,
         vm,
         buses,
@@ -189,7 +250,14 @@ pub fn run(shaped: Shaped, config: &VmConfig) -> Result<VmHandle, StartError> {
         loop_exit.report(ExitReason::VmmError(why))
     })?;
     let buses = Arc::new(buses);
-    let control = Arc::new(VcpuControl::new(vcpus.len()));
+    let control = Arc::new(if paused {
+        VcpuControl::new_paused(vcpus.len())
+    } else {
+        VcpuControl::new(vcpus.len())
+    });
+    if paused {
+        events.pause();
+    }
     let vcpu_counters = vcpus.iter().map(Vcpu::counters).collect();
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
@@ -206,7 +274,8 @@ pub fn run(shaped: Shaped, config: &VmConfig) -> Result<VmHandle, StartError> {
             }
         }
     }
-    Ok(VmHandle::new(super::Running {
+    let mut handle = VmHandle::new(super::Running {
+        kvm,
         vm,
         memory,
         exit,
@@ -218,7 +287,9 @@ pub fn run(shaped: Shaped, config: &VmConfig) -> Result<VmHandle, StartError> {
         timeline,
         devices: Arc::new(devices),
         smaps,
-    }))
+    });
+    handle.paused = paused;
+    Ok(handle)
 }
 
 fn spawn_vcpu(
@@ -255,7 +326,7 @@ fn spawn_vcpu(
                         Target::Exit => return false,
                         Target::Pause => {
                             vcpu.settle();
-                            control.park();
+                            control.park(vcpu);
                         }
                     }
                 }

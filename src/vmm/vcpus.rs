@@ -12,7 +12,10 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::signal::Killable;
 
-use crate::vstate::vcpu::kick_signal;
+use crate::vstate::vcpu::{Vcpu, kick_signal};
+
+/// Work for a parked vCPU thread, which owns its vCPU's file descriptor (saving its state).
+pub type VcpuTask = Box<dyn FnOnce(&mut Vcpu) + Send>;
 
 /// What the VMM wants the vCPU threads to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,16 +39,17 @@ impl Target {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Census {
     /// Threads parked in [`VcpuControl::park`].
     parked: usize,
     /// Threads whose run loop has ended (guest exit, error or `Exit`).
     finished: usize,
+    /// A task for each vCPU, run by its thread while parked.
+    tasks: Vec<Option<VcpuTask>>,
 }
 
 /// Shared by the VMM and every vCPU thread of one VM.
-#[derive(Debug)]
 pub struct VcpuControl {
     target: AtomicU8,
     census: Mutex<Census>,
@@ -56,9 +60,22 @@ pub struct VcpuControl {
 impl VcpuControl {
     /// Control for `count` vCPU threads, which start running.
     pub fn new(count: usize) -> Self {
+        Self::with_target(count, Target::Run)
+    }
+
+    /// Control for `count` vCPU threads that park as soon as they start (a restored VM that
+    /// stays paused).
+    pub fn new_paused(count: usize) -> Self {
+        Self::with_target(count, Target::Pause)
+    }
+
+    fn with_target(count: usize, target: Target) -> Self {
         VcpuControl {
-            target: AtomicU8::new(Target::Run as u8),
-            census: Mutex::new(Census::default()),
+            target: AtomicU8::new(target as u8),
+            census: Mutex::new(Census {
+                tasks: (0..count).map(|_| None).collect(),
+                ..Census::default()
+            }),
             changed: Condvar::new(),
             count,
         }
@@ -81,9 +98,35 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
-    /// vCPU side: parks the calling thread while the target is `Pause`. Returns the target when
-    /// it left (which may already be `Pause` again: callers loop on [`VcpuControl::target`]).
-    pub fn park(&self) -> Target {
+    /// vCPU side: parks the calling thread (vCPU `vcpu`) while the target is `Pause`, running
+    /// the tasks posted for it meanwhile. Returns the target when it left (which may already be
+    /// `Pause` again: callers loop on [`VcpuControl::target`]).
+    pub fn park(&self, vcpu: &mut Vcpu) -> Target {
+        let index = usize::from(vcpu.index());
+        let mut census = self.census();
+        census.parked += 1;
+        self.changed.notify_all();
+        while self.target() == Target::Pause {
+            if let Some(task) = census.tasks.get_mut(index).and_then(Option::take) {
+                drop(census);
+                task(vcpu);
+                census = self.census();
+                self.changed.notify_all();
+                continue;
+            }
+            census = self
+                .changed
+                .wait(census)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        census.parked -= 1;
+        drop(census);
+        self.changed.notify_all();
+        self.target()
+    }
+
+    #[cfg(test)]
+    fn park_without_vcpu(&self) {
         let mut census = self.census();
         census.parked += 1;
         self.changed.notify_all();
@@ -96,7 +139,6 @@ impl VcpuControl {
         census.parked -= 1;
         drop(census);
         self.changed.notify_all();
-        self.target()
     }
 
     /// vCPU side: the calling thread's run loop has ended.
@@ -116,6 +158,28 @@ impl VcpuControl {
                 .wait(census)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+    }
+
+    /// Runs `task` on the thread of parked vCPU `index` and returns its result; `None` if that
+    /// thread has ended or the VM is not paused.
+    pub fn run_parked<R: Send + 'static>(
+        &self,
+        index: usize,
+        task: impl FnOnce(&mut Vcpu) -> R + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let mut census = self.census();
+            if self.target() != Target::Pause || census.finished > 0 {
+                return None;
+            }
+            let slot = census.tasks.get_mut(index)?;
+            *slot = Some(Box::new(move |vcpu: &mut Vcpu| {
+                let _ = tx.send(task(vcpu));
+            }));
+        }
+        self.changed.notify_all();
+        rx.recv().ok()
     }
 
     /// Lets parked threads run again; returns once none is parked.
@@ -169,7 +233,7 @@ mod tests {
                         match control.target() {
                             Target::Run => std::thread::yield_now(),
                             Target::Pause => {
-                                control.park();
+                                control.park_without_vcpu();
                             }
                             Target::Exit => break,
                         }

@@ -16,6 +16,17 @@ pub enum MemoryError {
     /// The size does not fit the host's address space.
     #[error("guest memory of {0} MiB is too large for this host")]
     TooLarge(u64),
+    /// The memory file cannot be used.
+    #[error("cannot map the memory file: {0}")]
+    File(String),
+    /// The memory file is not the size of the guest's memory.
+    #[error("the memory file is {len} bytes but the VM's memory is {total} bytes")]
+    FileSize {
+        /// The file's length.
+        len: u64,
+        /// Guest memory's size.
+        total: u64,
+    },
     /// mmap failed.
     #[error("cannot map {mib} MiB of guest memory")]
     Map {
@@ -27,14 +38,18 @@ pub enum MemoryError {
     },
 }
 
-/// Maps `mib` MiB of guest RAM.
-pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+fn guest_ranges(mib: u64) -> Result<Vec<(vm_memory::GuestAddress, usize)>, MemoryError> {
     let bytes = mib.checked_mul(1 << 20).ok_or(MemoryError::TooLarge(mib))?;
-    let ranges = memory_ranges(bytes)
+    memory_ranges(bytes)
         .into_iter()
         .map(|(start, size)| usize::try_from(size).map(|size| (start, size)))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| MemoryError::TooLarge(mib))?;
+        .map_err(|_| MemoryError::TooLarge(mib))
+}
+
+/// Maps `mib` MiB of guest RAM.
+pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let ranges = guest_ranges(mib)?;
     let mem =
         GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })?;
     for region in mem.iter() {
@@ -42,6 +57,94 @@ pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
         name_guest_ram(region.as_ptr(), region.len());
     }
     Ok(mem)
+}
+
+/// Maps `mib` MiB of guest RAM from a memory file (a snapshot's), privately: pages are read
+/// from the file (its page cache, shared by every VM restored from it) when the guest first
+/// touches them, and what the guest writes stays in this process. Nothing is read up front, so
+/// the time this takes does not grow with the size of guest memory.
+pub fn map_guest_memory_file(
+    mib: u64,
+    file: &std::fs::File,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    use std::sync::Arc;
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{FileOffset, GuestRegionMmap};
+    let ranges = guest_ranges(mib)?;
+    let total: u64 = ranges.iter().map(|(_, size)| *size as u64).sum();
+    let len = file
+        .metadata()
+        .map_err(|e| MemoryError::File(e.to_string()))?
+        .len();
+    if len != total {
+        return Err(MemoryError::FileSize { len, total });
+    }
+    let file = Arc::new(
+        file.try_clone()
+            .map_err(|e| MemoryError::File(e.to_string()))?,
+    );
+    let mut regions = Vec::with_capacity(ranges.len());
+    let mut offset = 0u64;
+    for (start, size) in ranges {
+        let region = MmapRegionBuilder::new(size)
+            .with_file_offset(FileOffset::from_arc(file.clone(), offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::File(format!("{e:?}")))?;
+        let region = GuestRegionMmap::new(region, start)
+            .ok_or_else(|| MemoryError::File("a region wraps the address space".into()))?;
+        regions.push(region);
+        offset += size as u64;
+    }
+    let mem =
+        GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::File(format!("{e:?}")))?;
+    for region in mem.iter() {
+        exclude_from_core_dumps(region.as_ptr(), region.len());
+    }
+    Ok(mem)
+}
+
+/// Writes every region of `mem`, in order, to `file` (truncated first): the raw image a
+/// restore maps back. All-zero pages are left as holes, so the file takes room only for what
+/// the guest wrote. The VM must be paused (nothing writes guest memory meanwhile).
+pub fn write_guest_memory_file(mem: &GuestMemoryMmap, file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    let total: u64 = mem.iter().map(GuestMemoryRegion::len).sum();
+    file.set_len(0)?;
+    file.set_len(total)?;
+    let mut offset = 0u64;
+    for region in mem.iter() {
+        let len = usize::try_from(region.len()).map_err(std::io::Error::other)?;
+        // SAFETY: the region is a live mapping of `len` bytes owned by `mem`; the VM is paused,
+        // so nothing writes it while this shared view exists, and it is only read.
+        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr().cast_const(), len) };
+        let mut page = 0;
+        while page < len {
+            // Runs of non-zero pages go out in one write each.
+            if is_zero(&bytes[page..(page + PAGE).min(len)]) {
+                page += PAGE;
+                continue;
+            }
+            let start = page;
+            while page < len && !is_zero(&bytes[page..(page + PAGE).min(len)]) {
+                page += PAGE;
+            }
+            let end = page.min(len);
+            file.write_all_at(&bytes[start..end], offset + start as u64)?;
+        }
+        offset += region.len();
+    }
+    Ok(())
+}
+
+fn is_zero(bytes: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to splits at aligned boundaries.
+        unsafe { bytes.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
 /// Leaves guest memory out of ember's core dumps: what a guest keeps in its RAM (keys, tenant
@@ -107,6 +210,52 @@ pub fn overhead_kib(mem: &GuestMemoryMmap, smaps: &std::fs::File) -> std::io::Re
 mod tests {
     use super::*;
 
+    /// The smaps tests measure the whole process: tests that map memory wait for each other.
+    static MAPPING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn a_memory_file_round_trips_sparsely_and_maps_privately() {
+        let _one_at_a_time = MAPPING.lock().unwrap_or_else(|e| e.into_inner());
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = create_guest_memory(8).unwrap();
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        mem.write_obj(7u8, GuestAddress(0x7f_ffff)).unwrap();
+        let path = std::env::temp_dir().join(format!("ember-memfile-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        write_guest_memory_file(&mem, &file).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 8 << 20);
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            file.metadata().unwrap().blocks() * 512 < 1 << 20,
+            "zero pages are holes"
+        );
+        let restored = map_guest_memory_file(8, &file).unwrap();
+        assert_eq!(
+            restored.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+        assert_eq!(restored.read_obj::<u8>(GuestAddress(0x7f_ffff)).unwrap(), 7);
+        restored.write_obj(1u32, GuestAddress(0x1000)).unwrap();
+        let again = map_guest_memory_file(8, &file).unwrap();
+        assert_eq!(
+            again.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef,
+            "a restored VM's writes stay private"
+        );
+        assert!(matches!(
+            map_guest_memory_file(16, &file),
+            Err(MemoryError::FileSize { .. })
+        ));
+        std::fs::remove_file(path).unwrap();
+    }
+
     #[test]
     fn memory_above_the_gap_gets_two_regions() {
         let mem = create_guest_memory(4096).unwrap();
@@ -117,6 +266,7 @@ mod tests {
 
     #[test]
     fn touched_guest_memory_does_not_count_as_overhead() {
+        let _one_at_a_time = MAPPING.lock().unwrap_or_else(|e| e.into_inner());
         use vm_memory::{Bytes, GuestAddress};
         let mem = create_guest_memory(64).unwrap();
         let smaps = std::fs::File::open("/proc/self/smaps").unwrap();
@@ -134,6 +284,7 @@ mod tests {
 
     #[test]
     fn guest_memory_is_marked_and_apart_in_smaps() {
+        let _one_at_a_time = MAPPING.lock().unwrap_or_else(|e| e.into_inner());
         let mem = create_guest_memory(16).unwrap();
         let start = mem.iter().next().unwrap().as_ptr() as u64;
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();

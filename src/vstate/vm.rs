@@ -89,6 +89,11 @@ impl Vm {
         self.fd.enable_cap(&cap).map_err(VmError::Irqchip)
     }
 
+    /// The KVM VM itself (its clock, for a snapshot).
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
     /// What the I/O APIC installs its pins' routes through.
     pub fn route_installer(&self) -> KvmRoutes {
         KvmRoutes {
