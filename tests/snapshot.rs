@@ -99,7 +99,15 @@ fn counting_snapshot(tag: &str, vcpus: u8) -> (SnapshotPaths, u64) {
 
 fn restored_counter_continues(vcpus: u8) {
     let (paths, saved) = counting_snapshot(&format!("count{vcpus}"), vcpus);
-    let (mut vm, _) = Vm::restore(&paths, |c| c.console = ConsoleConfig::Pipe, false).unwrap();
+    let (mut vm, _) = Vm::restore(
+        &paths,
+        |c| {
+            c.console = ConsoleConfig::Pipe;
+            Ok(())
+        },
+        false,
+    )
+    .unwrap();
     assert!(
         vm.is_paused(),
         "a restore stays paused unless asked to resume"
@@ -112,7 +120,15 @@ fn restored_counter_continues(vcpus: u8) {
     assert_eq!(vm.stop(), ExitReason::Stopped);
 
     // The same snapshot restores again, as a template does.
-    let (mut again, _) = Vm::restore(&paths, |c| c.console = ConsoleConfig::Pipe, true).unwrap();
+    let (mut again, _) = Vm::restore(
+        &paths,
+        |c| {
+            c.console = ConsoleConfig::Pipe;
+            Ok(())
+        },
+        true,
+    )
+    .unwrap();
     wait_moving(&again, saved);
     assert_eq!(again.stop(), ExitReason::Stopped);
     let _ = std::fs::remove_dir_all(paths.state.parent().unwrap());
@@ -152,7 +168,15 @@ fn the_console_and_its_interrupts_work_after_restore_without_a_reboot() {
     vm.snapshot(&config, &paths).unwrap();
     vm.stop();
 
-    let (mut vm, _) = Vm::restore(&paths, |c| c.console = ConsoleConfig::Pipe, true).unwrap();
+    let (mut vm, _) = Vm::restore(
+        &paths,
+        |c| {
+            c.console = ConsoleConfig::Pipe;
+            Ok(())
+        },
+        true,
+    )
+    .unwrap();
     let console = vm.take_console().unwrap();
     let output = lines(console.output);
     let mut input = console.input;
@@ -165,4 +189,182 @@ fn the_console_and_its_interrupts_work_after_restore_without_a_reboot() {
     input.write_all(b"reset\n").unwrap();
     assert_eq!(vm.wait(), ExitReason::Reset);
     let _ = std::fs::remove_dir_all(paths.state.parent().unwrap());
+}
+
+/// Boots the echo guest, checks it echoes, snapshots it; returns the snapshot's directory.
+fn echo_snapshot(tag: &str) -> PathBuf {
+    let config = config("guest.action=echo", 1);
+    let mut vm = Vm::start(&config).unwrap();
+    let console = vm.take_console().unwrap();
+    let output = lines(console.output);
+    let mut input = console.input;
+    wait_for(&output, "echo=ready");
+    input.write_all(b"before\n").unwrap();
+    wait_for(&output, "before");
+    vm.pause().unwrap();
+    let dir = snapshot_dir(tag);
+    vm.snapshot(&config, &SnapshotPaths::in_dir(&dir)).unwrap();
+    vm.stop();
+    dir
+}
+
+#[test]
+fn a_new_ember_process_restores_the_snapshot_and_the_guest_answers() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = echo_snapshot("process");
+    let mut ember = common::Ember::spawn(&["run", "--restore", dir.to_str().unwrap()]);
+    ember.send(b"after restore\n");
+    ember.expect_line(common::GUEST_TIMEOUT, |l| l == "after restore");
+    ember.send(b"reset\n");
+    let finished = ember.finish(common::GUEST_TIMEOUT);
+    finished.assert_success();
+    assert!(
+        !finished.stdout.iter().any(|l| l.starts_with("cpus_up=")),
+        "the guest booted again: {:?}",
+        finished.stdout
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn damaged_snapshots_are_refused_with_one_line_and_exit_1() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = echo_snapshot("damaged");
+    let state = std::fs::read(dir.join("vmstate")).unwrap();
+    let memory_len = std::fs::metadata(dir.join("memory")).unwrap().len();
+    let cases: Vec<(&str, Box<dyn Fn(&std::path::Path)>, &str)> = vec![
+        (
+            "truncated",
+            Box::new(|d| std::fs::write(d.join("vmstate"), &state[..state.len() / 2]).unwrap()),
+            "truncated",
+        ),
+        (
+            "flipped byte",
+            Box::new(|d| {
+                let mut bad = state.clone();
+                bad[40] ^= 1;
+                std::fs::write(d.join("vmstate"), bad).unwrap()
+            }),
+            "corrupted",
+        ),
+        (
+            "not a snapshot",
+            Box::new(|d| std::fs::write(d.join("vmstate"), b"hello, this is not one").unwrap()),
+            "not an ember snapshot",
+        ),
+        (
+            "future version",
+            Box::new(|d| {
+                let mut bad = state.clone();
+                bad[8] = 9;
+                std::fs::write(d.join("vmstate"), bad).unwrap()
+            }),
+            "version 9",
+        ),
+        (
+            "memory file too short",
+            Box::new(|d| {
+                std::fs::write(d.join("vmstate"), &state).unwrap();
+                let memory = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join("memory"))
+                    .unwrap();
+                memory.set_len(memory_len / 2).unwrap();
+            }),
+            "memory file",
+        ),
+        (
+            "memory file missing",
+            Box::new(|d| std::fs::remove_file(d.join("memory")).unwrap()),
+            "memory file",
+        ),
+    ];
+    for (case, damage, expected) in cases {
+        damage(&dir);
+        let out = common::Ember::spawn(&["run", "--restore", dir.to_str().unwrap()])
+            .finish(common::GUEST_TIMEOUT);
+        assert_eq!(out.status.code(), Some(1), "{case}: {}", out.stderr);
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{case}: one line, got {lines:?}");
+        assert!(lines[0].contains(expected), "{case}: {}", lines[0]);
+        assert!(!out.stderr.contains("panicked"), "{case}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `ip link show` of `tap` in `ns`: its MAC address.
+fn tap_mac(ns: &common::netns::NetNs, tap: &str) -> String {
+    let out = ns
+        .command("ip")
+        .args(["link", "show", tap])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC in {text}"))
+        .to_owned()
+}
+
+#[test]
+fn a_restored_guest_answers_on_another_tap_in_another_namespace() {
+    if !kvm_available() {
+        return;
+    }
+    use common::netns::NetNs;
+    let first = NetNs::new("snap-a");
+    first.add_tap("tap0", "10.0.0.1/24", 1500);
+    let mut config = config(
+        "guest.net.ip=10.0.0.2 guest.net.peer=10.0.0.1 guest.action=net",
+        1,
+    );
+    let mut net = ember::NetConfig::new("tap0");
+    net.mac = Some("06:00:0a:00:00:02".parse().unwrap());
+    config.nets.push(net);
+    let mut vm = first.run(|| Vm::start(&config)).unwrap();
+    let output = lines(vm.take_console().unwrap().output);
+    wait_for(&output, "net=ready");
+    vm.pause().unwrap();
+    let dir = snapshot_dir("net");
+    vm.snapshot(&config, &SnapshotPaths::in_dir(&dir)).unwrap();
+    vm.stop();
+
+    // A clone's network: its own namespace and TAP, with the address the guest knows its peer
+    // by (the guest's ARP cache came with the snapshot).
+    let second = NetNs::new("snap-b");
+    second.add_tap("tap-clone", "10.0.0.1/24", 1500);
+    second.ip(&[
+        "link",
+        "set",
+        "tap-clone",
+        "address",
+        &tap_mac(&first, "tap0"),
+    ]);
+    drop(first);
+    let mut command = second.command(common::ember());
+    command.args([
+        "run",
+        "--restore",
+        dir.to_str().unwrap(),
+        "--net",
+        "tap=tap-clone,id=tap0",
+    ]);
+    let ember = common::Ember::spawn_command(command);
+    let out = second
+        .command("ping")
+        .args(["-c", "3", "-i", "0.2", "-W", "10", "10.0.0.2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "no ping answer from the restored guest: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ember.stop(common::GUEST_TIMEOUT);
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -20,8 +20,19 @@ use ember::{
 pub struct RunArgs {
     /// Kernel to boot: an ELF vmlinux (PVH entry if it has the note) or a bzImage. Without it
     /// (and with --api-sock) the VM is configured and started through the API.
-    #[arg(long, value_name = "PATH", required_unless_present = "api_sock")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present_any = ["api_sock", "restore"],
+        conflicts_with = "restore"
+    )]
     pub kernel: Option<PathBuf>,
+
+    /// Restore the snapshot in DIR (its `vmstate` and `memory` files) instead of booting: the
+    /// VM resumes where it was. `--net tap=NAME,id=ID` gives interface ID another TAP;
+    /// `--serial` chooses the console; the rest of the shape is the snapshot's.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["api_sock", "initrd", "rootfs", "disks"])]
+    pub restore: Option<PathBuf>,
 
     /// Serve Firecracker's REST API on this Unix socket (docs/api.md).
     #[arg(long, value_name = "PATH")]
@@ -262,6 +273,12 @@ pub enum RunError {
     /// `--metrics-path`.
     #[error("--metrics-path")]
     Metrics(#[from] ember::vmm::metrics::MetricsFileError),
+    /// `--restore`.
+    #[error("--restore")]
+    Restore(#[source] Box<ember::vmm::RestoreError>),
+    /// A `--net` override without `id=`.
+    #[error("--net with --restore overrides an interface of the snapshot: name it with id=")]
+    RestoreNetNeedsId,
 }
 
 /// The `ember run` flag behind the library setting an error names, for the one-line report.
@@ -286,7 +303,6 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
     if let Some(socket) = &args.api_sock {
         return Ok(super::api_run::run(args, socket)?);
     }
-    let config = args.to_config().map_err(ember::StartError::from)?;
     let mut metrics = match &args.metrics_path {
         Some(path) => Some(MetricsFile::open(path)?),
         None => None,
@@ -296,7 +312,13 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
         .store(args.panic_selftest, std::sync::atomic::Ordering::Relaxed);
     // Looked up now: the main thread's filter refuses it later.
     let pvm_host = ember::exit::host_is_pvm();
-    let mut vm = Vm::start(&config)?;
+    let (mut vm, config) = match &args.restore {
+        Some(dir) => restore(args, dir)?,
+        None => {
+            let config = args.to_config().map_err(ember::StartError::from)?;
+            (Vm::start(&config)?, config)
+        }
+    };
     let signals = vm.stop_trigger().and_then(SignalGuard::install);
     if let Err(e) = &signals {
         log::warn!("Ctrl-C/SIGTERM will not stop the VM cleanly: {e}");
@@ -340,6 +362,43 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
         return Ok(exit_code::ERROR);
     }
     Ok(report(&reason, pvm_host))
+}
+
+/// `--restore DIR`: the snapshot's VM with this run's console and TAP overrides, resumed.
+fn restore(args: &RunArgs, dir: &std::path::Path) -> Result<(Vm, VmConfig), RunError> {
+    let overrides: Vec<(String, String)> = args
+        .nets
+        .iter()
+        .map(|spec| {
+            let net = spec.to_config().map_err(ember::StartError::from)?;
+            let id = net.id.clone().ok_or(RunError::RestoreNetNeedsId)?;
+            Ok((id, net.tap))
+        })
+        .collect::<Result<_, RunError>>()?;
+    let paths = ember::vmm::persist::SnapshotPaths::in_dir(dir);
+    let console = args.serial.clone();
+    let seccomp = args.seccomp == Switch::On;
+    let (vm, config) = Vm::restore(
+        &paths,
+        |config| {
+            config.console = console;
+            config.seccomp = seccomp;
+            for (id, tap) in &overrides {
+                match config.nets.iter_mut().find(|n| n.id() == id.as_str()) {
+                    // The interface keeps its id (and MAC) on the new TAP.
+                    Some(net) => {
+                        net.id = Some(id.clone());
+                        net.tap = tap.clone();
+                    }
+                    None => return Err(format!("the snapshot has no network interface {id}")),
+                }
+            }
+            Ok(())
+        },
+        true,
+    )
+    .map_err(|e| RunError::Restore(Box::new(e)))?;
+    Ok((vm, config))
 }
 
 /// Prints what ended the VM (one line, when it is news; a second saying what to do, when

@@ -85,11 +85,11 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
 
 /// Checks and parses a whole file.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, SnapshotError> {
+    if bytes.len() >= MAGIC.len() && bytes[..MAGIC.len()] != MAGIC {
+        return Err(SnapshotError::BadMagic);
+    }
     if bytes.len() < HEADER_LEN + CHECKSUM_LEN {
         return Err(SnapshotError::Truncated);
-    }
-    if bytes[..8] != MAGIC {
-        return Err(SnapshotError::BadMagic);
     }
     let version = u32_at(bytes, 8);
     if version != FORMAT_VERSION {

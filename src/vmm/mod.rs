@@ -122,6 +122,9 @@ pub enum RestoreError {
     /// The VM of its shape cannot be built.
     #[error(transparent)]
     Start(#[from] StartError),
+    /// The caller refused the saved configuration.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A request about a VM's run state that cannot be carried out.
@@ -328,17 +331,17 @@ impl VmHandle {
     }
 
     /// Restores a VM from a snapshot in this process: the saved shape rebuilt (with
-    /// `adjust` applied to its configuration first: the console, TAP names), guest memory
-    /// mapped privately from the memory file, the saved state applied. It stays paused unless
-    /// `resume`.
+    /// `adjust` applied to its configuration first: the console, TAP names; an `Err` from it
+    /// refuses the restore), guest memory mapped privately from the memory file, the saved
+    /// state applied. It stays paused unless `resume`.
     pub fn restore(
         paths: &persist::SnapshotPaths,
-        adjust: impl FnOnce(&mut crate::VmConfig),
+        adjust: impl FnOnce(&mut crate::VmConfig) -> Result<(), String>,
         resume: bool,
     ) -> Result<(VmHandle, crate::VmConfig), RestoreError> {
         let snapshot = persist::read_snapshot(&paths.state)?;
         let mut config = snapshot.config.clone();
-        adjust(&mut config);
+        adjust(&mut config).map_err(RestoreError::Refused)?;
         let memory = persist::open_memory_file(&paths.memory)?;
         let mut shaped = builder::shape(&config, builder::GuestRam::File(&memory))?;
         builder::restore(&mut shaped, &snapshot)?;
