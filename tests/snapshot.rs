@@ -236,7 +236,8 @@ fn damaged_snapshots_are_refused_with_one_line_and_exit_1() {
     let dir = echo_snapshot("damaged");
     let state = std::fs::read(dir.join("vmstate")).unwrap();
     let memory_len = std::fs::metadata(dir.join("memory")).unwrap().len();
-    let cases: Vec<(&str, Box<dyn Fn(&std::path::Path)>, &str)> = vec![
+    type Damage<'a> = Box<dyn Fn(&std::path::Path) + 'a>;
+    let cases: Vec<(&str, Damage, &str)> = vec![
         (
             "truncated",
             Box::new(|d| std::fs::write(d.join("vmstate"), &state[..state.len() / 2]).unwrap()),
