@@ -158,7 +158,7 @@ fn command_line(data: &[u8]) {
             "an empty disk id"
         );
     }
-    run.kernel = confine(&run.kernel);
+    run.kernel = run.kernel.as_deref().map(confine);
     run.initrd = run.initrd.as_deref().map(confine);
     match run.to_config() {
         Ok(config) => {

@@ -59,6 +59,11 @@ impl<L: Launcher> Controller<L> {
         controller
     }
 
+    /// The launcher (for tests and fuzzing: what it started).
+    pub fn launcher(&self) -> &L {
+        &self.launcher
+    }
+
     /// The running VM, if any.
     pub fn vm(&self) -> Option<&L::Vm> {
         self.vm.as_ref()

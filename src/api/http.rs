@@ -9,7 +9,7 @@ pub const MAX_HEAD_LEN: usize = 8192;
 pub const MAX_HEADERS: usize = 32;
 
 /// One complete request.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
     /// GET, PUT, PATCH, ...
     pub method: String,

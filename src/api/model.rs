@@ -316,7 +316,8 @@ impl NetworkInterface {
         NetworkInterface {
             iface_id: net.id().to_owned(),
             host_dev_name: net.tap.clone(),
-            guest_mac: Some(net.mac().to_string()),
+            // Only a given address: a derived one stays derived when the section is reused.
+            guest_mac: net.mac.map(|mac| mac.to_string()),
             mtu: None,
             rx_rate_limiter: None,
             tx_rate_limiter: None,
@@ -621,6 +622,17 @@ mod tests {
             "vsock is not supported by ember"
         );
         assert!(serde_json::from_str::<FullConfig>(r#"{"bogus": null}"#).is_err());
+    }
+
+    /// Found by the `api_config` fuzz target: `GET /vm/config` showed the derived MAC address
+    /// as `guest_mac`, so booting what it returned gave a config with the address fixed, not the
+    /// one that was started.
+    #[test]
+    fn a_derived_mac_is_not_shown_as_given() {
+        let net = NetConfig::new("tap0");
+        let shown = NetworkInterface::from_net(&net);
+        assert_eq!(shown.guest_mac, None);
+        assert_eq!(shown.to_net().unwrap().mac, None);
     }
 
     #[test]

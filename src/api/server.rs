@@ -136,6 +136,7 @@ impl ApiServer {
                 seq: 0,
             },
             connections: Vec::new(),
+            log_limit: LogLimit::default(),
         };
         let (started_tx, started) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
@@ -298,6 +299,48 @@ struct Server {
     stop: EventFd,
     dispatcher: Dispatcher,
     connections: Vec<Connection>,
+    log_limit: LogLimit,
+}
+
+/// At most [`LogLimit::PER_SECOND`] messages about refused clients a second, so that a flood of
+/// junk cannot flood the log; the number left out is told with the next one let through.
+#[derive(Default)]
+struct LogLimit {
+    window: Option<Instant>,
+    logged: u32,
+    dropped: u64,
+}
+
+impl LogLimit {
+    const PER_SECOND: u32 = 10;
+
+    /// Whether to log now; `Some(n)`: log, mentioning the `n` left out before.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .window
+            .is_none_or(|start| now.duration_since(start) >= Duration::from_secs(1))
+        {
+            self.window = Some(now);
+            self.logged = 0;
+        }
+        if self.logged >= Self::PER_SECOND {
+            self.dropped += 1;
+            return None;
+        }
+        self.logged += 1;
+        Some(std::mem::take(&mut self.dropped))
+    }
+}
+
+/// Logs `message` about a client at info level, within `limit`.
+fn log_refusal(limit: &mut LogLimit, message: std::fmt::Arguments) {
+    if let Some(dropped) = limit.allow(Instant::now()) {
+        if dropped > 0 {
+            log::info!("{message} ({dropped} similar messages left out)");
+        } else {
+            log::info!("{message}");
+        }
+    }
 }
 
 fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
@@ -386,7 +429,12 @@ impl Server {
                         self.connections.remove(i);
                     }
                     None => {
-                        log::warn!("{MAX_CONNECTIONS} API connections are busy: refusing one");
+                        log_refusal(
+                            &mut self.log_limit,
+                            format_args!(
+                                "{MAX_CONNECTIONS} API connections are busy: refusing one"
+                            ),
+                        );
                         continue;
                     }
                 }
@@ -417,7 +465,7 @@ impl Server {
         conn.read_some();
         // Pipelined requests wait in the buffer: serve them as long as answers get out.
         loop {
-            process(conn, &mut self.dispatcher);
+            process(conn, &mut self.dispatcher, &mut self.log_limit);
             conn.flush();
             if conn.closed || !conn.output.is_empty() || !conn.has_complete_request() {
                 break;
@@ -434,7 +482,7 @@ impl Server {
 
 /// Answers the complete requests in the buffer, one at a time (the next once the answer to the
 /// previous one is written).
-fn process(conn: &mut Connection, dispatcher: &mut Dispatcher) {
+fn process(conn: &mut Connection, dispatcher: &mut Dispatcher, log_limit: &mut LogLimit) {
     while conn.output.is_empty() && !conn.closed {
         match http::parse(&conn.input) {
             Parsed::Incomplete { expects_continue } => {
@@ -465,7 +513,10 @@ fn process(conn: &mut Connection, dispatcher: &mut Dispatcher) {
                 conn.close_after_write = close;
             }
             Parsed::Invalid(response) => {
-                log::info!("API: refused a request: {}", response.status);
+                log_refusal(
+                    log_limit,
+                    format_args!("API: refused a request: {}", response.status),
+                );
                 conn.input.clear();
                 conn.output = http::encode(&response, true);
                 conn.close_after_write = true;

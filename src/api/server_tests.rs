@@ -102,3 +102,12 @@ fn a_live_socket_is_refused_and_a_stale_one_replaced() {
         Err(ServerError::NotASocket(_))
     ));
 }
+
+#[test]
+fn refusals_are_logged_at_most_ten_a_second() {
+    let mut limit = LogLimit::default();
+    let start = Instant::now();
+    let allowed = (0..100).filter(|_| limit.allow(start).is_some()).count();
+    assert_eq!(allowed, LogLimit::PER_SECOND as usize);
+    assert_eq!(limit.allow(start + Duration::from_secs(1)), Some(90));
+}

@@ -453,6 +453,15 @@ mod tests {
     }
 
     #[test]
+    fn net_specs_take_an_id() {
+        let net = parse_net("tap=tap0,id=eth0").unwrap().to_config().unwrap();
+        assert_eq!((net.tap.as_str(), net.id()), ("tap0", "eth0"));
+        let net = parse_net("tap=tap1").unwrap().to_config().unwrap();
+        assert_eq!(net.id(), "tap1");
+        assert!(parse_net("tap=tap0,name=x").is_err());
+    }
+
+    #[test]
     fn serial_values_parse() {
         assert_eq!(parse_serial("stdio"), Ok(ConsoleConfig::Stdio));
         assert_eq!(parse_serial("none"), Ok(ConsoleConfig::None));
