@@ -522,7 +522,6 @@ fn pause_and_resume_a_running_vm() {
 }
 
 #[test]
-#[ignore = "needs VmHandle::pause from the lead"]
 fn metrics_are_read_and_flushed() {
     if !kvm_available() {
         return;

@@ -28,7 +28,7 @@ impl ManagedVm for VmHandle {
     }
 
     fn flush_metrics(&mut self) -> Result<(), String> {
-        not_yet("FlushMetrics")
+        VmHandle::flush_metrics(self).map_err(|e| format!("cannot write the metrics file: {e}"))
     }
 
     fn send_ctrl_alt_del(&mut self) -> Result<(), String> {

@@ -227,6 +227,7 @@ impl RunArgs {
     pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
         let mut config = VmConfig::new(self.kernel.clone().unwrap_or_default());
         config.initrd = self.initrd.clone();
+        config.metrics_path = self.metrics_path.clone();
         config.cmdline = self.cmdline.clone();
         if let Some(rootfs) = &self.rootfs {
             let mut disk = DiskConfig::new(rootfs);
@@ -270,9 +271,6 @@ pub enum RunError {
     /// A seccomp filter for this thread.
     #[error(transparent)]
     Seccomp(#[from] ember::sandbox::SeccompError),
-    /// `--metrics-path`.
-    #[error("--metrics-path")]
-    Metrics(#[from] ember::vmm::metrics::MetricsFileError),
     /// `--restore`.
     #[error("--restore")]
     Restore(#[source] Box<ember::vmm::RestoreError>),
@@ -294,6 +292,7 @@ pub fn flag_for(error: &RunError) -> Option<&'static str> {
             LoaderError::KernelTooBig { .. } | LoaderError::InitrdTooBig { .. },
         )) => Some("--memory"),
         RunError::Start(StartError::Loader(LoaderError::NoPvhEntry)) => Some("--boot-protocol"),
+        RunError::Start(StartError::Metrics(_)) => Some("--metrics-path"),
         _ => None,
     }
 }
@@ -303,10 +302,6 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
     if let Some(socket) = &args.api_sock {
         return Ok(super::api_run::run(args, socket)?);
     }
-    let mut metrics = match &args.metrics_path {
-        Some(path) => Some(MetricsFile::open(path)?),
-        None => None,
-    };
     #[cfg(debug_assertions)]
     ember::devices::legacy::serial::PANIC_SELFTEST
         .store(args.panic_selftest, std::sync::atomic::Ordering::Relaxed);
@@ -335,22 +330,18 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
             return Err(e.into());
         }
     }
+    // The library writes the last metrics line at the end; this loop the periodic ones.
     let reason = loop {
-        let Some(metrics) = metrics.as_mut() else {
+        if config.metrics_path.is_none() {
             break vm.wait();
-        };
+        }
         if let Some(reason) = vm.wait_timeout(MetricsFile::INTERVAL) {
             break reason;
         }
-        if let Err(e) = metrics.write(&vm.metrics()) {
+        if let Err(e) = vm.flush_metrics() {
             log::warn!("cannot write metrics: {e}");
         }
     };
-    if let Some(metrics) = metrics.as_mut() {
-        if let Err(e) = metrics.write(&vm.metrics()) {
-            log::warn!("cannot write metrics: {e}");
-        }
-    }
     drop(raw);
     for (phase, at) in vm.timeline() {
         log::debug!("timeline: {phase:?} at {} us", at.as_micros());
@@ -378,11 +369,13 @@ fn restore(args: &RunArgs, dir: &std::path::Path) -> Result<(Vm, VmConfig), RunE
     let paths = ember::vmm::persist::SnapshotPaths::in_dir(dir);
     let console = args.serial.clone();
     let seccomp = args.seccomp == Switch::On;
+    let metrics_path = args.metrics_path.clone();
     let (vm, config) = Vm::restore(
         &paths,
         |config| {
             config.console = console;
             config.seccomp = seccomp;
+            config.metrics_path = metrics_path;
             for (id, tap) in &overrides {
                 match config.nets.iter_mut().find(|n| n.id() == id.as_str()) {
                     // The interface keeps its id (and MAC) on the new TAP.

@@ -17,6 +17,7 @@ use super::console::Console;
 use super::devices::{DeviceManager, VirtioEntry, VirtioKind, lock};
 use super::event_loop::{self, Subscriber};
 use super::exit::ExitState;
+use super::metrics::MetricsFile;
 use super::persist::{PersistError, VmSnapshot};
 use super::vcpus::{Target, VcpuControl};
 use super::{StartError, VmHandle, platform, virtio};
@@ -244,6 +245,10 @@ pub fn run(shaped: Shaped, config: &VmConfig, paused: bool) -> Result<VmHandle, 
         console,
         smaps,
     } = shaped;
+    let metrics_file = match &config.metrics_path {
+        Some(path) => Some(MetricsFile::open(path)?),
+        None => None,
+    };
     let filters = ThreadFilters::new(config)?;
     let loop_exit = exit.clone();
     let mut events = event_loop::start(subscribers, filters.events.clone(), move |why| {
@@ -287,6 +292,7 @@ pub fn run(shaped: Shaped, config: &VmConfig, paused: bool) -> Result<VmHandle, 
         timeline,
         devices: Arc::new(devices),
         smaps,
+        metrics_file,
     });
     handle.paused = paused;
     Ok(handle)

@@ -94,6 +94,9 @@ pub enum StartError {
     /// A vCPU thread.
     #[error("cannot start a vCPU thread")]
     Thread(#[source] std::io::Error),
+    /// The metrics file.
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsFileError),
 }
 
 /// Everything a running VM owns. Field order is drop order: threads are joined (by `VmHandle`)
@@ -109,6 +112,8 @@ struct Running {
     timeline: Arc<Timeline>,
     devices: Arc<DeviceManager>,
     smaps: Option<std::fs::File>,
+    /// `VmConfig::metrics_path`: a line on request and one at the end.
+    metrics_file: Option<metrics::MetricsFile>,
     vm: vstate::vm::Vm,
     memory: GuestMemoryMmap,
 }
@@ -261,6 +266,16 @@ impl VmHandle {
             .memory
             .read_slice(buf, GuestAddress(addr))
             .map_err(|_| LifecycleError::OutsideMemory(addr))
+    }
+
+    /// Appends the current metrics to the configured metrics file (`VmConfig::metrics_path`);
+    /// does nothing without one. A last line is written when the VM ends.
+    pub fn flush_metrics(&mut self) -> std::io::Result<()> {
+        let metrics = self.metrics();
+        match self.running.as_mut().and_then(|r| r.metrics_file.as_mut()) {
+            Some(file) => file.write(&metrics),
+            None => Ok(()),
+        }
     }
 
     /// The ids of every device, as the API and snapshots name them.
@@ -441,6 +456,11 @@ impl VmHandle {
                         self.final_metrics.vmm.memory_overhead_kib = Some(kib);
                     }
                     Err(e) => log::debug!("cannot measure the memory overhead: {e}"),
+                }
+            }
+            if let Some(file) = running.metrics_file.as_mut() {
+                if let Err(e) = file.write(&self.final_metrics) {
+                    log::warn!("cannot write the last metrics line: {e}");
                 }
             }
             self.result = Some(running.exit.reason().unwrap_or(ExitReason::Stopped));
