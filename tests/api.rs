@@ -617,3 +617,62 @@ fn ctrl_alt_del_reaches_the_guest() {
     assert_eq!(answer.status, 204, "{answer:?}");
     vm.stop(GUEST_TIMEOUT);
 }
+
+/// Firecracker's snapshot flow: pause, `PUT /snapshot/create`, then a fresh `ember run
+/// --api-sock` that loads it first thing with `resume_vm`, and the guest answers there.
+#[test]
+fn a_snapshot_created_over_the_api_loads_in_a_fresh_instance() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("snapshot");
+    let socket = dir.join("api.sock");
+    let guest = guest_path();
+    let mut vm = spawn_api(&[
+        "--kernel",
+        &guest,
+        "--cmdline",
+        "guest.action=echo",
+        "--api-sock",
+        socket.to_str().unwrap(),
+    ]);
+    vm.expect_line(GUEST_TIMEOUT, |l| l == "echo=ready");
+    wait_for_socket(&socket, "/");
+    let (state, memory) = (dir.join("vmstate"), dir.join("memory"));
+    let create = format!(
+        r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        state.display(),
+        memory.display()
+    );
+    let running = call(&socket, "PUT", "/snapshot/create", &create);
+    assert_eq!(running.status, 400, "a running VM is not snapshotted");
+    let fault = running.json()["fault_message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(fault.contains("paused"), "{running:?}");
+    assert_eq!(
+        call(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#).status,
+        204
+    );
+    let created = call(&socket, "PUT", "/snapshot/create", &create);
+    assert_eq!(created.status, 204, "{created:?}");
+    vm.stop(GUEST_TIMEOUT);
+
+    let socket2 = dir.join("api2.sock");
+    let mut restored = spawn_api(&["--api-sock", socket2.to_str().unwrap()]);
+    wait_for_socket(&socket2, "/");
+    let load = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+        state.display(),
+        memory.display()
+    );
+    let loaded = call(&socket2, "PUT", "/snapshot/load", &load);
+    assert_eq!(loaded.status, 204, "{loaded:?}");
+    assert_eq!(call(&socket2, "GET", "/", "").json()["state"], "Running");
+    restored.send(b"after load\n");
+    restored.expect_line(GUEST_TIMEOUT, |l| l == "after load");
+    let again = call(&socket2, "PUT", "/snapshot/load", &load);
+    assert_eq!(again.status, 400, "one load per instance");
+    restored.stop(GUEST_TIMEOUT);
+}

@@ -465,3 +465,119 @@ fn linux_takes_its_address_from_ip_and_pings_the_host_and_back() {
     ember.finish(timeout).assert_success();
     std::fs::remove_file(root).unwrap();
 }
+
+/// The kernel this host boots to userspace, with its command line: the PVM-quirks build on PVM
+/// hosts, ours elsewhere.
+fn userspace_kernel() -> (PathBuf, String) {
+    let (variant, cmdline) = if is_pvm_host() {
+        ("pvm", "resources/cmdline-pvm.txt")
+    } else {
+        ("microvm", "resources/cmdline-microvm.txt")
+    };
+    let kernel = artifact("build-kernel.sh", &[variant], &format!("{variant}/vmlinux"));
+    let cmdline = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(cmdline))
+        .unwrap()
+        .trim()
+        .to_owned();
+    (kernel, cmdline)
+}
+
+/// Console lines of an embedded VM, with a deadline per wait.
+struct Console {
+    lines: std::sync::mpsc::Receiver<String>,
+    input: std::fs::File,
+}
+
+impl Console {
+    fn of(vm: &mut ember::Vm) -> Console {
+        use std::io::BufRead;
+        let console = vm.take_console().expect("a pipe console");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let output = console.output;
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(output).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line.trim_end().to_owned()).is_err() {
+                    return;
+                }
+            }
+        });
+        Console {
+            lines,
+            input: console.input,
+        }
+    }
+
+    fn send(&mut self, text: &str) {
+        use std::io::Write;
+        self.input.write_all(text.as_bytes()).unwrap();
+    }
+
+    fn expect(&self, timeout: Duration, wanted: &str) -> Duration {
+        let start = std::time::Instant::now();
+        let mut seen = Vec::new();
+        loop {
+            let left = timeout.saturating_sub(start.elapsed());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(wanted) && !line.contains("echo ") => {
+                    return start.elapsed();
+                }
+                Ok(line) => seen.push(line),
+                Err(e) => panic!(
+                    "no {wanted:?} ({e}); last lines {:?}",
+                    seen.iter().rev().take(20).collect::<Vec<_>>()
+                ),
+            }
+        }
+    }
+}
+
+/// Linux booted to its shell once, snapshotted, and restored: the restored guest runs a command
+/// at once instead of booting again (tens of seconds on PVM hosts).
+#[test]
+fn linux_booted_once_runs_commands_right_after_a_restore() {
+    if !kvm_available() {
+        return;
+    }
+    let (kernel, cmdline) = userspace_kernel();
+    let initrd = artifact("build-rootfs.sh", &[], "initramfs.cpio");
+    let _turn = take_turn();
+    let mut config = ember::VmConfig::new(&kernel);
+    config.initrd = Some(initrd);
+    config.cmdline = format!("{cmdline} ember.shell");
+    config.console = ember::ConsoleConfig::Pipe;
+    config.memory_mib = 256;
+    let mut vm = ember::Vm::start(&config).unwrap();
+    let mut console = Console::of(&mut vm);
+    console.expect(Duration::from_secs(300), "EMBER-GUEST-READY");
+    console.send("echo booted-$((6*7))\n");
+    console.expect(Duration::from_secs(120), "booted-42");
+    vm.pause().unwrap();
+    let dir = std::env::temp_dir().join(format!("ember-linux-snap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let paths = ember::vmm::persist::SnapshotPaths::in_dir(&dir);
+    vm.snapshot(&config, &paths).unwrap();
+    vm.stop();
+
+    for round in 0..2 {
+        let (mut vm, _) = ember::Vm::restore(
+            &paths,
+            |c| {
+                c.console = ember::ConsoleConfig::Pipe;
+                Ok(())
+            },
+            true,
+        )
+        .unwrap();
+        let mut console = Console::of(&mut vm);
+        console.send(&format!("echo restored-{round}-$((6*7))\n"));
+        let took = console.expect(Duration::from_secs(60), &format!("restored-{round}-42"));
+        eprintln!(
+            "restore {round}: a command answered {} ms after the restore",
+            took.as_millis()
+        );
+        vm.stop();
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

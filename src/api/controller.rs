@@ -17,6 +17,17 @@ pub trait Launcher {
     fn start(&mut self, config: &VmConfig) -> Result<Self::Vm, String>;
     /// Applies a `PUT /logger`.
     fn configure_logger(&mut self, logger: &model::Logger) -> Result<(), String>;
+    /// Restores a snapshot (`PUT /snapshot/load`): `base` supplies what belongs to this process
+    /// (console, seccomp), `overrides` give interfaces (by id) other TAPs. Returns the VM and the
+    /// configuration it was built from.
+    fn restore(
+        &mut self,
+        base: &VmConfig,
+        state: &std::path::Path,
+        memory: &std::path::Path,
+        overrides: &[(String, String)],
+        resume: bool,
+    ) -> Result<(Self::Vm, VmConfig), String>;
 }
 
 const AFTER_BOOT: &str = "the microVM is running: this can only be set before InstanceStart";
@@ -140,6 +151,8 @@ impl<L: Launcher> Controller<L> {
             ApiRequest::PutLogger(l) => self.put_logger(&l),
             ApiRequest::PutMetrics(m) => self.put_metrics(&m),
             ApiRequest::Action(ActionType::InstanceStart) => self.instance_start(),
+            ApiRequest::CreateSnapshot(create) => self.create_snapshot(&create),
+            ApiRequest::LoadSnapshot(load) => self.load_snapshot(&load),
             ApiRequest::Action(ActionType::SendCtrlAltDel) => self
                 .running()
                 .and_then(|vm| vm.send_ctrl_alt_del().map_err(ApiResponse::bad_request))
@@ -294,6 +307,66 @@ impl<L: Launcher> Controller<L> {
         }
         check_writable(&metrics.metrics_path)?;
         this.config.metrics_path = Some(metrics.metrics_path.clone());
+        Ok(ApiResponse::no_content())
+    }
+
+    fn create_snapshot(
+        &mut self,
+        create: &crate::api::snapshot_model::SnapshotCreate,
+    ) -> Result<ApiResponse, ApiResponse> {
+        use crate::api::snapshot_model::SnapshotType;
+        if create.snapshot_type == SnapshotType::Diff {
+            return Err(ApiResponse::bad_request(
+                "Diff snapshots are not supported by ember: take a Full one",
+            ));
+        }
+        if create.version.is_some() {
+            return Err(ApiResponse::bad_request(
+                "ember writes its own snapshot format version: leave version out",
+            ));
+        }
+        // The shape the VM was built with (the root disk first), which a restore rebuilds.
+        let config = self.config.for_boot();
+        let vm = self.running()?;
+        if !vm.is_paused() {
+            return Err(ApiResponse::bad_request(
+                "the microVM must be paused before a snapshot: PATCH /vm {\"state\": \"Paused\"}",
+            ));
+        }
+        vm.snapshot(&config, &create.snapshot_path, &create.mem_file_path)
+            .map_err(|e| ApiResponse::bad_request(format!("cannot create the snapshot: {e}")))?;
+        Ok(ApiResponse::no_content())
+    }
+
+    fn load_snapshot(
+        &mut self,
+        load: &crate::api::snapshot_model::SnapshotLoad,
+    ) -> Result<ApiResponse, ApiResponse> {
+        let memory = load.memory_file().map_err(ApiResponse::bad_request)?;
+        let this = self.before_boot()?;
+        if this.boot_source_set || !this.config.disks.is_empty() || !this.config.nets.is_empty() {
+            return Err(ApiResponse::bad_request(
+                "a snapshot is loaded before any other configuration: start a fresh ember",
+            ));
+        }
+        let overrides: Vec<(String, String)> = load
+            .network_overrides
+            .iter()
+            .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
+            .collect();
+        let (vm, config) = this
+            .launcher
+            .restore(
+                &this.config,
+                &load.snapshot_path,
+                &memory,
+                &overrides,
+                load.resume_vm,
+            )
+            .map_err(|e| ApiResponse::bad_request(format!("cannot load the snapshot: {e}")))?;
+        this.config = config;
+        this.boot_source_set = true;
+        this.vm = Some(vm);
         Ok(ApiResponse::no_content())
     }
 

@@ -41,6 +41,10 @@ impl ManagedVm for MockVm {
             .push(format!("update {drive_id} {}", path.display()));
         Ok(())
     }
+    fn snapshot(&mut self, _config: &VmConfig, state: &Path, _memory: &Path) -> Result<(), String> {
+        self.calls.push(format!("snapshot {}", state.display()));
+        Ok(())
+    }
 }
 
 #[derive(Default)]
@@ -60,6 +64,20 @@ impl Launcher for MockLauncher {
     }
     fn configure_logger(&mut self, _logger: &model::Logger) -> Result<(), String> {
         Ok(())
+    }
+    fn restore(
+        &mut self,
+        base: &VmConfig,
+        _state: &Path,
+        _memory: &Path,
+        _overrides: &[(String, String)],
+        resume: bool,
+    ) -> Result<(MockVm, VmConfig), String> {
+        let vm = MockVm {
+            paused: !resume,
+            ..MockVm::default()
+        };
+        Ok((vm, base.clone()))
     }
 }
 
@@ -338,4 +356,61 @@ fn metrics_are_configured_once() {
         "cannot open",
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn snapshots_need_a_paused_vm_and_loads_a_fresh_instance() {
+    let mut c = controller();
+    let create = r#"{"snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"}"#;
+    let load = r#"{"snapshot_path": "/tmp/s", "mem_backend": {"backend_type": "File", "backend_path": "/tmp/m"}}"#;
+    assert_eq!(
+        call(&mut c, "PUT", "/snapshot/create", create).status,
+        400,
+        "not started"
+    );
+    let boot = r#"{"kernel_image_path": "/proc/self/exe"}"#;
+    assert_eq!(call(&mut c, "PUT", "/boot-source", boot).status, 204);
+    assert_eq!(
+        call(&mut c, "PUT", "/snapshot/load", load).status,
+        400,
+        "configured already"
+    );
+    assert_eq!(
+        call(
+            &mut c,
+            "PUT",
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#
+        )
+        .status,
+        204
+    );
+    assert_eq!(
+        call(&mut c, "PUT", "/snapshot/create", create).status,
+        400,
+        "running"
+    );
+    assert_eq!(
+        call(&mut c, "PATCH", "/vm", r#"{"state": "Paused"}"#).status,
+        204
+    );
+    let diff = r#"{"snapshot_type": "Diff", "snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"}"#;
+    assert_eq!(call(&mut c, "PUT", "/snapshot/create", diff).status, 400);
+    assert_eq!(call(&mut c, "PUT", "/snapshot/create", create).status, 204);
+
+    let mut fresh = controller();
+    assert_eq!(call(&mut fresh, "PUT", "/snapshot/load", load).status, 204);
+    assert_eq!(
+        call(&mut fresh, "GET", "/", "")
+            .body
+            .unwrap()
+            .contains("Paused"),
+        true,
+        "a load without resume_vm stays paused"
+    );
+    assert_eq!(
+        call(&mut fresh, "PUT", "/snapshot/load", load).status,
+        400,
+        "twice"
+    );
 }

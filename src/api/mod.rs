@@ -11,9 +11,12 @@ pub mod http;
 pub mod model;
 pub mod router;
 pub mod server;
+pub mod snapshot_model;
 mod vm_handle;
 
 use std::path::Path;
+
+use crate::VmConfig;
 
 pub use controller::{Controller, Launcher};
 pub use router::route;
@@ -35,6 +38,8 @@ pub trait ManagedVm {
     fn send_ctrl_alt_del(&mut self) -> Result<(), String>;
     /// Swaps the backing file of disk `drive_id` and tells the guest its size may have changed.
     fn update_drive(&mut self, drive_id: &str, path_on_host: &Path) -> Result<(), String>;
+    /// Snapshots the (paused) VM built from `config`: state to `state`, memory to `memory`.
+    fn snapshot(&mut self, config: &VmConfig, state: &Path, memory: &Path) -> Result<(), String>;
 }
 
 /// Largest request body accepted, as Firecracker's.
@@ -75,6 +80,10 @@ pub enum ApiRequest {
     PatchVm(model::VmState),
     /// `GET /vm/config`.
     GetVmConfig,
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(snapshot_model::SnapshotCreate),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(snapshot_model::SnapshotLoad),
 }
 
 /// The answer to one request: 204 without a body, 200 with JSON, or an error with

@@ -13,7 +13,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("/entropy", "the entropy device"),
     ("/mmds", "MMDS"),
     ("/cpu-config", "CPU templates"),
-    ("/snapshot", "snapshots"),
     ("/pmem", "pmem devices"),
     ("/hotplug", "memory hotplug"),
     ("/serial", "serial configuration"),
@@ -100,6 +99,8 @@ pub fn route(method: &str, target: &str, payload: &[u8]) -> Result<ApiRequest, A
         ("PUT", "actions", "") => ApiRequest::Action(body::<Action>(payload)?.action_type),
         ("PATCH", "vm", "") => ApiRequest::PatchVm(body::<model::Vm>(payload)?.state),
         ("GET", "vm", "config") => no_body(payload, ApiRequest::GetVmConfig)?,
+        ("PUT", "snapshot", "create") => ApiRequest::CreateSnapshot(body(payload)?),
+        ("PUT", "snapshot", "load") => ApiRequest::LoadSnapshot(body(payload)?),
         _ => {
             let top = format!("/{first}");
             if let Some((_, what)) = UNSUPPORTED.iter().find(|(p, _)| *p == top) {
@@ -152,7 +153,9 @@ mod tests {
         assert!(fault(route("GET", "/nope", b"").unwrap_err()).contains("GET /nope"));
         assert!(fault(route("DELETE", "/", b"").unwrap_err()).contains("DELETE"));
         assert!(fault(route("PUT", "/vsock", b"{}").unwrap_err()).contains("vsock"));
-        assert!(fault(route("PUT", "/snapshot/create", b"{}").unwrap_err()).contains("snapshot"));
+        assert!(
+            fault(route("PUT", "/snapshot/create", b"{}").unwrap_err()).contains("snapshot_path")
+        );
         assert!(fault(route("PUT", "/actions", b"").unwrap_err()).contains("body"));
         assert!(fault(route("PUT", "/actions", b"{").unwrap_err()).contains("invalid"));
         let unknown = route("PUT", "/actions", br#"{"action_type": "Reboot"}"#).unwrap_err();

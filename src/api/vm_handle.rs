@@ -38,4 +38,17 @@ impl ManagedVm for VmHandle {
     fn update_drive(&mut self, _drive_id: &str, _path_on_host: &Path) -> Result<(), String> {
         not_yet("changing a drive after boot")
     }
+
+    fn snapshot(
+        &mut self,
+        config: &crate::VmConfig,
+        state: &Path,
+        memory: &Path,
+    ) -> Result<(), String> {
+        let paths = crate::vmm::persist::SnapshotPaths {
+            state: state.to_owned(),
+            memory: memory.to_owned(),
+        };
+        VmHandle::snapshot(self, config, &paths).map_err(|e| crate::error_chain(&e))
+    }
 }

@@ -31,6 +31,34 @@ impl Launcher for CliLauncher {
         Vm::start(config).map_err(|e| error_chain(&e))
     }
 
+    fn restore(
+        &mut self,
+        base: &VmConfig,
+        state: &Path,
+        memory: &Path,
+        overrides: &[(String, String)],
+        resume: bool,
+    ) -> Result<(VmHandle, VmConfig), String> {
+        let paths = ember::vmm::persist::SnapshotPaths {
+            state: state.to_owned(),
+            memory: memory.to_owned(),
+        };
+        let adjust = |config: &mut VmConfig| {
+            config.console = base.console.clone();
+            config.seccomp = base.seccomp;
+            config.metrics_path = base.metrics_path.clone();
+            for (id, tap) in overrides {
+                let Some(net) = config.nets.iter_mut().find(|n| n.id() == id.as_str()) else {
+                    return Err(format!("the snapshot has no network interface {id}"));
+                };
+                net.id = Some(id.clone());
+                net.tap = tap.clone();
+            }
+            Ok(())
+        };
+        Vm::restore(&paths, adjust, resume).map_err(|e| error_chain(&e))
+    }
+
     fn configure_logger(&mut self, logger: &Logger) -> Result<(), String> {
         if let Some(path) = &logger.log_path {
             redirect_stderr(path)?;
