@@ -189,11 +189,19 @@ impl MmioTransport {
         });
     }
 
-    /// A QueueNotify write that no ioeventfd matched: the value names no queue.
+    /// A QueueNotify write that no ioeventfd matched (another width, say): it reaches the
+    /// transport on a vCPU thread, whose filter forbids device I/O, so the queue is handed to
+    /// the event loop through its notification eventfd instead of being served here.
     fn notify_without_ioeventfd(&mut self, value: u32) {
-        match usize::try_from(value) {
-            Ok(index) if index < self.queues.len() => self.serve_queue(index),
-            _ => self.refuse(QUEUE_NOTIFY_OFFSET, value),
+        match usize::try_from(value)
+            .ok()
+            .and_then(|index| self.notify.get(index))
+        {
+            Some(evt) => {
+                // A failed write means the counter is saturated: the loop wakes anyway.
+                let _ = evt.write(1);
+            }
+            None => self.refuse(QUEUE_NOTIFY_OFFSET, value),
         }
     }
 
@@ -525,11 +533,18 @@ mod tests {
         write(&mut transport, 0x070, 15);
         // DRIVER_OK kicks the queue once; take that kick, then serve one turn.
         assert_eq!(notify.read().unwrap(), 1);
+        // A QueueNotify write that reaches the transport (on a vCPU thread) only passes the
+        // notification on: no queue work there.
         write(&mut transport, QUEUE_NOTIFY_OFFSET, 0);
+        let used: u16 = mem.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
+        assert_eq!(used, 0, "no queue work on the vCPU thread");
+        assert_eq!(notify.read().ok(), Some(1), "handed to the event loop");
+        // The event loop's turn.
+        transport.serve_queue(0);
         let used: u16 = mem.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
         assert_eq!(u32::from(used), CHAINS_PER_PASS, "one turn's chains");
         assert_eq!(notify.read().ok(), Some(1), "the queue is notified again");
-        write(&mut transport, QUEUE_NOTIFY_OFFSET, 0);
+        transport.serve_queue(0);
         let used: u16 = mem.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
         assert_eq!(used, 128);
         drop(transport);
