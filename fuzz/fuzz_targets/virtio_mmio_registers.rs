@@ -2,8 +2,8 @@
 //! register reads and writes of any width at any offset of the device's window (through the MMIO
 //! bus, as vCPU exits reach it), driver status sequences, queue setup with sizes and ring
 //! addresses from the input, notifications (written to QueueNotify, which passes them to the
-//! event loop, or, like KVM's ioeventfds, through the queue's eventfd), interrupt acks, resets, and writes to guest memory between them (rings,
-//! descriptors, request headers). A real virtio-blk device on a small in-memory image sits
+//! event loop, or, like KVM's ioeventfds, through the queue's eventfd), interrupt acks, resets,
+//! and writes to guest memory between them (rings, descriptors, request headers). A real virtio-blk device on a small in-memory image sits
 //! behind the transport, so every queue the guest manages to set up gets served.
 //!
 //! A bug is a panic, a hang (libFuzzer's timeout), or a register that breaks the transport's
