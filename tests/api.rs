@@ -568,7 +568,6 @@ fn metrics_are_read_and_flushed() {
 }
 
 #[test]
-#[ignore = "needs VmHandle::pause from the lead"]
 fn a_drive_is_swapped_after_boot() {
     if !kvm_available() {
         return;

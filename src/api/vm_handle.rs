@@ -35,8 +35,8 @@ impl ManagedVm for VmHandle {
         not_yet("SendCtrlAltDel")
     }
 
-    fn update_drive(&mut self, _drive_id: &str, _path_on_host: &Path) -> Result<(), String> {
-        not_yet("changing a drive after boot")
+    fn update_drive(&mut self, drive_id: &str, path_on_host: &Path) -> Result<(), String> {
+        VmHandle::update_drive(self, drive_id, path_on_host)
     }
 
     fn snapshot(

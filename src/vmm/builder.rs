@@ -122,6 +122,7 @@ pub fn shape(config: &VmConfig, ram: GuestRam<'_>) -> Result<Shaped, StartError>
         let kind = VirtioKind::Block(block.counters());
         devices.push((disk_config.device_id(), kind, Box::new(block)));
     }
+    let disk_configs = config.disks.iter().cloned().map(Some);
     for ((tap, mac), net_config) in taps.into_iter().zip(&config.nets) {
         log::debug!("net {}: MAC {mac}", tap.name());
         let name = tap.name().to_owned();
@@ -132,13 +133,15 @@ pub fn shape(config: &VmConfig, ram: GuestRam<'_>) -> Result<Shaped, StartError>
         };
         devices.push((net_config.device_id(), kind, Box::new(net)));
     }
-    for (slot, (id, kind, device)) in devices.into_iter().enumerate() {
+    let disk_configs = disk_configs.chain(std::iter::repeat(None));
+    for ((slot, (id, kind, device)), disk) in devices.into_iter().enumerate().zip(disk_configs) {
         let transport = virtio::attach(device, slot, &vm, &memory, &mut buses, &mut subscribers)?;
         entries.push(VirtioEntry {
             id,
             slot,
             kind,
             transport,
+            disk,
         });
     }
     let devices = platform.with_virtio(entries);

@@ -52,6 +52,8 @@ pub struct VirtioEntry {
     pub kind: VirtioKind,
     /// The transport, shared with the MMIO bus and the event loop.
     pub transport: Arc<Mutex<MmioTransport>>,
+    /// For a disk: how its image is opened (a replacement is opened the same way).
+    pub disk: Option<crate::config::DiskConfig>,
 }
 
 impl VirtioEntry {

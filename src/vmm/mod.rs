@@ -278,6 +278,24 @@ impl VmHandle {
         }
     }
 
+    /// Puts disk `id` on the image at `path` (opened as the old one was: read-only, O_DIRECT),
+    /// and tells the guest its configuration changed, so it reads the new capacity.
+    pub fn update_drive(&mut self, id: &str, path: &std::path::Path) -> Result<(), String> {
+        let running = self.live().map_err(|e| e.to_string())?;
+        let entry = running
+            .devices
+            .virtio(id)
+            .ok_or_else(|| format!("no drive {id}"))?;
+        let disk = entry
+            .disk
+            .as_ref()
+            .ok_or_else(|| format!("{id} is not a drive"))?;
+        let image =
+            crate::devices::virtio::block::DiskFile::open(path, disk.read_only, disk.direct)
+                .map_err(|e| crate::error_chain(&e))?;
+        entry.lock().replace_disk(image)
+    }
+
     /// The ids of every device, as the API and snapshots name them.
     pub fn device_ids(&self) -> Vec<String> {
         self.running

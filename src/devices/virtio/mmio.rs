@@ -89,6 +89,19 @@ impl MmioTransport {
         })
     }
 
+    /// Puts the device on another disk image and tells the driver its configuration changed
+    /// (a new ConfigGeneration and the configuration-change interrupt), as a disk resize does.
+    pub fn replace_disk(
+        &mut self,
+        disk: crate::devices::virtio::block::DiskFile,
+    ) -> Result<(), String> {
+        self.device.replace_disk(disk)?;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt
+            .trigger(crate::devices::virtio::VIRTIO_MMIO_INT_CONFIG);
+        Ok(())
+    }
+
     /// Guest mistakes refused so far.
     pub fn guest_errors(&self) -> u64 {
         self.errors.count()
@@ -476,6 +489,44 @@ mod tests {
 
     fn write(transport: &mut MmioTransport, offset: u64, value: u32) {
         transport.write(offset, &value.to_le_bytes());
+    }
+
+    fn read(transport: &mut MmioTransport, offset: u64) -> u32 {
+        let mut bytes = [0u8; 4];
+        BusDevice::read(transport, offset, &mut bytes);
+        u32::from_le_bytes(bytes)
+    }
+
+    #[test]
+    fn a_replaced_disk_shows_its_capacity_with_a_config_change_interrupt() {
+        let dir = std::env::temp_dir();
+        let (one, two) = (
+            dir.join(format!("ember-mmio-{}-one", std::process::id())),
+            dir.join(format!("ember-mmio-{}-two", std::process::id())),
+        );
+        std::fs::write(&one, vec![0u8; 8 * 512]).unwrap();
+        std::fs::write(&two, vec![0u8; 32 * 512]).unwrap();
+        let block = Block::new(DiskFile::open(&one, false, false).unwrap(), "swap");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut transport = MmioTransport::new(Box::new(block), mem, evt(), vec![evt()]).unwrap();
+        assert_eq!(read(&mut transport, CONFIG_SPACE), 8, "capacity, low half");
+        let generation = read(&mut transport, 0x0fc);
+        transport
+            .replace_disk(DiskFile::open(&two, false, false).unwrap())
+            .unwrap();
+        assert_eq!(read(&mut transport, CONFIG_SPACE), 32);
+        assert_ne!(read(&mut transport, 0x0fc), generation);
+        assert_eq!(
+            read(&mut transport, 0x060) & 2,
+            2,
+            "configuration change interrupt"
+        );
+        // A read-only image may not replace a writable one.
+        let ro = DiskFile::open(&one, true, false).unwrap();
+        assert!(transport.replace_disk(ro).is_err());
+        std::fs::remove_file(one).unwrap();
+        std::fs::remove_file(two).unwrap();
     }
 
     /// A queue left with work after its turn gets its notification again, so the event loop

@@ -73,6 +73,11 @@ pub trait VirtioDevice: Send {
     ) -> u32 {
         0
     }
+    /// Puts the device on another disk image (`PATCH /drives` after boot); only virtio-blk can.
+    /// The caller tells the driver the configuration changed.
+    fn replace_disk(&mut self, _disk: block::DiskFile) -> Result<(), String> {
+        Err("this device has no disk".into())
+    }
     /// Before a save, on the event loop: gives back to the guest's rings whatever the device
     /// took from them and still holds, so nothing is in flight.
     fn prepare_save(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) {}

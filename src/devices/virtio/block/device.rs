@@ -331,6 +331,15 @@ impl VirtioDevice for Block {
         u32::from(std::mem::take(&mut self.backlog))
     }
 
+    fn replace_disk(&mut self, disk: DiskFile) -> Result<(), String> {
+        if disk.read_only() != self.disk.read_only() {
+            return Err("the new image must be read-only exactly when the old one was".into());
+        }
+        self.config = config_space(disk.sectors());
+        self.disk = disk;
+        Ok(())
+    }
+
     fn reset(&mut self) {
         self.backlog = false;
     }
