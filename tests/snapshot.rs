@@ -369,3 +369,33 @@ fn a_restored_guest_answers_on_another_tap_in_another_namespace() {
     ember.stop(common::GUEST_TIMEOUT);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn ten_clones_of_one_snapshot_run_at_once_each_from_the_saved_count() {
+    if !kvm_available() {
+        return;
+    }
+    let (paths, saved) = counting_snapshot("clones", 1);
+    let mut clones: Vec<Vm> = (0..10)
+        .map(|_| {
+            let restore = |c: &mut VmConfig| {
+                c.console = ConsoleConfig::None;
+                Ok(())
+            };
+            Vm::restore(&paths, restore, true).unwrap().0
+        })
+        .collect();
+    for clone in &clones {
+        wait_moving(clone, saved);
+    }
+    // Private memory: one clone's writes are not another's.
+    clones[0].pause().unwrap();
+    let frozen = counter(&clones[0]);
+    let other = wait_moving(&clones[1], frozen.max(saved));
+    assert!(other > saved);
+    assert_eq!(counter(&clones[0]), frozen);
+    for clone in &mut clones {
+        assert_eq!(clone.stop(), ExitReason::Stopped);
+    }
+    let _ = std::fs::remove_dir_all(paths.state.parent().unwrap());
+}
