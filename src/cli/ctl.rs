@@ -22,7 +22,7 @@ pub struct CtlArgs {
 }
 
 /// `ember ctl` commands.
-#[derive(Clone, Copy, Debug, Subcommand)]
+#[derive(Clone, Debug, Subcommand)]
 pub enum CtlCommand {
     /// The instance's name, state and version (`GET /`).
     Info,
@@ -38,11 +38,33 @@ pub enum CtlCommand {
     Config,
     /// Write a metrics line to the metrics file now.
     FlushMetrics,
+    /// Snapshot the (paused) VM into DIR: DIR/vmstate and DIR/memory, which
+    /// `ember run --restore DIR` restores (`PUT /snapshot/create`).
+    Snapshot {
+        /// An existing directory.
+        dir: PathBuf,
+    },
 }
 
 impl CtlCommand {
     /// Method, path and body.
-    fn request(self) -> (&'static str, &'static str, &'static str) {
+    fn request(&self) -> (&'static str, &'static str, String) {
+        let (method, path, body) = match self {
+            CtlCommand::Snapshot { dir } => {
+                let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+                let body = serde_json::json!({
+                    "snapshot_type": "Full",
+                    "snapshot_path": dir.join("vmstate"),
+                    "mem_file_path": dir.join("memory"),
+                });
+                return ("PUT", "/snapshot/create", body.to_string());
+            }
+            other => other.fixed_request(),
+        };
+        (method, path, body.to_owned())
+    }
+
+    fn fixed_request(&self) -> (&'static str, &'static str, &'static str) {
         match self {
             CtlCommand::Info => ("GET", "/", ""),
             CtlCommand::Pause => ("PATCH", "/vm", r#"{"state":"Paused"}"#),
@@ -51,6 +73,7 @@ impl CtlCommand {
             CtlCommand::Metrics => ("GET", "/metrics", ""),
             CtlCommand::Config => ("GET", "/vm/config", ""),
             CtlCommand::FlushMetrics => ("PUT", "/actions", r#"{"action_type":"FlushMetrics"}"#),
+            CtlCommand::Snapshot { .. } => ("PUT", "/snapshot/create", ""),
         }
     }
 }
