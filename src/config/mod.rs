@@ -1,12 +1,14 @@
 //! What a VM is made of: plain data, checked by [`VmConfig::validate`] before anything is built.
 
 mod net;
+mod rate_limiter;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
 pub use net::{MAX_TAP_NAME_LEN, MacAddr, MacParseError, NetConfig};
+pub use rate_limiter::{IoEngine, RateLimiterConfig, TokenBucketConfig, parse_bucket};
 
 /// The kernel command line used when none is given: the serial console, reset on reboot through
 /// the i8042 (which ends the VM), reboot on panic, and no probing for hardware a microVM lacks.
@@ -57,6 +59,10 @@ pub struct DiskConfig {
     /// The serial the guest reads with GET_ID (`/sys/block/vdX/serial`), up to 20 ASCII bytes;
     /// `None` uses the file name.
     pub id: Option<String>,
+    /// How requests run (io_uring where the kernel allows it, by default).
+    pub io_engine: IoEngine,
+    /// Bandwidth and operations limits on the disk's requests.
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl DiskConfig {
@@ -67,6 +73,8 @@ impl DiskConfig {
             read_only: false,
             direct: false,
             id: None,
+            io_engine: IoEngine::Auto,
+            rate_limiter: None,
         }
     }
 
@@ -191,6 +199,9 @@ impl VmConfig {
             {
                 return Err(ConfigError::BadDiskId(id));
             }
+            if let Some(limiter) = &disk.rate_limiter {
+                limiter.validate(&id)?;
+            }
         }
         for (i, net) in self.nets.iter().enumerate() {
             net.validate()?;
@@ -228,6 +239,9 @@ pub enum ConfigError {
     /// A disk id the guest could not read back.
     #[error("disk id {0:?} must be 1 to 20 printable ASCII characters without spaces")]
     BadDiskId(String),
+    /// A rate limiter that cannot work.
+    #[error("rate limiter {0}")]
+    BadRateLimiter(String),
     /// A TAP name Linux would refuse.
     #[error("TAP name {0:?} must be 1 to {MAX_TAP_NAME_LEN} characters without '/', ':' or spaces")]
     BadTapName(String),

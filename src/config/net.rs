@@ -70,6 +70,10 @@ pub struct NetConfig {
     pub tap: String,
     /// The guest's address; `None` uses [`MacAddr::for_tap`].
     pub mac: Option<MacAddr>,
+    /// Limits on what the guest receives.
+    pub rx_rate_limiter: Option<super::RateLimiterConfig>,
+    /// Limits on what the guest sends.
+    pub tx_rate_limiter: Option<super::RateLimiterConfig>,
 }
 
 impl NetConfig {
@@ -78,6 +82,8 @@ impl NetConfig {
         NetConfig {
             tap: tap.into(),
             mac: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         }
     }
 
@@ -106,6 +112,9 @@ impl NetConfig {
         let mac = self.mac();
         if !mac.is_valid_station() {
             return Err(ConfigError::BadMac(mac));
+        }
+        for limiter in [&self.rx_rate_limiter, &self.tx_rate_limiter].into_iter().flatten() {
+            limiter.validate(name)?;
         }
         Ok(())
     }

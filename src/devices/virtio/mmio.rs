@@ -259,6 +259,11 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
+        // Requests in flight finish first: nothing writes guest memory after the reset. Their
+        // chains return to rings the guest is about to forget, so no interrupt.
+        if self.active {
+            self.device.quiesce(&mut self.queues, &self.mem);
+        }
         self.device.reset();
         for queue in &mut self.queues {
             queue.reset();
@@ -323,12 +328,53 @@ impl MmioTransport {
         let moved = self
             .device
             .process_backend(events, &mut self.queues, &self.mem);
+        self.signal_moved(moved);
+        self.reschedule_backlog();
+    }
+
+    /// Completes everything the device has in flight and interrupts the guest for what
+    /// returned. The VMM calls it with the vCPUs and the event loop parked (a pause, before a
+    /// snapshot) or stopped (teardown); it waits on any thread without the event loop's system
+    /// calls.
+    pub fn quiesce(&mut self) {
+        if !self.active {
+            return;
+        }
+        let moved = self.device.quiesce(&mut self.queues, &self.mem);
+        self.signal_moved(moved);
+    }
+
+    /// Replaces the device's rate limiter `which` (`PATCH /drives/{id}`,
+    /// `PATCH /network-interfaces/{id}`); false if it has no such limiter. The queues are then
+    /// served again on the event loop, so one the old limit held back resumes under the new.
+    pub fn set_rate_limiter(
+        &mut self,
+        which: super::LimiterKind,
+        config: Option<&crate::config::RateLimiterConfig>,
+    ) -> bool {
+        let changed = self.device.set_rate_limiter(which, config);
+        if changed && self.active {
+            self.kick_event_loop();
+        }
+        changed
+    }
+
+    /// The device's timer fired.
+    fn serve_timer(&mut self) {
+        if !self.active {
+            return;
+        }
+        let moved = self.device.process_timer(&mut self.queues, &self.mem);
+        self.signal_moved(moved);
+        self.reschedule_backlog();
+    }
+
+    fn signal_moved(&mut self, moved: u32) {
         for index in 0..self.queues.len() {
             if moved & (1 << index) != 0 {
                 self.signal_used(index);
             }
         }
-        self.reschedule_backlog();
     }
 
     /// Makes the event loop watch the backend for what the device waits for now.
@@ -432,6 +478,11 @@ impl MutEventSubscriber for MmioTransport {
                 log::error!("virtio-mmio: cannot watch a queue notification: {e:?}");
             }
         }
+        if let Some(fd) = self.device.timer() {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!("virtio-mmio: cannot watch a device timer: {e:?}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -443,6 +494,8 @@ impl MutEventSubscriber for MmioTransport {
             // The count does not matter: each serving takes what is available, up to a budget.
             let _ = self.notify[index].read();
             self.serve_queue(index);
+        } else if self.device.timer() == Some(events.fd()) {
+            self.serve_timer();
         } else if self
             .watched_backend
             .is_some_and(|(fd, _)| fd == events.fd())
