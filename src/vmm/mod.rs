@@ -78,6 +78,9 @@ pub enum StartError {
     /// A disk image.
     #[error(transparent)]
     Disk(#[from] crate::devices::virtio::block::DiskError),
+    /// A disk device (its engine or rate limiter).
+    #[error(transparent)]
+    Block(#[from] crate::devices::virtio::block::BlockError),
     /// A TAP device.
     #[error(transparent)]
     Tap(#[from] crate::devices::virtio::net::TapError),
