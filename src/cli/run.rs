@@ -8,6 +8,7 @@ use super::exit_code;
 use super::signals::SignalGuard;
 use super::terminal::RawTerminal;
 use ember::StartError;
+use ember::config::{RateLimiterConfig, parse_bucket};
 use ember::sandbox::{ThreadKind, seccomp};
 use ember::vmm::metrics::MetricsFile;
 use ember::{
@@ -47,11 +48,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
 
-    /// A virtio-blk disk: path=FILE[,readonly=on][,direct=on][,id=NAME]; repeat for more (vdb, vdc...).
+    /// A virtio-blk disk: path=FILE[,readonly=on][,direct=on][,id=NAME][,engine=io_uring|sync]
+    /// [,bw=BYTES/MS[/BURST]][,ops=COUNT/MS[/BURST]] (token buckets: size, refill time in ms,
+    /// one-time burst); repeat for more (vdb, vdc...).
     #[arg(long = "disk", value_parser = parse_disk, value_name = "SPEC")]
     pub disks: Vec<DiskConfig>,
 
-    /// A virtio-net interface on a host TAP: tap=NAME[,mac=MAC]; repeat for more (eth0, eth1...).
+    /// A virtio-net interface on a host TAP: tap=NAME[,mac=MAC][,rx_bw=..][,rx_ops=..][,tx_bw=..]
+    /// [,tx_ops=..] (each SIZE/MS[/BURST], as for --disk); repeat for more (eth0, eth1...).
     /// A missing TAP is created (it lasts as long as ember) when ember may.
     #[arg(long = "net", value_parser = parse_net, value_name = "SPEC")]
     pub nets: Vec<NetSpec>,
@@ -131,9 +135,16 @@ fn parse_disk(value: &str) -> Result<DiskConfig, String> {
             Some(("direct", "on" | "true")) => disk.direct = true,
             Some(("direct", "off" | "false")) => disk.direct = false,
             Some(("id", id)) if !id.is_empty() => disk.id = Some(id.to_owned()),
+            Some(("engine", engine)) => disk.io_engine = engine.parse()?,
+            Some(("bw", rate)) => {
+                disk.rate_limiter.get_or_insert_default().bandwidth = Some(parse_bucket(rate)?)
+            }
+            Some(("ops", rate)) => {
+                disk.rate_limiter.get_or_insert_default().ops = Some(parse_bucket(rate)?)
+            }
             _ => {
                 return Err(format!(
-                    "unknown item {item:?}: expected path=FILE[,readonly=on][,direct=on][,id=NAME]"
+                    "unknown item {item:?}: expected path=FILE[,readonly=on][,direct=on][,id=NAME][,engine=io_uring|sync][,bw=SIZE/MS][,ops=SIZE/MS]"
                 ));
             }
         }
@@ -148,24 +159,36 @@ fn parse_disk(value: &str) -> Result<DiskConfig, String> {
 pub struct NetSpec {
     tap: String,
     mac: Option<String>,
+    rx: Option<RateLimiterConfig>,
+    tx: Option<RateLimiterConfig>,
 }
 
 fn parse_net(value: &str) -> Result<NetSpec, String> {
     let mut tap = None;
     let mut mac = None;
+    let mut rx: Option<RateLimiterConfig> = None;
+    let mut tx: Option<RateLimiterConfig> = None;
     for item in value.split(',') {
         match item.split_once('=') {
             Some(("tap", name)) => tap = Some(name.to_owned()),
             Some(("mac", addr)) => mac = Some(addr.to_owned()),
+            Some(("rx_bw", rate)) => {
+                rx.get_or_insert_default().bandwidth = Some(parse_bucket(rate)?)
+            }
+            Some(("rx_ops", rate)) => rx.get_or_insert_default().ops = Some(parse_bucket(rate)?),
+            Some(("tx_bw", rate)) => {
+                tx.get_or_insert_default().bandwidth = Some(parse_bucket(rate)?)
+            }
+            Some(("tx_ops", rate)) => tx.get_or_insert_default().ops = Some(parse_bucket(rate)?),
             _ => {
                 return Err(format!(
-                    "unknown item {item:?}: expected tap=NAME[,mac=MAC]"
+                    "unknown item {item:?}: expected tap=NAME[,mac=MAC][,rx_bw=SIZE/MS][,rx_ops=SIZE/MS][,tx_bw=SIZE/MS][,tx_ops=SIZE/MS]"
                 ));
             }
         }
     }
     let tap = tap.ok_or("missing tap=NAME")?;
-    Ok(NetSpec { tap, mac })
+    Ok(NetSpec { tap, mac, rx, tx })
 }
 
 impl NetSpec {
@@ -174,6 +197,8 @@ impl NetSpec {
         if let Some(mac) = &self.mac {
             net.mac = Some(mac.parse()?);
         }
+        net.rx_rate_limiter = self.rx;
+        net.tx_rate_limiter = self.tx;
         Ok(net)
     }
 }

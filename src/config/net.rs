@@ -113,7 +113,10 @@ impl NetConfig {
         if !mac.is_valid_station() {
             return Err(ConfigError::BadMac(mac));
         }
-        for limiter in [&self.rx_rate_limiter, &self.tx_rate_limiter].into_iter().flatten() {
+        for limiter in [&self.rx_rate_limiter, &self.tx_rate_limiter]
+            .into_iter()
+            .flatten()
+        {
             limiter.validate(name)?;
         }
         Ok(())

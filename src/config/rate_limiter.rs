@@ -101,7 +101,10 @@ mod tests {
     #[test]
     fn buckets_parse_with_and_without_a_burst() {
         let b = parse_bucket("1048576/1000").unwrap();
-        assert_eq!((b.size, b.refill_time, b.one_time_burst), (1 << 20, 1000, None));
+        assert_eq!(
+            (b.size, b.refill_time, b.one_time_burst),
+            (1 << 20, 1000, None)
+        );
         let b = parse_bucket("100/10/500").unwrap();
         assert_eq!(b.one_time_burst, Some(500));
         for bad in ["", "1", "1/x", "1/2/3/4", "-1/100"] {

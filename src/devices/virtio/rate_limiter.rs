@@ -203,7 +203,8 @@ impl RateLimiter {
 #[derive(Debug)]
 pub struct Timer {
     fd: OwnedFd,
-    armed: bool,
+    /// When it fires, if armed.
+    deadline: Option<Instant>,
 }
 
 impl Timer {
@@ -221,13 +222,14 @@ impl Timer {
         }
         // SAFETY: `fd` is a new descriptor nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Timer { fd, armed: false })
+        Ok(Timer { fd, deadline: None })
     }
 
-    /// Fires once after `after`, unless already armed (an earlier wake-up serves too: the
-    /// device asks again and re-arms for what is still missing).
+    /// Fires once after `after`, or earlier if already armed to (one timer serves both of an
+    /// interface's directions: whichever wakes first asks again and re-arms for the other).
     pub fn arm(&mut self, after: Duration) {
-        if self.armed {
+        let deadline = Instant::now() + after;
+        if self.deadline.is_some_and(|d| d <= deadline) {
             return;
         }
         let spec = libc::itimerspec {
@@ -241,8 +243,14 @@ impl Timer {
             },
         };
         // SAFETY: settime on our own timerfd with a valid itimerspec; the result is checked.
-        let rc =
-            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &raw const spec, std::ptr::null_mut()) };
+        let rc = unsafe {
+            libc::timerfd_settime(
+                self.fd.as_raw_fd(),
+                0,
+                &raw const spec,
+                std::ptr::null_mut(),
+            )
+        };
         if rc != 0 {
             log::error!(
                 "rate limiter: cannot arm its timer: {}",
@@ -250,7 +258,7 @@ impl Timer {
             );
             return;
         }
-        self.armed = true;
+        self.deadline = Some(deadline);
     }
 
     /// The event loop saw the timer readable: consume the expiration.
@@ -264,7 +272,7 @@ impl Timer {
                 std::mem::size_of::<u64>(),
             )
         };
-        self.armed = false;
+        self.deadline = None;
     }
 
     /// The descriptor to watch for input.

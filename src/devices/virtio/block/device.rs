@@ -12,7 +12,9 @@ use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::disk::{DiskFile, SECTOR_SIZE};
-use super::request::{self, MAX_RANGE_SECTORS, MAX_RANGES, Refused, Request, RequestKind, SIZE_MAX};
+use super::request::{
+    self, MAX_RANGE_SECTORS, MAX_RANGES, Refused, Request, RequestKind, SIZE_MAX,
+};
 use super::uring::{Uring, UringError};
 use crate::config::{IoEngine, RateLimiterConfig};
 use crate::devices::GuestErrors;
@@ -70,7 +72,9 @@ pub struct BlockCounters {
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     /// `engine=io_uring` was asked for and the kernel refuses it.
-    #[error("disk {0}: io_uring was asked for but cannot be used: use engine=sync, or allow io_uring")]
+    #[error(
+        "disk {0}: io_uring was asked for but cannot be used: use engine=sync, or allow io_uring"
+    )]
     Uring(String, #[source] UringError),
     /// The rate limiter's timer.
     #[error("disk {0}: cannot create the rate limiter's timer")]

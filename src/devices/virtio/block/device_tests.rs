@@ -1,7 +1,7 @@
 //! Unit tests of the virtio-blk device on both engines.
 
 use super::*;
-use crate::config::IoEngine;
+
 use crate::devices::virtio::block::request::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
@@ -88,9 +88,7 @@ fn run(f: &mut Fixture, chains: &[Vec<RawDescriptor>]) -> Vec<u32> {
     let mut queue: Queue = vq.create_queue().unwrap();
     let moved = f.block.process_queue(0, &mut queue, &f.mem);
     // io_uring: the requests in flight complete here.
-    let completed = f
-        .block
-        .quiesce(std::slice::from_mut(&mut queue), &f.mem);
+    let completed = f.block.quiesce(std::slice::from_mut(&mut queue), &f.mem);
     assert!(moved || completed != 0, "nothing returned");
     let used = queue
         .used_idx(&f.mem, std::sync::atomic::Ordering::Acquire)
@@ -485,4 +483,233 @@ fn config_space_reads_capacity_and_zero_past_its_end() {
     assert_eq!(straddling, [1, 0, 0, 0, 0, 0, 0, 0]);
     drop(transport);
     std::fs::remove_file(image).unwrap();
+}
+
+/// Data buffers of the 32-request tests, 4 KiB apart (clear of the headers and statuses).
+const BIG_DATA: u64 = 0x20_0000;
+
+/// `chains` queued at once, with a queue to serve them from.
+fn queued<'a>(
+    mem: &'a GuestMemoryMmap,
+    chains: &[Vec<RawDescriptor>],
+) -> (MockSplitQueue<'a, GuestMemoryMmap>, Queue) {
+    let vq = MockSplitQueue::new(mem, QUEUE_SIZE);
+    let mut offset = 0;
+    for chain in chains {
+        vq.add_desc_chains(chain, offset).unwrap();
+        offset += u16::try_from(chain.len()).unwrap();
+    }
+    let queue = vq.create_queue().unwrap();
+    (vq, queue)
+}
+
+/// The used ring's entries: (head, length), in the order the device returned them.
+fn used_entries(
+    f: &Fixture,
+    vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+    queue: &Queue,
+) -> Vec<(u32, u32)> {
+    let used = queue.used_idx(&f.mem, Ordering::Acquire).unwrap().0;
+    (0..used)
+        .map(|i| {
+            let entry = vq.used_addr().unchecked_add(4 + u64::from(i) * 8);
+            let id = f.mem.read_obj::<u32>(entry).unwrap();
+            let len = f.mem.read_obj::<u32>(entry.unchecked_add(4)).unwrap();
+            (id, len)
+        })
+        .collect()
+}
+
+/// A one-sector write of `fill` bytes from chain `n`'s buffer to sector `sector`.
+fn write_chain(mem: &GuestMemoryMmap, n: u64, sector: u64, fill: u8) -> Vec<RawDescriptor> {
+    let first = u16::try_from(3 * n).unwrap();
+    mem.write_slice(&[fill; 512], GuestAddress(BIG_DATA + n * 0x1000))
+        .unwrap();
+    vec![
+        desc(
+            header(mem, n, VIRTIO_BLK_T_OUT, sector),
+            16,
+            NEXT,
+            first + 1,
+        ),
+        desc(BIG_DATA + n * 0x1000, 512, NEXT, first + 2),
+        desc(status(mem, n), 1, WRITE, 0),
+    ]
+}
+
+/// io_uring: a pass puts all 32 requests in flight at once, without waiting for any, and each
+/// then returns the image's bytes.
+#[test]
+fn thirty_two_reads_go_in_flight_together_and_return_the_image_bytes() {
+    let mut f = fixture_on("qd32-read", false, IoEngine::Async);
+    let chains: Vec<_> = (0..32u64)
+        .map(|n| {
+            let first = u16::try_from(3 * n).unwrap();
+            vec![
+                desc(header(&f.mem, n, VIRTIO_BLK_T_IN, n), 16, NEXT, first + 1),
+                desc(BIG_DATA + n * 0x1000, 512, NEXT | WRITE, first + 2),
+                desc(status(&f.mem, n), 1, WRITE, 0),
+            ]
+        })
+        .collect();
+    let (vq, mut queue) = queued(&f.mem, &chains);
+    f.block.process_queue(0, &mut queue, &f.mem);
+    assert_eq!(
+        f.block.uring.as_ref().unwrap().in_flight(),
+        32,
+        "every request in flight after one pass"
+    );
+    let moved = f.block.quiesce(std::slice::from_mut(&mut queue), &f.mem);
+    assert_eq!(moved, 1);
+    let used = used_entries(&f, &vq, &queue);
+    assert_eq!(used.len(), 32);
+    assert!(used.iter().all(|&(_, len)| len == 513), "{used:?}");
+    let image = std::fs::read(&f.image).unwrap();
+    for n in 0..32u64 {
+        assert_eq!(status_of(&f, n), VIRTIO_BLK_S_OK);
+        let mut data = [0u8; 512];
+        f.mem
+            .read_slice(&mut data, GuestAddress(BIG_DATA + n * 0x1000))
+            .unwrap();
+        let at = usize::try_from(n).unwrap() * 512;
+        assert_eq!(data[..], image[at..at + 512], "sector {n}");
+    }
+    assert_eq!(f.block.counters().reads.load(Ordering::Relaxed), 32);
+}
+
+/// io_uring: 32 writes and a flush behind them in one pass: the flush returns last, after every
+/// write, and the writes are in the image.
+#[test]
+fn a_flush_behind_thirty_two_writes_completes_after_all_of_them() {
+    let mut f = fixture_on("qd32-flush", false, IoEngine::Async);
+    let mut chains: Vec<_> = (0..32u64)
+        .map(|n| write_chain(&f.mem, n, n, u8::try_from(n + 1).unwrap()))
+        .collect();
+    chains.push(vec![
+        desc(
+            header(&f.mem, 32, request::VIRTIO_BLK_T_FLUSH, 0),
+            16,
+            NEXT,
+            97,
+        ),
+        desc(status(&f.mem, 32), 1, WRITE, 0),
+    ]);
+    let (vq, mut queue) = queued(&f.mem, &chains);
+    f.block.process_queue(0, &mut queue, &f.mem);
+    assert_eq!(f.block.uring.as_ref().unwrap().in_flight(), 33);
+    f.block.quiesce(std::slice::from_mut(&mut queue), &f.mem);
+    let used = used_entries(&f, &vq, &queue);
+    assert_eq!(used.len(), 33);
+    assert_eq!(
+        used[32],
+        (96, 1),
+        "the flush (head 96) returns last: {used:?}"
+    );
+    assert!((0..=32).all(|n| status_of(&f, n) == VIRTIO_BLK_S_OK));
+    assert_eq!(f.block.counters().flushes.load(Ordering::Relaxed), 1);
+    let image = std::fs::read(&f.image).unwrap();
+    for n in 0..32usize {
+        assert!(
+            image[n * 512..(n + 1) * 512]
+                .iter()
+                .all(|&b| usize::from(b) == n + 1),
+            "sector {n} holds its write"
+        );
+    }
+}
+
+/// Whether `fd` becomes readable within `ms` milliseconds.
+fn readable(fd: std::os::fd::RawFd, ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polls one valid pollfd.
+    unsafe { libc::poll(&raw mut pfd, 1, ms) == 1 }
+}
+
+/// An ops limit of 2 per second: two requests go, the third waits (counted once) for the timer,
+/// which the device arms instead of spinning; when it fires the next ones go.
+#[test]
+fn an_ops_limit_holds_requests_back_until_the_timer_fires() {
+    for engine in ENGINES {
+        let mut f = fixture_on("ops-limit", false, engine);
+        let limit = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(crate::config::TokenBucketConfig {
+                size: 2,
+                one_time_burst: None,
+                refill_time: 200,
+            }),
+        };
+        f.block.set_rate_limiter(Some(&limit));
+        let chains: Vec<_> = (0..4u64).map(|n| write_chain(&f.mem, n, n, 7)).collect();
+        let (vq, mut queue) = queued(&f.mem, &chains);
+        let queues = std::slice::from_mut(&mut queue);
+        f.block.process_queue(0, &mut queues[0], &f.mem);
+        f.block.quiesce(queues, &f.mem);
+        assert_eq!(used_entries(&f, &vq, &queues[0]).len(), 2, "{engine:?}");
+        assert_eq!(f.block.counters().throttled.load(Ordering::Relaxed), 1);
+        let timer = f.block.timer().unwrap();
+        // A guest notification while throttled serves nothing more and counts nothing again.
+        f.block.process_queue(0, &mut queues[0], &f.mem);
+        assert_eq!(used_entries(&f, &vq, &queues[0]).len(), 2);
+        assert_eq!(f.block.counters().throttled.load(Ordering::Relaxed), 1);
+        // Each firing lets through what the refill earned since (a token per 100 ms).
+        for _ in 0..2 {
+            let before = used_entries(&f, &vq, &queues[0]).len();
+            if before == 4 {
+                break;
+            }
+            assert!(readable(timer, 5000), "{engine:?}: the timer fires");
+            f.block.process_timer(queues, &f.mem);
+            f.block.quiesce(queues, &f.mem);
+            assert!(
+                used_entries(&f, &vq, &queues[0]).len() > before,
+                "{engine:?}"
+            );
+        }
+        assert_eq!(used_entries(&f, &vq, &queues[0]).len(), 4, "{engine:?}");
+    }
+}
+
+/// A disk throttled to nothing gets its limit lifted at run time: the waiting request goes on
+/// the next serving of the queue, without waiting for the old limit's timer.
+#[test]
+fn a_rate_limit_changed_at_run_time_takes_effect() {
+    let mut f = fixture_on("change", false, IoEngine::Async);
+    let crawl = RateLimiterConfig {
+        bandwidth: Some(crate::config::TokenBucketConfig {
+            size: 512,
+            one_time_burst: None,
+            refill_time: 3_600_000,
+        }),
+        ops: None,
+    };
+    f.block.set_rate_limiter(Some(&crawl));
+    let chains: Vec<_> = (0..2u64).map(|n| write_chain(&f.mem, n, n, 9)).collect();
+    let (vq, mut queue) = queued(&f.mem, &chains);
+    let queues = std::slice::from_mut(&mut queue);
+    f.block.process_queue(0, &mut queues[0], &f.mem);
+    f.block.quiesce(queues, &f.mem);
+    assert_eq!(
+        used_entries(&f, &vq, &queues[0]).len(),
+        1,
+        "one sector an hour"
+    );
+    assert!(VirtioDevice::set_rate_limiter(
+        &mut f.block,
+        LimiterKind::Disk,
+        None
+    ));
+    assert!(!VirtioDevice::set_rate_limiter(
+        &mut f.block,
+        LimiterKind::Rx,
+        None
+    ));
+    // What the transport does after a change: serve the queue again.
+    f.block.process_queue(0, &mut queues[0], &f.mem);
+    f.block.quiesce(queues, &f.mem);
+    assert_eq!(used_entries(&f, &vq, &queues[0]).len(), 2);
 }

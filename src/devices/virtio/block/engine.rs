@@ -87,7 +87,13 @@ impl Block {
     }
 
     /// Writes a completed request's status; returns its used length.
-    fn complete(&mut self, r: &InFlight, result: i32, mem: &GuestMemoryMmap, may_retry: bool) -> u32 {
+    fn complete(
+        &mut self,
+        r: &InFlight,
+        result: i32,
+        mem: &GuestMemoryMmap,
+        may_retry: bool,
+    ) -> u32 {
         let what = match r.op {
             Op::Read => "read",
             Op::Write => "write",

@@ -212,10 +212,17 @@ impl Uring {
 
     /// Hands what was queued to the kernel: one io_uring_enter for a whole pass.
     pub fn submit(&mut self) {
-        while self.unsubmitted > 0 {
+        // A kernel short of memory says EAGAIN: retried a bounded number of times, then left to
+        // the next pass.
+        let mut tries = 0;
+        while self.unsubmitted > 0 && tries < 64 {
+            tries += 1;
             match self.ring.submit() {
                 Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n.max(1)),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
+                    std::thread::yield_now();
+                }
                 Err(e) => {
                     // Left in the ring; the next submit retries them.
                     log::warn!("virtio-blk: io_uring submit failed: {e}");
@@ -253,9 +260,11 @@ impl Uring {
     /// after [`WAIT_LIMIT`] with an error line (the requests left are then forgotten, their
     /// chains never returned).
     pub fn wait_all(&mut self, mut done: impl FnMut(InFlight, i32)) {
-        self.submit();
+        // Every pass submits what it queued (`submit` retries what the kernel was too busy
+        // for), so all of it is the kernel's: submitting here would be an io_uring_enter on a
+        // thread whose filter forbids it.
         let start = Instant::now();
-        while self.in_flight() > 0 {
+        while self.in_flight() > self.unsubmitted {
             if self.reap(&mut done) == 0 {
                 if start.elapsed() > WAIT_LIMIT {
                     log::error!(

@@ -5,6 +5,10 @@
 //! notification drains the transmit queue into the TAP; if the TAP would block, the frame waits
 //! and the TAP is watched for output instead.
 //!
+//! Rate limits: a frame read from the TAP waits for the receive limiter's tokens before it is
+//! delivered (the TAP is not read further meanwhile), a transmit frame for the transmit
+//! limiter's before it is written; the device's timer wakes them.
+//!
 //! A TAP deleted on the host (its descriptor reports an error, reads and writes fail with
 //! EBADFD) ends the interface, not the VM: ember logs it once, stops watching the descriptor,
 //! and from then on returns the guest's transmit chains unsent and leaves its receive buffers
@@ -27,11 +31,13 @@ use super::rx::{Delivery, RxPool};
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::tx::{self, MAX_TX_LEN, TxFrame};
 use super::{NetCounters, bump, next_chain};
+use crate::config::RateLimiterConfig;
 use crate::devices::GuestErrors;
 use crate::devices::virtio::drain::{Pass, drain};
+use crate::devices::virtio::rate_limiter::{RateLimiter, Timer};
 use crate::devices::virtio::{
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
-    return_chain,
+    LimiterKind, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    VirtioDevice, return_chain,
 };
 
 const VIRTIO_ID_NET: u32 = 1;
@@ -69,6 +75,13 @@ pub struct Net {
     tap_gone: bool,
     /// The last transmit drain ran out of budget: serve the queue again.
     tx_backlog: bool,
+    rx_limiter: RateLimiter,
+    tx_limiter: RateLimiter,
+    /// The pending frame was paid for (received: `rx_pending`'s; sent: `tx_pending`'s).
+    rx_paid: bool,
+    tx_paid: bool,
+    /// Wakes a direction its limiter held back.
+    timer: Option<Timer>,
     active: bool,
     counters: Arc<NetCounters>,
     errors: GuestErrors,
@@ -90,6 +103,13 @@ impl Net {
             tx_offloads: TxOffloads::default(),
             tap_gone: false,
             tx_backlog: false,
+            rx_limiter: RateLimiter::new(None),
+            tx_limiter: RateLimiter::new(None),
+            rx_paid: false,
+            tx_paid: false,
+            timer: Timer::new()
+                .map_err(|e| log::warn!("virtio-net: no rate-limiter timer: {e}"))
+                .ok(),
             active: false,
             counters: Arc::new(NetCounters::default()),
             errors: GuestErrors::default(),
@@ -99,6 +119,39 @@ impl Net {
     /// Shared counters.
     pub fn counters(&self) -> Arc<NetCounters> {
         self.counters.clone()
+    }
+
+    /// Replaces the receive and the transmit rate limiters (full buckets, as configured).
+    pub fn set_rate_limiters(
+        &mut self,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) {
+        self.rx_limiter = RateLimiter::new(rx);
+        self.tx_limiter = RateLimiter::new(tx);
+    }
+
+    /// Takes `bytes` from `limiter`; if it must wait, counts the frame once in `throttled`
+    /// and arms the timer.
+    fn admit(
+        limiter: &mut RateLimiter,
+        timer: &mut Option<Timer>,
+        throttled: &std::sync::atomic::AtomicU64,
+        bytes: u64,
+    ) -> bool {
+        let was_blocked = limiter.is_blocked();
+        match limiter.consume(bytes) {
+            Ok(()) => true,
+            Err(wait) => {
+                if !was_blocked {
+                    bump(throttled, 1);
+                }
+                if let Some(timer) = timer {
+                    timer.arm(wait);
+                }
+                false
+            }
+        }
     }
 
     fn mergeable(&self) -> bool {
@@ -161,6 +214,19 @@ impl Net {
                     }
                 }
             }
+            if !self.rx_paid {
+                let bytes = (self.rx_pending - VNET_HDR_LEN) as u64;
+                if !Self::admit(
+                    &mut self.rx_limiter,
+                    &mut self.timer,
+                    &self.counters.rx_throttled,
+                    bytes,
+                ) {
+                    // The frame waits (the TAP is not read meanwhile) for the timer.
+                    break;
+                }
+                self.rx_paid = true;
+            }
             let mergeable = self.mergeable();
             let frame = &mut self.rx_frame[..self.rx_pending];
             let (delivery, moved) =
@@ -175,10 +241,12 @@ impl Net {
                         (self.rx_pending - VNET_HDR_LEN) as u64,
                     );
                     self.rx_pending = 0;
+                    self.rx_paid = false;
                 }
                 Delivery::TooBig => {
                     bump(&self.counters.rx_drops, 1);
                     self.rx_pending = 0;
+                    self.rx_paid = false;
                 }
                 Delivery::Broken => {
                     // Retried when the guest notifies again or resets the device.
@@ -235,7 +303,22 @@ impl Net {
                     bump(&self.counters.tx_errors, 1);
                     self.complete(queue, mem, frame.head);
                     used_any = true;
+                    self.tx_paid = false;
                     continue;
+                }
+                if !self.tx_paid {
+                    let bytes = frame.len - VNET_HDR_LEN as u64;
+                    if !Self::admit(
+                        &mut self.tx_limiter,
+                        &mut self.timer,
+                        &self.counters.tx_throttled,
+                        bytes,
+                    ) {
+                        // Sent when the timer fires; the TAP is not watched for it.
+                        self.tx_pending = Some(frame);
+                        return Ok(Pass::Stopped);
+                    }
+                    self.tx_paid = true;
                 }
                 match tx::send(&self.tap, mem, &frame) {
                     Ok(n) if n as u64 == frame.len => {
@@ -248,6 +331,7 @@ impl Net {
                             .record(|| format!("virtio-net: TAP took {n} of {} bytes", frame.len));
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        // Paid for: waits for the TAP, not the limiter.
                         self.tx_pending = Some(frame);
                         return Ok(Pass::Stopped);
                     }
@@ -262,6 +346,7 @@ impl Net {
                             .record(|| format!("virtio-net: TAP refused a frame: {e}"));
                     }
                 }
+                self.tx_paid = false;
                 self.complete(queue, mem, frame.head);
                 used_any = true;
             }
@@ -341,10 +426,10 @@ impl VirtioDevice for Net {
             return None;
         }
         let mut events = EventSet::empty();
-        if !self.rx_waiting {
+        if !self.rx_waiting && !self.rx_limiter.is_blocked() {
             events |= EventSet::IN;
         }
-        if self.tx_pending.is_some() {
+        if self.tx_pending.is_some() && self.tx_paid {
             events |= EventSet::OUT;
         }
         Some((self.tap.as_raw_fd(), events))
@@ -371,7 +456,7 @@ impl VirtioDevice for Net {
                 }
             }
         }
-        if events.contains(EventSet::IN) && !self.rx_waiting {
+        if events.contains(EventSet::IN) && !self.rx_waiting && !self.rx_limiter.is_blocked() {
             if let Some(queue) = queues.get_mut(RX) {
                 if self.receive(queue, mem) {
                     moved |= 1 << RX;
@@ -390,6 +475,50 @@ impl VirtioDevice for Net {
         self.tx_pending = None;
         self.tx_offloads = TxOffloads::default();
         self.tx_backlog = false;
+        self.rx_paid = false;
+        self.tx_paid = false;
+        self.rx_limiter.unblock();
+        self.tx_limiter.unblock();
+    }
+
+    fn timer(&self) -> Option<RawFd> {
+        self.timer.as_ref().map(Timer::fd)
+    }
+
+    fn process_timer(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> u32 {
+        if let Some(timer) = &mut self.timer {
+            timer.fired();
+        }
+        if !self.active {
+            return 0;
+        }
+        let mut moved = 0;
+        if self.tx_limiter.is_blocked() {
+            self.tx_limiter.unblock();
+            if let Some(queue) = queues.get_mut(TX) {
+                if self.transmit(queue, mem) {
+                    moved |= 1 << TX;
+                }
+            }
+        }
+        if self.rx_limiter.is_blocked() {
+            self.rx_limiter.unblock();
+            if let Some(queue) = queues.get_mut(RX) {
+                if !self.rx_waiting && self.receive(queue, mem) {
+                    moved |= 1 << RX;
+                }
+            }
+        }
+        moved
+    }
+
+    fn set_rate_limiter(&mut self, which: LimiterKind, config: Option<&RateLimiterConfig>) -> bool {
+        match which {
+            LimiterKind::Rx => self.rx_limiter = RateLimiter::new(config),
+            LimiterKind::Tx => self.tx_limiter = RateLimiter::new(config),
+            LimiterKind::Disk => return false,
+        }
+        true
     }
 
     fn take_backlog(&mut self) -> u32 {
