@@ -520,37 +520,17 @@ mod tests {
         transport.write(offset, &value.to_le_bytes());
     }
 
-    /// A queue left with work after its turn gets its notification again, so the event loop
-    /// comes back to it after serving whatever else is ready.
-    #[test]
-    fn a_queue_with_work_left_after_its_turn_is_notified_again() {
-        let image = std::env::temp_dir().join(format!("ember-mmio-{}-backlog", std::process::id()));
-        std::fs::write(&image, vec![0u8; 64 * 512]).unwrap();
-        let block = Block::new(DiskFile::open(&image, false, false).unwrap(), "backlog");
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
-        let vq = MockSplitQueue::new(&mem, 256);
-        // 128 requests of an unknown type (header and status each): twice a turn's chains.
-        let descs: Vec<RawDescriptor> = (0..128u16)
-            .flat_map(|n| {
-                let header = 0x30_0000 + u64::from(n) * 16;
-                mem.write_obj(0x7fffu32, GuestAddress(header)).unwrap();
-                [
-                    Descriptor::new(header, 16, 1, 2 * n + 1),
-                    Descriptor::new(0x38_0000 + u64::from(n), 1, 2, 0),
-                ]
-            })
-            .map(RawDescriptor::from)
-            .collect();
-        vq.add_desc_chains(&descs, 0).unwrap();
-        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let notify = evt();
-        let mut transport = MmioTransport::new(
-            Box::new(block),
-            mem.clone(),
-            evt(),
-            vec![notify.try_clone().unwrap()],
-        )
-        .unwrap();
+    /// A transport on `device` driven to DRIVER_OK with queue 0 on `vq` (features: VERSION_1).
+    fn ready_transport(
+        device: Box<dyn VirtioDevice>,
+        mem: &GuestMemoryMmap,
+        vq: &MockSplitQueue<GuestMemoryMmap>,
+        notify: &EventFd,
+    ) -> MmioTransport {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut transport =
+            MmioTransport::new(device, mem.clone(), irq, vec![notify.try_clone().unwrap()])
+                .unwrap();
         for (offset, value) in [(0x070, 1), (0x070, 3), (0x024, 1), (0x020, 1), (0x070, 11)] {
             write(&mut transport, offset, value);
         }
@@ -573,6 +553,81 @@ mod tests {
         }
         write(&mut transport, 0x044, 1);
         write(&mut transport, 0x070, 15);
+        transport
+    }
+
+    /// A driver reset with 32 reads in flight on the io_uring engine: the reset waits for them
+    /// and returns them before the queue is forgotten, so nothing writes guest memory after it.
+    #[test]
+    fn a_reset_with_requests_in_flight_completes_them_first() {
+        use crate::config::IoEngine;
+        let image = std::env::temp_dir().join(format!("ember-mmio-{}-reset", std::process::id()));
+        std::fs::write(&image, vec![0x5au8; 64 * 512]).unwrap();
+        let disk = DiskFile::open(&image, false, false).unwrap();
+        let block = Block::with_options(disk, "reset", IoEngine::Async, None).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 256);
+        let descs: Vec<RawDescriptor> = (0..32u16)
+            .flat_map(|n| {
+                let header = 0x30_0000 + u64::from(n) * 16;
+                mem.write_obj([0u8; 16], GuestAddress(header)).unwrap(); // read sector 0
+                mem.write_obj(0xffu8, GuestAddress(0x38_0000 + u64::from(n)))
+                    .unwrap();
+                [
+                    Descriptor::new(header, 16, 1, 3 * n + 1),
+                    Descriptor::new(0x20_0000 + u64::from(n) * 0x1000, 512, 3, 3 * n + 2),
+                    Descriptor::new(0x38_0000 + u64::from(n), 1, 2, 0),
+                ]
+            })
+            .map(RawDescriptor::from)
+            .collect();
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut transport = ready_transport(Box::new(block), &mem, &vq, &notify);
+        write(&mut transport, QUEUE_NOTIFY_OFFSET, 0);
+        let used = |mem: &GuestMemoryMmap| -> u16 {
+            mem.read_obj(vq.used_addr().unchecked_add(2)).unwrap()
+        };
+        // In flight: submitted, not yet reaped (completions are reaped on the event loop).
+        assert_eq!(used(&mem), 0, "nothing returned before the reset");
+        write(&mut transport, 0x070, 0);
+        assert_eq!(used(&mem), 32, "the reset returned every request in flight");
+        for n in 0..32u64 {
+            let status: u8 = mem.read_obj(GuestAddress(0x38_0000 + n)).unwrap();
+            assert_eq!(status, 0, "request {n} completed");
+            let mut data = [0u8; 512];
+            mem.read_slice(&mut data, GuestAddress(0x20_0000 + n * 0x1000))
+                .unwrap();
+            assert!(data.iter().all(|&b| b == 0x5a));
+        }
+        drop(transport);
+        std::fs::remove_file(image).unwrap();
+    }
+
+    /// A queue left with work after its turn gets its notification again, so the event loop
+    /// comes back to it after serving whatever else is ready.
+    #[test]
+    fn a_queue_with_work_left_after_its_turn_is_notified_again() {
+        let image = std::env::temp_dir().join(format!("ember-mmio-{}-backlog", std::process::id()));
+        std::fs::write(&image, vec![0u8; 64 * 512]).unwrap();
+        let block = Block::new(DiskFile::open(&image, false, false).unwrap(), "backlog");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 256);
+        // 128 requests of an unknown type (header and status each): twice a turn's chains.
+        let descs: Vec<RawDescriptor> = (0..128u16)
+            .flat_map(|n| {
+                let header = 0x30_0000 + u64::from(n) * 16;
+                mem.write_obj(0x7fffu32, GuestAddress(header)).unwrap();
+                [
+                    Descriptor::new(header, 16, 1, 2 * n + 1),
+                    Descriptor::new(0x38_0000 + u64::from(n), 1, 2, 0),
+                ]
+            })
+            .map(RawDescriptor::from)
+            .collect();
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut transport = ready_transport(Box::new(block), &mem, &vq, &notify);
         // DRIVER_OK kicks the queue once; take that kick, then serve one turn.
         assert_eq!(notify.read().unwrap(), 1);
         write(&mut transport, QUEUE_NOTIFY_OFFSET, 0);
