@@ -177,7 +177,10 @@ fn limited(name: &str, limits: &str, ops: &str) -> Vec<(f64, u64)> {
 
 fn assert_within_10_percent(what: &str, measured: f64, limit: f64) {
     let ratio = measured / limit;
-    eprintln!("{what}: {measured:.3} against {limit:.3} ({:.1}%)", ratio * 100.0);
+    eprintln!(
+        "{what}: {measured:.3} against {limit:.3} ({:.1}%)",
+        ratio * 100.0
+    );
     assert!(
         (0.9..=1.1).contains(&ratio),
         "{what}: {measured:.1} against a limit of {limit:.1} ({:.0}%)",

@@ -40,7 +40,9 @@ impl Block {
             status: req.status,
             op,
             len: req.data_len(),
-            offset: req.sector * SECTOR_SIZE,
+            // A flush's sector is whatever the guest wrote (it means nothing); a transfer's was
+            // checked against the disk's end, so it does not overflow.
+            offset: req.sector.saturating_mul(SECTOR_SIZE),
             segments: req.data.clone(),
         };
         let fd = self.disk.raw_fd();
