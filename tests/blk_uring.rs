@@ -246,3 +246,68 @@ fn the_one_time_burst_goes_first_and_once() {
     );
     assert_within_10_percent("MiB/s after the burst", 3.0 / limited_secs, 1.0);
 }
+
+/// `ember run` in a process whose seccomp filter (like a container's) answers io_uring_setup
+/// with ENOSYS, on a disk with `extra` options.
+fn without_io_uring(image: &Image, extra: &str) -> common::Finished {
+    use std::os::unix::process::CommandExt;
+    let rules = [(libc::SYS_io_uring_setup, vec![])].into_iter().collect();
+    let filter = seccompiler::SeccompFilter::new(
+        rules,
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::ENOSYS as u32),
+        seccompiler::TargetArch::x86_64,
+    )
+    .unwrap();
+    let program: seccompiler::BpfProgram = filter.try_into().unwrap();
+    let mut command = std::process::Command::new(common::ember());
+    command.args(["run", "--kernel"]).arg(test_guest()).args([
+        "--disk",
+        &image.disk(extra),
+        "--cmdline",
+        "guest.blk=0:read:0:1",
+    ]);
+    // SAFETY: the closure runs in the child between fork and exec and only makes system calls
+    // (prctl, seccomp) on memory prepared before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            seccompiler::apply_filter(&program).map_err(std::io::Error::other)
+        });
+    }
+    Ember::spawn_command(command).finish(GUEST_TIMEOUT)
+}
+
+/// Where io_uring is forbidden, a disk without an engine says so in one line and runs on the
+/// sync engine; one that asks for io_uring is refused with a line saying what to do.
+#[test]
+fn without_io_uring_the_default_falls_back_to_sync_and_an_explicit_ask_fails() {
+    if !kvm_available() {
+        return;
+    }
+    let image = Image::new("no-uring", 64);
+    let out = without_io_uring(&image, "");
+    out.assert_success();
+    let expected = fnv1a64(&image.bytes()[..SECTOR]);
+    assert_eq!(out.value("blk0.read"), format!("0:1:0:{expected}"));
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("io_uring"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line: {}", out.stderr);
+    eprintln!("{}", lines[0]);
+    assert!(lines[0].contains("using the sync engine"), "{}", lines[0]);
+
+    let out = without_io_uring(&image, ",engine=io_uring");
+    eprintln!("{}", out.stderr.trim());
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        out.stderr
+            .contains("engine=io_uring cannot be used here: use engine=sync"),
+        "{}",
+        out.stderr
+    );
+}

@@ -367,6 +367,54 @@ mod tests {
     }
 
     #[test]
+    fn disk_engines_and_rate_limits_parse() {
+        use ember::config::IoEngine;
+        let d = parse_disk("path=/img,engine=sync,bw=131072/125,ops=100/1000/50").unwrap();
+        assert_eq!(d.io_engine, IoEngine::Sync);
+        let limiter = d.rate_limiter.unwrap();
+        let bw = limiter.bandwidth.unwrap();
+        assert_eq!(
+            (bw.size, bw.refill_time, bw.one_time_burst),
+            (131072, 125, None)
+        );
+        let ops = limiter.ops.unwrap();
+        assert_eq!(
+            (ops.size, ops.refill_time, ops.one_time_burst),
+            (100, 1000, Some(50))
+        );
+        assert_eq!(
+            parse_disk("path=/img").unwrap().io_engine,
+            IoEngine::Auto,
+            "io_uring where the kernel allows it"
+        );
+        assert_eq!(
+            parse_disk("path=/img,engine=io_uring").unwrap().io_engine,
+            IoEngine::Async
+        );
+        for bad in [
+            "path=/img,engine=aio",
+            "path=/img,bw=1",
+            "path=/img,ops=a/b",
+        ] {
+            assert!(parse_disk(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn net_rate_limits_parse() {
+        let net = parse_net("tap=tap0,rx_bw=1000/100,tx_ops=10/100")
+            .unwrap()
+            .to_config()
+            .unwrap();
+        let rx = net.rx_rate_limiter.unwrap();
+        assert_eq!(rx.bandwidth.map(|b| b.size), Some(1000));
+        assert!(rx.ops.is_none());
+        let tx = net.tx_rate_limiter.unwrap();
+        assert_eq!(tx.ops.map(|b| b.refill_time), Some(100));
+        assert!(parse_net("tap=tap0,rx_bw=").is_err());
+    }
+
+    #[test]
     fn serial_values_parse() {
         assert_eq!(parse_serial("stdio"), Ok(ConsoleConfig::Stdio));
         assert_eq!(parse_serial("none"), Ok(ConsoleConfig::None));

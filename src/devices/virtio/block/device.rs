@@ -72,9 +72,7 @@ pub struct BlockCounters {
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     /// `engine=io_uring` was asked for and the kernel refuses it.
-    #[error(
-        "disk {0}: io_uring was asked for but cannot be used: use engine=sync, or allow io_uring"
-    )]
+    #[error("disk {0}: engine=io_uring cannot be used here: use engine=sync, or allow io_uring")]
     Uring(String, #[source] UringError),
     /// The rate limiter's timer.
     #[error("disk {0}: cannot create the rate limiter's timer")]

@@ -63,7 +63,7 @@ unsafe impl Send for InFlight {}
 #[derive(Debug, thiserror::Error)]
 pub enum UringError {
     /// io_uring_setup failed: an old kernel, io_uring_disabled, or a filter.
-    #[error("io_uring is not available")]
+    #[error("io_uring_setup failed")]
     Setup(#[source] std::io::Error),
     /// The kernel lacks an operation the device needs.
     #[error("io_uring lacks the {0} operation on this kernel")]
