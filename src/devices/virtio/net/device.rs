@@ -751,4 +751,74 @@ mod tests {
             assert!(!net.backend().unwrap().1.contains(EventSet::IN));
         });
     }
+
+    /// Whether `fd` becomes readable within 5 s.
+    fn fires(fd: RawFd) -> bool {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one valid pollfd.
+        unsafe { libc::poll(&raw mut pfd, 1, 5000) == 1 }
+    }
+
+    /// One frame per 200 ms each way: the second frame sent waits for the timer (the TAP not
+    /// watched for it), and so does the second received (the TAP not read meanwhile); each is
+    /// counted once, and goes when the timer fires.
+    #[test]
+    fn frames_past_the_rate_limits_wait_for_the_timer() {
+        with_net(|mut net| {
+            let one_per_200ms = RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(crate::config::TokenBucketConfig {
+                    size: 1,
+                    one_time_burst: None,
+                    refill_time: 200,
+                }),
+            };
+            net.set_rate_limiters(Some(&one_per_200ms), Some(&one_per_200ms));
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+            let rx = MockSplitQueue::new(&mem, 16);
+            let tx = MockSplitQueue::new(&mem, 16);
+            let mut queues = [rx.create_queue().unwrap(), tx.create_queue().unwrap()];
+            net.activate(VIRTIO_F_VERSION_1 | bit(VIRTIO_NET_F_MRG_RXBUF));
+            let timer = net.timer().unwrap();
+
+            let frames: Vec<RawDescriptor> = (0..2u64)
+                .map(|k| {
+                    RawDescriptor::from(Descriptor::new(0x10_0000 + k * 0x1000, 12 + 60, 0, 0))
+                })
+                .collect();
+            tx.add_desc_chains(&frames, 0).unwrap();
+            net.process_queue(TX, &mut queues[TX], &mem);
+            assert_eq!(net.counters().snapshot().tx_packets, 1);
+            assert_eq!(net.counters().throttled(), (0, 1));
+            assert!(!net.backend().unwrap().1.contains(EventSet::OUT));
+            assert!(fires(timer), "the timer fires");
+            net.process_timer(&mut queues, &mem);
+            assert_eq!(net.counters().snapshot().tx_packets, 2);
+            assert_eq!(net.counters().throttled(), (0, 1));
+
+            let bufs: Vec<RawDescriptor> = (0..4u64)
+                .map(|k| RawDescriptor::from(Descriptor::new(0x20_0000 + k * 0x1000, 2048, 2, 0)))
+                .collect();
+            rx.add_desc_chains(&bufs, 0).unwrap();
+            net.process_queue(RX, &mut queues[RX], &mem);
+            inject(&[0x11; 64]);
+            inject(&[0x22; 64]);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            net.process_backend(EventSet::IN, &mut queues, &mem);
+            assert_eq!(net.counters().snapshot().rx_packets, 1);
+            assert_eq!(net.counters().throttled(), (1, 1));
+            assert!(
+                !net.backend().unwrap().1.contains(EventSet::IN),
+                "the TAP is not read while the frame waits"
+            );
+            assert!(fires(timer), "the timer fires");
+            net.process_timer(&mut queues, &mem);
+            assert_eq!(net.counters().snapshot().rx_packets, 2);
+            assert!(net.backend().unwrap().1.contains(EventSet::IN));
+        });
+    }
 }
