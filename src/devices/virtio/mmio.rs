@@ -342,6 +342,10 @@ impl MmioTransport {
         }
         let moved = self.device.quiesce(&mut self.queues, &self.mem);
         self.signal_moved(moved);
+        // The device left notifications off while it had requests in flight, counting on
+        // their completions to bring it back: serve every queue once on the event loop (after
+        // a resume), which turns them on again.
+        self.kick_event_loop();
     }
 
     /// Replaces the device's rate limiter `which` (`PATCH /drives/{id}`,
@@ -564,7 +568,9 @@ mod tests {
         let image = std::env::temp_dir().join(format!("ember-mmio-{}-reset", std::process::id()));
         std::fs::write(&image, vec![0x5au8; 64 * 512]).unwrap();
         let disk = DiskFile::open(&image, false, false).unwrap();
-        let block = Block::with_options(disk, "reset", IoEngine::Async, None).unwrap();
+        let mut block = Block::with_options(disk, "reset", IoEngine::Async, None).unwrap();
+        // Keep the requests in flight after the pass that submits them.
+        block.reap_after_submit = false;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let vq = MockSplitQueue::new(&mem, 256);
         let descs: Vec<RawDescriptor> = (0..32u16)

@@ -18,7 +18,7 @@ use super::request::{
 use super::uring::{Uring, UringError};
 use crate::config::{IoEngine, RateLimiterConfig};
 use crate::devices::GuestErrors;
-use crate::devices::virtio::drain::{Pass, drain};
+use crate::devices::virtio::drain::{DrainEnd, Pass, drain};
 use crate::devices::virtio::rate_limiter::{RateLimiter, Timer};
 use crate::devices::virtio::{
     LimiterKind, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -99,6 +99,8 @@ pub struct Block {
     /// a request completes or the timer fires, not when the guest notifies (notifications stay
     /// suppressed).
     stalled: bool,
+    /// Off in tests that need requests to stay in flight until the next event.
+    pub(crate) reap_after_submit: bool,
 }
 
 impl Block {
@@ -175,6 +177,7 @@ impl Block {
             limiter: RateLimiter::new(limiter),
             timer,
             stalled: false,
+            reap_after_submit: true,
         }
     }
 
@@ -348,10 +351,31 @@ impl Block {
     /// io_uring engine has no room, or the limiter holds a request back.
     fn run_queue(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used_any = self.reap(queue, mem);
+        let (end, moved) = self.drain_once(queue, mem);
+        used_any |= moved;
+        if let Some(uring) = &mut self.uring {
+            uring.submit();
+        }
+        // What completed during the submission (the page cache, a fast device) returns now
+        // rather than after a trip through the event loop.
+        if self.reap_after_submit {
+            used_any |= self.reap(queue, mem);
+        }
+        end.record(&self.guest_errors, "virtio-blk");
+        self.backlog = end.backlog();
+        used_any
+    }
+
+    /// One drain of the ring; returns how it ended and whether chains were returned.
+    fn drain_once(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> (DrainEnd, bool) {
+        let mut used_any = false;
         self.stalled = false;
         let end = drain(queue, mem, |queue, budget| {
             let mut found = false;
             while budget.allows() {
+                // Notifications go back on when the ring is empty, requests in flight or not:
+                // leaving them off until a completion (fewer VM exits) made new requests wait
+                // for it, and halved 4 KiB QD32 random reads in the benchmark.
                 let Some(chain) = queue.iter(mem)?.next() else {
                     return Ok(Pass::Drained { found });
                 };
@@ -381,12 +405,7 @@ impl Block {
             }
             Ok(Pass::Exhausted)
         });
-        if let Some(uring) = &mut self.uring {
-            uring.submit();
-        }
-        end.record(&self.guest_errors, "virtio-blk");
-        self.backlog = end.backlog();
-        used_any
+        (end, used_any)
     }
 
     fn parse(&self, descriptors: &[Descriptor], mem: &GuestMemoryMmap) -> Result<Request, Refused> {
@@ -497,13 +516,9 @@ impl VirtioDevice for Block {
         if let Some(uring) = &self.uring {
             uring.clear_eventfd();
         }
-        // A stalled queue gets its turn now that the ring has room.
-        let moved = if self.stalled {
-            self.run_queue(queue, mem)
-        } else {
-            self.reap(queue, mem)
-        };
-        u32::from(moved)
+        // Reap, then take what the guest queued meanwhile (a driver submits as it reaps, and a
+        // stalled queue has room again): one trip through the event loop instead of two.
+        u32::from(self.run_queue(queue, mem))
     }
 
     fn timer(&self) -> Option<RawFd> {

@@ -542,6 +542,7 @@ fn write_chain(mem: &GuestMemoryMmap, n: u64, sector: u64, fill: u8) -> Vec<RawD
 #[test]
 fn thirty_two_reads_go_in_flight_together_and_return_the_image_bytes() {
     let mut f = fixture_on("qd32-read", false, IoEngine::Async);
+    f.block.reap_after_submit = false;
     let chains: Vec<_> = (0..32u64)
         .map(|n| {
             let first = u16::try_from(3 * n).unwrap();
@@ -582,6 +583,7 @@ fn thirty_two_reads_go_in_flight_together_and_return_the_image_bytes() {
 #[test]
 fn a_flush_behind_thirty_two_writes_completes_after_all_of_them() {
     let mut f = fixture_on("qd32-flush", false, IoEngine::Async);
+    f.block.reap_after_submit = false;
     let mut chains: Vec<_> = (0..32u64)
         .map(|n| write_chain(&f.mem, n, n, u8::try_from(n + 1).unwrap()))
         .collect();
