@@ -154,25 +154,40 @@ fn a_stop_with_requests_in_flight_ends_ember_cleanly() {
     );
 }
 
-/// Runs one bench `op` on a disk with `limits`; returns (elapsed seconds, errors).
-fn limited(name: &str, limits: &str, ops: &str) -> Vec<(f64, u64)> {
+/// Runs the bench `ops` on a disk (id `limited`) with `limits`; returns (elapsed seconds,
+/// errors) per bench and the requests the metrics say were held back.
+fn limited(name: &str, limits: &str, ops: &str) -> (Vec<(f64, u64)>, u64) {
     let image = Image::new(name, 16 * 1024);
+    let metrics = std::env::temp_dir().join(format!(
+        "ember-blk-uring-{}-{name}.metrics",
+        std::process::id()
+    ));
     let out = run_guest(&[
         "--memory",
         "64",
+        "--metrics-path",
+        metrics.to_str().unwrap(),
         "--disk",
-        &image.disk(limits),
+        &image.disk(&format!(",id=limited{limits}")),
         "--cmdline",
         &format!("guest.blk={ops}"),
     ]);
     out.assert_success();
-    out.values("blk0.bench")
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let _ = std::fs::remove_file(&metrics);
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let throttled = last["block_limited"]["rate_limiter_throttled_events"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no throttle count in {last}"));
+    let runs = out
+        .values("blk0.bench")
         .iter()
         .map(|line| {
             let (us, errors) = bench(line);
             (us as f64 / 1e6, errors)
         })
-        .collect()
+        .collect();
+    (runs, throttled)
 }
 
 fn assert_within_10_percent(what: &str, measured: f64, limit: f64) {
@@ -196,10 +211,15 @@ fn a_bandwidth_limit_of_1_mib_per_second_holds_the_guest_to_it() {
         return;
     }
     for engine in ["io_uring", "sync"] {
-        let runs = limited(
+        let (runs, throttled) = limited(
             &format!("bw-{engine}"),
             &format!(",engine={engine},bw=131072/125"),
             "0:bench:read:65536:48:4",
+        );
+        // All but the first two (the full bucket) waited.
+        assert!(
+            (40..=46).contains(&throttled),
+            "{engine}: {throttled} throttled"
         );
         let [(secs, errors)] = runs[..] else {
             panic!("one bench: {runs:?}");
@@ -215,7 +235,11 @@ fn an_operations_limit_holds_the_guest_to_it() {
     if !kvm_available() {
         return;
     }
-    let runs = limited("ops", ",ops=10/100", "0:bench:randread:4096:210:8");
+    let (runs, throttled) = limited("ops", ",ops=10/100", "0:bench:randread:4096:210:8");
+    assert!(
+        throttled >= 100,
+        "{throttled} requests counted as held back"
+    );
     let [(secs, errors)] = runs[..] else {
         panic!("one bench: {runs:?}");
     };
@@ -230,7 +254,7 @@ fn the_one_time_burst_goes_first_and_once() {
     if !kvm_available() {
         return;
     }
-    let runs = limited(
+    let (runs, _) = limited(
         "burst",
         ",bw=131072/125/4194304",
         "0:bench:read:65536:64:4,0:bench:read:65536:48:4",
