@@ -208,6 +208,12 @@ impl VmHandle {
         }
         running.control.pause(&running.vcpu_threads);
         running.events.pause();
+        // Disks' requests in flight complete now: a paused VM has none (snapshots need that).
+        running
+            .devices
+            .virtio
+            .iter()
+            .for_each(|entry| entry.lock().quiesce());
         self.paused = true;
         Ok(())
     }
