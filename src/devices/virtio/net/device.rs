@@ -307,7 +307,7 @@ impl Net {
                     continue;
                 }
                 if !self.tx_paid {
-                    let bytes = frame.len - VNET_HDR_LEN as u64;
+                    let bytes = frame.len.saturating_sub(VNET_HDR_LEN as u64);
                     if !Self::admit(
                         &mut self.tx_limiter,
                         &mut self.timer,
