@@ -82,6 +82,10 @@ pub struct Uring {
     bytes: u64,
     /// Entries pushed but not yet handed to the kernel.
     unsubmitted: usize,
+    /// Tests: reads and writes go to the kernel's worker threads (IOSQE_ASYNC), so they
+    /// complete after a flush pushed behind them unless the flush waits for them.
+    #[cfg(test)]
+    pub(crate) force_async: bool,
 }
 
 impl std::fmt::Debug for Uring {
@@ -122,6 +126,8 @@ impl Uring {
             free: (0..depth).rev().collect(),
             bytes: 0,
             unsubmitted: 0,
+            #[cfg(test)]
+            force_async: false,
         })
     }
 
@@ -179,6 +185,12 @@ impl Uring {
                 .flags(squeue::Flags::IO_DRAIN),
         }
         .user_data(slot as u64);
+        #[cfg(test)]
+        let entry = if self.force_async && op != Op::Flush {
+            entry.flags(squeue::Flags::ASYNC)
+        } else {
+            entry
+        };
         // SAFETY: the iovecs (and the guest memory they point into, mapped for the VM's life,
         // which outlives this ring: see `Drop`) stay where they are until the completion for
         // `slot` is reaped, because the slot owns them.
