@@ -10,7 +10,6 @@
 //! watches the timer's descriptor, so a throttled queue costs nothing while it waits.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::{RateLimiterConfig, TokenBucketConfig};
@@ -103,13 +102,6 @@ impl TokenBucket {
         self.refill(now);
         self.budget + i128::from(self.burst)
     }
-}
-
-/// How often the limiter held a request back.
-#[derive(Debug, Default)]
-pub struct ThrottleCounters {
-    /// Requests (or frames) that had to wait for tokens.
-    pub throttled: AtomicU64,
 }
 
 /// The time source: the monotonic clock, or a test's.
@@ -281,15 +273,10 @@ impl Timer {
     }
 }
 
-/// Adds one to a throttle counter.
-pub fn count_throttled(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     const MS: u128 = 1_000_000;
 
