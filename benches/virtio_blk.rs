@@ -1,10 +1,13 @@
 //! virtio-blk throughput: the test guest drives ember's device with sequential 1 MiB reads and
-//! writes and 4 KiB random reads at queue depths 1 and 32 on an image file opened with O_DIRECT;
-//! the host then runs the same patterns on the same file with O_DIRECT. Prints both, their
-//! ratio, and the CPU time of ember's device thread (`ember-events`) per GiB or per request.
+//! writes and 4 KiB random reads at queue depths 1 and 32 on an image file opened with O_DIRECT,
+//! once per I/O engine (sync, io_uring); the host then runs the same patterns on the same file
+//! with O_DIRECT. Prints the host's rate, each engine's, their ratios to the host, and the CPU
+//! time of ember's device thread (`ember-events`) per GiB or per request. Then the rate
+//! limiter: a bandwidth and an operations limit, the guest's measured rate against each.
 //!
-//! `cargo bench --bench virtio_blk [-- --size-mib N] [--dir DIR]` (defaults: 512 MiB in the
-//! target directory). Needs KVM and root-free access to /dev/kvm like the tests.
+//! `cargo bench --bench virtio_blk [-- --size-mib N] [--dir DIR] [--engines sync,io_uring]`
+//! (defaults: 512 MiB in the target directory, both engines). Needs KVM and root-free access
+//! to /dev/kvm like the tests.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -143,13 +146,14 @@ struct GuestResult {
     events_cpu: f64,
 }
 
-/// Runs every workload in one VM; samples the device thread's CPU at each result line.
-fn guest_run(path: &Path, workloads: &[Workload]) -> Vec<GuestResult> {
+/// Runs every workload in one VM on disk options `extra` (`,engine=...`, limits); samples the
+/// device thread's CPU at each result line.
+fn guest_run(path: &Path, workloads: &[Workload], extra: &str) -> Vec<GuestResult> {
     let ops: Vec<String> = workloads
         .iter()
         .map(|w| format!("0:bench:{}:{}:{}:{}", w.mode, w.bytes, w.count, w.qd))
         .collect();
-    let disk = format!("path={},direct=on", path.display());
+    let disk = format!("path={},direct=on{extra}", path.display());
     let cmdline = format!("guest.blk={} guest.action=halt", ops.join(","));
     let guest = test_guest().to_str().unwrap().to_owned();
     let mut ember = Ember::spawn(&[
@@ -198,11 +202,13 @@ fn rate(w: Workload, elapsed: Duration) -> String {
 fn main() {
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
     let mut size_mib = 512u64;
+    let mut engines = vec!["sync".to_owned(), "io_uring".to_owned()];
     let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--size-mib" => size_mib = args.next().unwrap().parse().unwrap(),
             "--dir" => dir = PathBuf::from(args.next().unwrap()),
+            "--engines" => engines = args.next().unwrap().split(',').map(str::to_owned).collect(),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -232,6 +238,12 @@ fn main() {
             qd: 1,
         },
         Workload {
+            mode: "write",
+            bytes: MIB,
+            count: blocks,
+            qd: 32,
+        },
+        Workload {
             mode: "randread",
             bytes: 4096,
             count: RANDOM_REQUESTS_QD1,
@@ -248,35 +260,103 @@ fn main() {
         "virtio-blk, {size_mib} MiB image at {}, O_DIRECT on both sides",
         path.display()
     );
-    let guest = guest_run(&path, &workloads);
-    println!(
-        "{:<22} {:>14} {:>14} {:>7} {:>22}",
-        "workload", "host", "ember guest", "ratio", "ember-events CPU"
-    );
-    for (w, g) in workloads.iter().zip(&guest) {
-        let host = host_run(&path, *w, size);
-        let ratio = host.as_secs_f64() / g.elapsed.as_secs_f64();
-        let cpu = if w.sequential() {
-            format!(
-                "{:.3} s/GiB",
-                g.events_cpu / ((w.bytes * w.count) as f64 / (1u64 << 30) as f64)
+    let guests: Vec<(String, Vec<GuestResult>)> = engines
+        .iter()
+        .map(|e| {
+            (
+                e.clone(),
+                guest_run(&path, &workloads, &format!(",engine={e}")),
             )
+        })
+        .collect();
+    print!("{:<22} {:>14}", "workload", "host");
+    for (engine, _) in &guests {
+        print!(" {:>14} {:>6} {:>18}", engine, "ratio", "ember-events CPU");
+    }
+    println!();
+    for (i, w) in workloads.iter().enumerate() {
+        let host = host_run(&path, *w, size);
+        print!("{:<22} {}", w.label(), rate(*w, host));
+        for (_, results) in &guests {
+            let g = &results[i];
+            let ratio = host.as_secs_f64() / g.elapsed.as_secs_f64();
+            let cpu = if w.sequential() {
+                format!(
+                    "{:.3} s/GiB",
+                    g.events_cpu / ((w.bytes * w.count) as f64 / (1u64 << 30) as f64)
+                )
+            } else {
+                format!("{:.1} us/req", g.events_cpu * 1e6 / w.count as f64)
+            };
+            print!(
+                " {} {:>5.0}% {:>18}",
+                rate(*w, g.elapsed),
+                ratio * 100.0,
+                cpu
+            );
+            if g.errors > 0 {
+                print!(" ({} errors)", g.errors);
+            }
+        }
+        println!();
+    }
+    throttled(&path);
+    std::fs::remove_file(&path).unwrap();
+}
+
+/// The guest's rate under a 16 MiB/s bandwidth limit and a 2,000 requests/s operations limit,
+/// each bucket a tenth of a second's worth (what the full bucket lets through at the start is
+/// a tenth of a second's, within the measured runs' 4 s).
+fn throttled(path: &Path) {
+    let limits = [
+        (
+            "bw=1677721/100 (16 MiB/s)",
+            ",bw=1677721/100",
+            Workload {
+                mode: "read",
+                bytes: MIB,
+                count: 64,
+                qd: 4,
+            },
+            16.0 * MIB as f64,
+        ),
+        (
+            "ops=200/100 (2000/s)",
+            ",ops=200/100",
+            Workload {
+                mode: "randread",
+                bytes: 4096,
+                count: 8_000,
+                qd: 32,
+            },
+            2000.0,
+        ),
+    ];
+    println!(
+        "{:<28} {:>22} {:>14} {:>14} {:>7}",
+        "limit", "workload", "limit", "guest", "ratio"
+    );
+    for (label, extra, w, limit) in limits {
+        let g = &guest_run(path, &[w], extra)[0];
+        let secs = g.elapsed.as_secs_f64();
+        let measured = if w.sequential() {
+            (w.bytes * w.count) as f64 / secs
         } else {
-            format!("{:.1} us/request", g.events_cpu * 1e6 / w.count as f64)
+            w.count as f64 / secs
+        };
+        let unit = |v: f64| {
+            if w.sequential() {
+                format!("{:8.2} MiB/s", v / MIB as f64)
+            } else {
+                format!("{v:8.0} IOPS ")
+            }
         };
         println!(
-            "{:<22} {} {} {:>6.0}% {:>22}{}",
+            "{label:<28} {:>22} {} {} {:>6.1}%",
             w.label(),
-            rate(*w, host),
-            rate(*w, g.elapsed),
-            ratio * 100.0,
-            cpu,
-            if g.errors > 0 {
-                format!("  ({} errors)", g.errors)
-            } else {
-                String::new()
-            }
+            unit(limit),
+            unit(measured),
+            measured / limit * 100.0
         );
     }
-    std::fs::remove_file(&path).unwrap();
 }

@@ -365,8 +365,10 @@ fn calls(trace: &str) -> Vec<Call> {
         .collect()
 }
 
-/// Runs the guest's `ops` on one disk under strace; returns the image's name and the write,
-/// sync and eventfd-write calls ember made, in order.
+/// Runs the guest's `ops` on one disk on the sync engine (whose I/O is system calls strace
+/// sees; the io_uring engine's flush ordering is tested in the device's unit tests and in
+/// tests/blk_uring.rs) under strace; returns the image's name and the write, sync and
+/// eventfd-write calls ember made, in order.
 fn traced(ops: &str) -> (String, Vec<Call>) {
     let image = Image::new(&format!("strace-{}", ops.len()), 64, |_| 0);
     let trace =
@@ -384,7 +386,7 @@ fn traced(ops: &str) -> (String, Vec<Call>) {
             "--kernel",
             path_str(test_guest()),
             "--disk",
-            &image.disk(""),
+            &image.disk(",engine=sync"),
         ])
         .args(["--cmdline", &format!("guest.blk={ops}")])
         .output()

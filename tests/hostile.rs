@@ -169,7 +169,8 @@ fn setup(tag: &str, seed: u64, arg: &str) -> (NetNs, Image, std::process::Comman
         .arg(test_guest())
         .args(["--serial", "stdio", "--memory", "256", "--boot-timer"])
         .arg("--disk")
-        .arg(format!("path={}", image.0.display()))
+        // The io_uring engine: requests in flight while the guest resets, aliases and floods.
+        .arg(format!("path={},engine=io_uring", image.0.display()))
         .args(["--net", &format!("tap=tap0,mac={GUEST_MAC}")])
         .arg("--cmdline")
         .arg(format!("guest.action=hostile guest.hostile={arg}"));

@@ -8,6 +8,7 @@ use super::exit_code;
 use super::signals::SignalGuard;
 use super::terminal::RawTerminal;
 use ember::StartError;
+use ember::config::{RateLimiterConfig, parse_bucket};
 use ember::sandbox::{ThreadKind, seccomp};
 use ember::vmm::metrics::MetricsFile;
 use ember::{
@@ -81,13 +82,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
 
-    /// A virtio-blk disk: path=FILE[,readonly=on][,direct=on][,id=NAME]; repeat for more (vdb, vdc...).
+    /// A virtio-blk disk: path=FILE[,readonly=on][,direct=on][,id=NAME][,engine=io_uring|sync]
+    /// [,bw=BYTES/MS[/BURST]][,ops=COUNT/MS[/BURST]] (token buckets: size, refill time in ms,
+    /// one-time burst); repeat for more (vdb, vdc...).
     #[arg(long = "disk", value_parser = parse_disk, value_name = "SPEC")]
     pub disks: Vec<DiskConfig>,
 
     /// A virtio-net interface on a host TAP: tap=NAME[,mac=MAC][,id=NAME]; repeat for more (eth0,
     /// eth1...). A missing TAP is created (it lasts as long as ember) when ember may. `id` names
     /// the interface for the API (default: the TAP's name).
+    /// A virtio-net interface on a host TAP: tap=NAME[,mac=MAC][,rx_bw=..][,rx_ops=..][,tx_bw=..]
+    /// [,tx_ops=..] (each SIZE/MS[/BURST], as for --disk); repeat for more (eth0, eth1...).
+    /// A missing TAP is created (it lasts as long as ember) when ember may.
     #[arg(long = "net", value_parser = parse_net, value_name = "SPEC")]
     pub nets: Vec<NetSpec>,
 
@@ -171,9 +177,16 @@ fn parse_disk(value: &str) -> Result<DiskConfig, String> {
             Some(("direct", "on" | "true")) => disk.direct = true,
             Some(("direct", "off" | "false")) => disk.direct = false,
             Some(("id", id)) if !id.is_empty() => disk.id = Some(id.to_owned()),
+            Some(("engine", engine)) => disk.io_engine = engine.parse()?,
+            Some(("bw", rate)) => {
+                disk.rate_limiter.get_or_insert_default().bandwidth = Some(parse_bucket(rate)?)
+            }
+            Some(("ops", rate)) => {
+                disk.rate_limiter.get_or_insert_default().ops = Some(parse_bucket(rate)?)
+            }
             _ => {
                 return Err(format!(
-                    "unknown item {item:?}: expected path=FILE[,readonly=on][,direct=on][,id=NAME]"
+                    "unknown item {item:?}: expected path=FILE[,readonly=on][,direct=on][,id=NAME][,engine=io_uring|sync][,bw=SIZE/MS][,ops=SIZE/MS]"
                 ));
             }
         }
@@ -189,26 +202,44 @@ pub struct NetSpec {
     tap: String,
     mac: Option<String>,
     id: Option<String>,
+    rx: Option<RateLimiterConfig>,
+    tx: Option<RateLimiterConfig>,
 }
 
 fn parse_net(value: &str) -> Result<NetSpec, String> {
     let mut tap = None;
     let mut mac = None;
     let mut id = None;
+    let mut rx: Option<RateLimiterConfig> = None;
+    let mut tx: Option<RateLimiterConfig> = None;
     for item in value.split(',') {
         match item.split_once('=') {
             Some(("tap", name)) => tap = Some(name.to_owned()),
             Some(("mac", addr)) => mac = Some(addr.to_owned()),
             Some(("id", name)) => id = Some(name.to_owned()),
+            Some(("rx_bw", rate)) => {
+                rx.get_or_insert_default().bandwidth = Some(parse_bucket(rate)?)
+            }
+            Some(("rx_ops", rate)) => rx.get_or_insert_default().ops = Some(parse_bucket(rate)?),
+            Some(("tx_bw", rate)) => {
+                tx.get_or_insert_default().bandwidth = Some(parse_bucket(rate)?)
+            }
+            Some(("tx_ops", rate)) => tx.get_or_insert_default().ops = Some(parse_bucket(rate)?),
             _ => {
                 return Err(format!(
-                    "unknown item {item:?}: expected tap=NAME[,mac=MAC][,id=NAME]"
+                    "unknown item {item:?}: expected tap=NAME[,mac=MAC][,id=NAME][,rx_bw=SIZE/MS][,rx_ops=SIZE/MS][,tx_bw=SIZE/MS][,tx_ops=SIZE/MS]"
                 ));
             }
         }
     }
     let tap = tap.ok_or("missing tap=NAME")?;
-    Ok(NetSpec { tap, mac, id })
+    Ok(NetSpec {
+        tap,
+        mac,
+        id,
+        rx,
+        tx,
+    })
 }
 
 impl NetSpec {
@@ -218,6 +249,8 @@ impl NetSpec {
         if let Some(mac) = &self.mac {
             net.mac = Some(mac.parse()?);
         }
+        net.rx_rate_limiter = self.rx;
+        net.tx_rate_limiter = self.tx;
         Ok(net)
     }
 }
@@ -452,6 +485,54 @@ mod tests {
         let net = parse_net("tap=tap1").unwrap().to_config().unwrap();
         assert_eq!(net.id(), "tap1");
         assert!(parse_net("tap=tap0,name=x").is_err());
+    }
+
+    #[test]
+    fn disk_engines_and_rate_limits_parse() {
+        use ember::config::IoEngine;
+        let d = parse_disk("path=/img,engine=sync,bw=131072/125,ops=100/1000/50").unwrap();
+        assert_eq!(d.io_engine, IoEngine::Sync);
+        let limiter = d.rate_limiter.unwrap();
+        let bw = limiter.bandwidth.unwrap();
+        assert_eq!(
+            (bw.size, bw.refill_time, bw.one_time_burst),
+            (131072, 125, None)
+        );
+        let ops = limiter.ops.unwrap();
+        assert_eq!(
+            (ops.size, ops.refill_time, ops.one_time_burst),
+            (100, 1000, Some(50))
+        );
+        assert_eq!(
+            parse_disk("path=/img").unwrap().io_engine,
+            IoEngine::Auto,
+            "io_uring where the kernel allows it"
+        );
+        assert_eq!(
+            parse_disk("path=/img,engine=io_uring").unwrap().io_engine,
+            IoEngine::Async
+        );
+        for bad in [
+            "path=/img,engine=aio",
+            "path=/img,bw=1",
+            "path=/img,ops=a/b",
+        ] {
+            assert!(parse_disk(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn net_rate_limits_parse() {
+        let net = parse_net("tap=tap0,rx_bw=1000/100,tx_ops=10/100")
+            .unwrap()
+            .to_config()
+            .unwrap();
+        let rx = net.rx_rate_limiter.unwrap();
+        assert_eq!(rx.bandwidth.map(|b| b.size), Some(1000));
+        assert!(rx.ops.is_none());
+        let tx = net.tx_rate_limiter.unwrap();
+        assert_eq!(tx.ops.map(|b| b.refill_time), Some(100));
+        assert!(parse_net("tap=tap0,rx_bw=").is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What a VM is made of: plain data, checked by [`VmConfig::validate`] before anything is built.
 
 mod net;
+mod rate_limiter;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
 pub use net::{MAX_NET_ID_LEN, MAX_TAP_NAME_LEN, MacAddr, MacParseError, NetConfig};
+pub use rate_limiter::{IoEngine, RateLimiterConfig, TokenBucketConfig, parse_bucket};
 
 /// The kernel command line used when none is given: the serial console, reset on reboot through
 /// the i8042 (which ends the VM), reboot on panic, and no probing for hardware a microVM lacks.
@@ -69,6 +71,12 @@ pub struct DiskConfig {
     /// makes it `/dev/vda` and adds `root=/dev/vda rw` (`ro` when read-only) to the command line.
     #[serde(default)]
     pub root: bool,
+    /// How requests run (io_uring where the kernel allows it, by default).
+    #[serde(default)]
+    pub io_engine: IoEngine,
+    /// Bandwidth and operations limits on the disk's requests.
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl DiskConfig {
@@ -80,6 +88,8 @@ impl DiskConfig {
             direct: false,
             id: None,
             root: false,
+            io_engine: IoEngine::Auto,
+            rate_limiter: None,
         }
     }
 
@@ -272,6 +282,9 @@ impl VmConfig {
             {
                 return Err(ConfigError::BadDiskId(id));
             }
+            if let Some(limiter) = &disk.rate_limiter {
+                limiter.validate(&id)?;
+            }
         }
         for (i, net) in self.nets.iter().enumerate() {
             net.validate()?;
@@ -324,6 +337,9 @@ pub enum ConfigError {
     /// Two interfaces with the same id.
     #[error("network interface id {0:?} is given twice: each interface needs its own id")]
     DuplicateNetId(String),
+    /// A rate limiter that cannot work.
+    #[error("rate limiter {0}")]
+    BadRateLimiter(String),
     /// A TAP name Linux would refuse.
     #[error("TAP name {0:?} must be 1 to {MAX_TAP_NAME_LEN} characters without '/', ':' or spaces")]
     BadTapName(String),

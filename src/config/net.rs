@@ -94,6 +94,12 @@ pub struct NetConfig {
     /// The guest's address; `None` uses [`MacAddr::for_tap`].
     #[serde(default)]
     pub mac: Option<MacAddr>,
+    /// Limits on what the guest receives.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<super::RateLimiterConfig>,
+    /// Limits on what the guest sends.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<super::RateLimiterConfig>,
 }
 
 impl NetConfig {
@@ -103,6 +109,8 @@ impl NetConfig {
             id: None,
             tap: tap.into(),
             mac: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         }
     }
 
@@ -144,6 +152,12 @@ impl NetConfig {
         let mac = self.mac();
         if !mac.is_valid_station() {
             return Err(ConfigError::BadMac(mac));
+        }
+        for limiter in [&self.rx_rate_limiter, &self.tx_rate_limiter]
+            .into_iter()
+            .flatten()
+        {
+            limiter.validate(name)?;
         }
         Ok(())
     }

@@ -204,6 +204,11 @@ fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
                 libc::SYS_preadv,
                 libc::SYS_pwritev,
                 libc::SYS_fdatasync,
+                // The disks' io_uring engine: submitting (the rings are set up before the
+                // filter, on the building thread).
+                libc::SYS_io_uring_enter,
+                // Rate limiters' wake-ups.
+                libc::SYS_timerfd_settime,
             ]));
             let punch = (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64;
             rules.push(with_arg(kind, libc::SYS_fallocate, 1, &[punch])?);

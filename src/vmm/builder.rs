@@ -118,7 +118,12 @@ pub fn shape(config: &VmConfig, ram: GuestRam<'_>) -> Result<Shaped, StartError>
     let mut entries = Vec::new();
     let mut devices: Vec<(String, VirtioKind, Box<dyn VirtioDevice>)> = Vec::new();
     for ((disk, serial), disk_config) in disks.into_iter().zip(&config.disks) {
-        let block = Block::new(disk, &serial);
+        let block = Block::with_options(
+            disk,
+            &serial,
+            disk_config.io_engine,
+            disk_config.rate_limiter.as_ref(),
+        )?;
         let kind = VirtioKind::Block(block.counters());
         devices.push((disk_config.device_id(), kind, Box::new(block)));
     }
@@ -126,7 +131,11 @@ pub fn shape(config: &VmConfig, ram: GuestRam<'_>) -> Result<Shaped, StartError>
     for ((tap, mac), net_config) in taps.into_iter().zip(&config.nets) {
         log::debug!("net {}: MAC {mac}", tap.name());
         let name = tap.name().to_owned();
-        let net = Net::new(tap, mac.0);
+        let mut net = Net::new(tap, mac.0);
+        net.set_rate_limiters(
+            net_config.rx_rate_limiter.as_ref(),
+            net_config.tx_rate_limiter.as_ref(),
+        );
         let kind = VirtioKind::Net {
             tap: name,
             counters: net.counters(),

@@ -32,6 +32,8 @@ pub struct BlockMetrics {
     pub flush_count: u64,
     /// Requests answered with an error.
     pub invalid_reqs_count: u64,
+    /// Requests the rate limiter held back.
+    pub rate_limiter_throttled_events: u64,
     /// Register and queue mistakes the guest made on the transport.
     pub guest_errors: u64,
 }
@@ -57,6 +59,10 @@ pub struct NetMetrics {
     pub tx_malformed_frames: u64,
     /// Frames the TAP refused.
     pub tx_fails: u64,
+    /// Received frames the rate limiter held back.
+    pub rx_rate_limiter_throttled: u64,
+    /// Sent frames the rate limiter held back.
+    pub tx_rate_limiter_throttled: u64,
     /// Register and queue mistakes the guest made on the transport.
     pub guest_errors: u64,
 }
@@ -149,12 +155,14 @@ impl Metrics {
                         write_bytes: load(&c.write_bytes),
                         flush_count: load(&c.flushes),
                         invalid_reqs_count: load(&c.errors),
+                        rate_limiter_throttled_events: load(&c.throttled),
                         guest_errors,
                     };
                     metrics.block.insert(entry.id.clone(), block);
                 }
                 VirtioKind::Net { tap, counters } => {
                     let s: NetStats = counters.snapshot();
+                    let (rx_throttled, tx_throttled) = counters.throttled();
                     let net = NetMetrics {
                         tap: tap.clone(),
                         rx_packets_count: s.rx_packets,
@@ -165,6 +173,8 @@ impl Metrics {
                         tx_bytes_count: s.tx_bytes,
                         tx_malformed_frames: s.tx_drops,
                         tx_fails: s.tx_errors,
+                        rx_rate_limiter_throttled: rx_throttled,
+                        tx_rate_limiter_throttled: tx_throttled,
                         guest_errors,
                     };
                     metrics.net.insert(entry.id.clone(), net);

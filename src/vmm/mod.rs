@@ -79,6 +79,9 @@ pub enum StartError {
     /// A disk image.
     #[error(transparent)]
     Disk(#[from] crate::devices::virtio::block::DiskError),
+    /// A disk device (its engine or rate limiter).
+    #[error(transparent)]
+    Block(#[from] crate::devices::virtio::block::BlockError),
     /// A TAP device.
     #[error(transparent)]
     Tap(#[from] crate::devices::virtio::net::TapError),
@@ -226,6 +229,12 @@ impl VmHandle {
         }
         running.control.pause(&running.vcpu_threads);
         running.events.pause();
+        // Disks' requests in flight complete now: a paused VM has none (snapshots need that).
+        running
+            .devices
+            .virtio
+            .iter()
+            .for_each(|entry| entry.lock().quiesce());
         self.paused = true;
         Ok(())
     }

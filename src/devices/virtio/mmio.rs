@@ -283,6 +283,11 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
+        // Requests in flight finish first: nothing writes guest memory after the reset. Their
+        // chains return to rings the guest is about to forget, so no interrupt.
+        if self.active {
+            self.device.quiesce(&mut self.queues, &self.mem);
+        }
         self.device.reset();
         for queue in &mut self.queues {
             queue.reset();
@@ -347,12 +352,57 @@ impl MmioTransport {
         let moved = self
             .device
             .process_backend(events, &mut self.queues, &self.mem);
+        self.signal_moved(moved);
+        self.reschedule_backlog();
+    }
+
+    /// Completes everything the device has in flight and interrupts the guest for what
+    /// returned. The VMM calls it with the vCPUs and the event loop parked (a pause, before a
+    /// snapshot) or stopped (teardown); it waits on any thread without the event loop's system
+    /// calls.
+    pub fn quiesce(&mut self) {
+        if !self.active {
+            return;
+        }
+        let moved = self.device.quiesce(&mut self.queues, &self.mem);
+        self.signal_moved(moved);
+        // The device left notifications off while it had requests in flight, counting on
+        // their completions to bring it back: serve every queue once on the event loop (after
+        // a resume), which turns them on again.
+        self.kick_event_loop();
+    }
+
+    /// Replaces the device's rate limiter `which` (`PATCH /drives/{id}`,
+    /// `PATCH /network-interfaces/{id}`); false if it has no such limiter. The queues are then
+    /// served again on the event loop, so one the old limit held back resumes under the new.
+    pub fn set_rate_limiter(
+        &mut self,
+        which: super::LimiterKind,
+        config: Option<&crate::config::RateLimiterConfig>,
+    ) -> bool {
+        let changed = self.device.set_rate_limiter(which, config);
+        if changed && self.active {
+            self.kick_event_loop();
+        }
+        changed
+    }
+
+    /// The device's timer fired.
+    fn serve_timer(&mut self) {
+        if !self.active {
+            return;
+        }
+        let moved = self.device.process_timer(&mut self.queues, &self.mem);
+        self.signal_moved(moved);
+        self.reschedule_backlog();
+    }
+
+    fn signal_moved(&mut self, moved: u32) {
         for index in 0..self.queues.len() {
             if moved & (1 << index) != 0 {
                 self.signal_used(index);
             }
         }
-        self.reschedule_backlog();
     }
 
     /// Makes the event loop watch the backend for what the device waits for now.
@@ -456,6 +506,11 @@ impl MutEventSubscriber for MmioTransport {
                 log::error!("virtio-mmio: cannot watch a queue notification: {e:?}");
             }
         }
+        if let Some(fd) = self.device.timer() {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!("virtio-mmio: cannot watch a device timer: {e:?}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -467,6 +522,8 @@ impl MutEventSubscriber for MmioTransport {
             // The count does not matter: each serving takes what is available, up to a budget.
             let _ = self.notify[index].read();
             self.serve_queue(index);
+        } else if self.device.timer() == Some(events.fd()) {
+            self.serve_timer();
         } else if self
             .watched_backend
             .is_some_and(|(fd, _)| fd == events.fd())
@@ -489,6 +546,136 @@ mod tests {
 
     fn write(transport: &mut MmioTransport, offset: u64, value: u32) {
         transport.write(offset, &value.to_le_bytes());
+    }
+
+    /// A transport on `device` driven to DRIVER_OK with queue 0 on `vq` (features: VERSION_1).
+    fn ready_transport(
+        device: Box<dyn VirtioDevice>,
+        mem: &GuestMemoryMmap,
+        vq: &MockSplitQueue<GuestMemoryMmap>,
+        notify: &EventFd,
+    ) -> MmioTransport {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut transport =
+            MmioTransport::new(device, mem.clone(), irq, vec![notify.try_clone().unwrap()])
+                .unwrap();
+        for (offset, value) in [(0x070, 1), (0x070, 3), (0x024, 1), (0x020, 1), (0x070, 11)] {
+            write(&mut transport, offset, value);
+        }
+        write(&mut transport, 0x038, 256);
+        for (offset, addr) in [
+            (0x080, vq.desc_table_addr().0),
+            (0x090, vq.avail_addr().0),
+            (0x0a0, vq.used_addr().0),
+        ] {
+            write(
+                &mut transport,
+                offset,
+                u32::try_from(addr & 0xffff_ffff).unwrap(),
+            );
+            write(
+                &mut transport,
+                offset + 4,
+                u32::try_from(addr >> 32).unwrap(),
+            );
+        }
+        write(&mut transport, 0x044, 1);
+        write(&mut transport, 0x070, 15);
+        transport
+    }
+
+    /// A driver reset with 32 reads in flight on the io_uring engine: the reset waits for them
+    /// and returns them before the queue is forgotten, so nothing writes guest memory after it.
+    #[test]
+    fn a_reset_with_requests_in_flight_completes_them_first() {
+        use crate::config::IoEngine;
+        let image = std::env::temp_dir().join(format!("ember-mmio-{}-reset", std::process::id()));
+        std::fs::write(&image, vec![0x5au8; 64 * 512]).unwrap();
+        let disk = DiskFile::open(&image, false, false).unwrap();
+        let mut block = Block::with_options(disk, "reset", IoEngine::Async, None).unwrap();
+        // Keep the requests in flight after the pass that submits them.
+        block.reap_after_submit = false;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 256);
+        let descs: Vec<RawDescriptor> = (0..32u16)
+            .flat_map(|n| {
+                let header = 0x30_0000 + u64::from(n) * 16;
+                mem.write_obj([0u8; 16], GuestAddress(header)).unwrap(); // read sector 0
+                mem.write_obj(0xffu8, GuestAddress(0x38_0000 + u64::from(n)))
+                    .unwrap();
+                [
+                    Descriptor::new(header, 16, 1, 3 * n + 1),
+                    Descriptor::new(0x20_0000 + u64::from(n) * 0x1000, 512, 3, 3 * n + 2),
+                    Descriptor::new(0x38_0000 + u64::from(n), 1, 2, 0),
+                ]
+            })
+            .map(RawDescriptor::from)
+            .collect();
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut transport = ready_transport(Box::new(block), &mem, &vq, &notify);
+        transport.serve_queue(0);
+        let used = |mem: &GuestMemoryMmap| -> u16 {
+            mem.read_obj(vq.used_addr().unchecked_add(2)).unwrap()
+        };
+        // In flight: submitted, not yet reaped (completions are reaped on the event loop).
+        assert_eq!(used(&mem), 0, "nothing returned before the reset");
+        write(&mut transport, 0x070, 0);
+        assert_eq!(used(&mem), 32, "the reset returned every request in flight");
+        for n in 0..32u64 {
+            let status: u8 = mem.read_obj(GuestAddress(0x38_0000 + n)).unwrap();
+            assert_eq!(status, 0, "request {n} completed");
+            let mut data = [0u8; 512];
+            mem.read_slice(&mut data, GuestAddress(0x20_0000 + n * 0x1000))
+                .unwrap();
+            assert!(data.iter().all(|&b| b == 0x5a));
+        }
+        drop(transport);
+        std::fs::remove_file(image).unwrap();
+    }
+
+    /// A queue left with work after its turn gets its notification again, so the event loop
+    /// comes back to it after serving whatever else is ready.
+    #[test]
+    fn a_queue_with_work_left_after_its_turn_is_notified_again() {
+        let image = std::env::temp_dir().join(format!("ember-mmio-{}-backlog", std::process::id()));
+        std::fs::write(&image, vec![0u8; 64 * 512]).unwrap();
+        let block = Block::new(DiskFile::open(&image, false, false).unwrap(), "backlog");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 256);
+        // 128 requests of an unknown type (header and status each): twice a turn's chains.
+        let descs: Vec<RawDescriptor> = (0..128u16)
+            .flat_map(|n| {
+                let header = 0x30_0000 + u64::from(n) * 16;
+                mem.write_obj(0x7fffu32, GuestAddress(header)).unwrap();
+                [
+                    Descriptor::new(header, 16, 1, 2 * n + 1),
+                    Descriptor::new(0x38_0000 + u64::from(n), 1, 2, 0),
+                ]
+            })
+            .map(RawDescriptor::from)
+            .collect();
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut transport = ready_transport(Box::new(block), &mem, &vq, &notify);
+        // DRIVER_OK kicks the queue once; take that kick, then serve one turn.
+        assert_eq!(notify.read().unwrap(), 1);
+        // A QueueNotify write that reaches the transport (on a vCPU thread) only passes the
+        // notification on: no queue work there.
+        write(&mut transport, QUEUE_NOTIFY_OFFSET, 0);
+        let used: u16 = mem.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
+        assert_eq!(used, 0, "no queue work on the vCPU thread");
+        assert_eq!(notify.read().ok(), Some(1), "handed to the event loop");
+        // The event loop's turn.
+        transport.serve_queue(0);
+        let used: u16 = mem.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
+        assert_eq!(u32::from(used), CHAINS_PER_PASS, "one turn's chains");
+        assert_eq!(notify.read().ok(), Some(1), "the queue is notified again");
+        transport.serve_queue(0);
+        let used: u16 = mem.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
+        assert_eq!(used, 128);
+        drop(transport);
+        std::fs::remove_file(image).unwrap();
     }
 
     fn read(transport: &mut MmioTransport, offset: u64) -> u32 {
@@ -527,78 +714,5 @@ mod tests {
         assert!(transport.replace_disk(ro).is_err());
         std::fs::remove_file(one).unwrap();
         std::fs::remove_file(two).unwrap();
-    }
-
-    /// A queue left with work after its turn gets its notification again, so the event loop
-    /// comes back to it after serving whatever else is ready.
-    #[test]
-    fn a_queue_with_work_left_after_its_turn_is_notified_again() {
-        let image = std::env::temp_dir().join(format!("ember-mmio-{}-backlog", std::process::id()));
-        std::fs::write(&image, vec![0u8; 64 * 512]).unwrap();
-        let block = Block::new(DiskFile::open(&image, false, false).unwrap(), "backlog");
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
-        let vq = MockSplitQueue::new(&mem, 256);
-        // 128 requests of an unknown type (header and status each): twice a turn's chains.
-        let descs: Vec<RawDescriptor> = (0..128u16)
-            .flat_map(|n| {
-                let header = 0x30_0000 + u64::from(n) * 16;
-                mem.write_obj(0x7fffu32, GuestAddress(header)).unwrap();
-                [
-                    Descriptor::new(header, 16, 1, 2 * n + 1),
-                    Descriptor::new(0x38_0000 + u64::from(n), 1, 2, 0),
-                ]
-            })
-            .map(RawDescriptor::from)
-            .collect();
-        vq.add_desc_chains(&descs, 0).unwrap();
-        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let notify = evt();
-        let mut transport = MmioTransport::new(
-            Box::new(block),
-            mem.clone(),
-            evt(),
-            vec![notify.try_clone().unwrap()],
-        )
-        .unwrap();
-        for (offset, value) in [(0x070, 1), (0x070, 3), (0x024, 1), (0x020, 1), (0x070, 11)] {
-            write(&mut transport, offset, value);
-        }
-        write(&mut transport, 0x038, 256);
-        for (offset, addr) in [
-            (0x080, vq.desc_table_addr().0),
-            (0x090, vq.avail_addr().0),
-            (0x0a0, vq.used_addr().0),
-        ] {
-            write(
-                &mut transport,
-                offset,
-                u32::try_from(addr & 0xffff_ffff).unwrap(),
-            );
-            write(
-                &mut transport,
-                offset + 4,
-                u32::try_from(addr >> 32).unwrap(),
-            );
-        }
-        write(&mut transport, 0x044, 1);
-        write(&mut transport, 0x070, 15);
-        // DRIVER_OK kicks the queue once; take that kick, then serve one turn.
-        assert_eq!(notify.read().unwrap(), 1);
-        // A QueueNotify write that reaches the transport (on a vCPU thread) only passes the
-        // notification on: no queue work there.
-        write(&mut transport, QUEUE_NOTIFY_OFFSET, 0);
-        let used: u16 = mem.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
-        assert_eq!(used, 0, "no queue work on the vCPU thread");
-        assert_eq!(notify.read().ok(), Some(1), "handed to the event loop");
-        // The event loop's turn.
-        transport.serve_queue(0);
-        let used: u16 = mem.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
-        assert_eq!(u32::from(used), CHAINS_PER_PASS, "one turn's chains");
-        assert_eq!(notify.read().ok(), Some(1), "the queue is notified again");
-        transport.serve_queue(0);
-        let used: u16 = mem.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
-        assert_eq!(used, 128);
-        drop(transport);
-        std::fs::remove_file(image).unwrap();
     }
 }

@@ -9,6 +9,7 @@ pub mod block;
 pub mod drain;
 pub mod mmio;
 pub mod net;
+pub mod rate_limiter;
 pub mod state;
 
 use std::os::fd::RawFd;
@@ -95,6 +96,42 @@ pub trait VirtioDevice: Send {
             )),
         }
     }
+    /// The descriptor of the device's timer (a rate limiter's wake-up), watched for input for
+    /// the device's whole life; `None`: the device has none.
+    fn timer(&self) -> Option<RawFd> {
+        None
+    }
+    /// The timer fired; returns one bit per queue whose used ring moved.
+    fn process_timer(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> u32 {
+        0
+    }
+    /// Completes everything the device has in flight (waiting for its backend, on any thread,
+    /// without the event loop's system calls), returning the chains to the guest: called
+    /// before a reset, and by the VMM before a pause, a snapshot or a teardown. Returns one bit
+    /// per queue whose used ring moved.
+    fn quiesce(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> u32 {
+        0
+    }
+    /// Replaces rate limiter `which` at run time (`None`: unlimited); false if the device has
+    /// no such limiter.
+    fn set_rate_limiter(
+        &mut self,
+        _which: LimiterKind,
+        _config: Option<&crate::config::RateLimiterConfig>,
+    ) -> bool {
+        false
+    }
+}
+
+/// Which of a device's rate limiters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimiterKind {
+    /// A disk's (every request).
+    Disk,
+    /// A network interface's receive direction.
+    Rx,
+    /// A network interface's transmit direction.
+    Tx,
 }
 
 /// Returns chain `head` to the guest with `len` bytes written. A head the guest put in its

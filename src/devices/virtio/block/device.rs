@@ -1,19 +1,28 @@
-//! The virtio-blk device: features, config space, and request execution on the event loop.
+//! The virtio-blk device: features, config space, and request execution on the event loop,
+//! synchronously or through io_uring (`engine.rs`), within the disk's rate limiter.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::os::fd::RawFd;
+
+use event_manager::EventSet;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::disk::{DiskFile, SECTOR_SIZE};
-use super::request::{self, MAX_RANGE_SECTORS, MAX_RANGES, Request, RequestKind, SIZE_MAX};
+use super::request::{
+    self, MAX_RANGE_SECTORS, MAX_RANGES, Refused, Request, RequestKind, SIZE_MAX,
+};
+use super::uring::{Uring, UringError};
+use crate::config::{IoEngine, RateLimiterConfig};
 use crate::devices::GuestErrors;
-use crate::devices::virtio::drain::{Pass, drain};
+use crate::devices::virtio::drain::{DrainEnd, Pass, drain};
+use crate::devices::virtio::rate_limiter::{RateLimiter, Timer};
 use crate::devices::virtio::{
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
-    return_chain,
+    LimiterKind, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    VirtioDevice, return_chain,
 };
 
 mod persist;
@@ -27,8 +36,8 @@ const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
 const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
-const VIRTIO_BLK_S_OK: u8 = 0;
-const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub(super) const VIRTIO_BLK_S_OK: u8 = 0;
+pub(super) const VIRTIO_BLK_S_IOERR: u8 = 1;
 const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 /// Length of the GET_ID string.
 const ID_BYTES: usize = 20;
@@ -58,24 +67,91 @@ pub struct BlockCounters {
     pub flushes: AtomicU64,
     /// Requests answered IOERR or UNSUPP, or dropped for having no status byte.
     pub errors: AtomicU64,
+    /// Requests the rate limiter held back (each counted once, however long it waited).
+    pub throttled: AtomicU64,
+}
+
+/// A disk device that cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// `engine=io_uring` was asked for and the kernel refuses it.
+    #[error("disk {0}: engine=io_uring cannot be used here: use engine=sync, or allow io_uring")]
+    Uring(String, #[source] UringError),
+    /// The rate limiter's timer.
+    #[error("disk {0}: cannot create the rate limiter's timer")]
+    Timer(String, #[source] std::io::Error),
 }
 
 /// A virtio-blk device.
 pub struct Block {
-    disk: DiskFile,
+    pub(super) disk: DiskFile,
     id: [u8; ID_BYTES],
     config: Vec<u8>,
     features: u64,
-    counters: Arc<BlockCounters>,
-    guest_errors: GuestErrors,
+    pub(super) counters: Arc<BlockCounters>,
+    pub(super) guest_errors: GuestErrors,
     io_errors: GuestErrors,
     /// The last drain ran out of budget with chains left.
     backlog: bool,
+    /// The io_uring engine; `None` runs every request synchronously.
+    pub(super) uring: Option<Uring>,
+    limiter: RateLimiter,
+    /// Wakes a queue the limiter held back.
+    timer: Option<Timer>,
+    /// The queue stopped taking chains (the ring full, or the limiter): it is served again when
+    /// a request completes or the timer fires, not when the guest notifies (notifications stay
+    /// suppressed).
+    stalled: bool,
+    /// Off in tests that need requests to stay in flight until the next event.
+    pub(crate) reap_after_submit: bool,
 }
 
 impl Block {
-    /// A device on `disk`, answering GET_ID with `id` (truncated to 20 bytes).
+    /// A device on `disk` with the io_uring engine where the kernel allows it, no rate limit.
     pub fn new(disk: DiskFile, id: &str) -> Self {
+        let uring = Self::auto_uring(id);
+        Self::build(disk, id, uring, None, None)
+    }
+
+    /// A device on `disk`, answering GET_ID with `id`, running its requests on `engine`
+    /// within `limiter`.
+    pub fn with_options(
+        disk: DiskFile,
+        id: &str,
+        engine: IoEngine,
+        limiter: Option<&RateLimiterConfig>,
+    ) -> Result<Self, BlockError> {
+        let uring = match engine {
+            IoEngine::Sync => None,
+            IoEngine::Auto => Self::auto_uring(id),
+            IoEngine::Async => {
+                Some(Uring::new(QUEUE_SIZE).map_err(|e| BlockError::Uring(id.to_owned(), e))?)
+            }
+        };
+        let timer = Timer::new().map_err(|e| BlockError::Timer(id.to_owned(), e))?;
+        Ok(Self::build(disk, id, uring, limiter, Some(timer)))
+    }
+
+    /// io_uring if the kernel allows it; else one line saying why and the sync engine.
+    fn auto_uring(id: &str) -> Option<Uring> {
+        match Uring::new(QUEUE_SIZE) {
+            Ok(uring) => Some(uring),
+            Err(e) => {
+                let why = std::error::Error::source(&e).map_or(String::new(), |s| format!(": {s}"));
+                log::warn!("disk {id}: {e}{why}; using the sync engine (one request at a time)");
+                None
+            }
+        }
+    }
+
+    fn build(
+        disk: DiskFile,
+        id: &str,
+        uring: Option<Uring>,
+        limiter: Option<&RateLimiterConfig>,
+        timer: Option<Timer>,
+    ) -> Self {
+        let timer = timer.or_else(|| Timer::new().ok());
         let mut id_bytes = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
@@ -100,7 +176,23 @@ impl Block {
             guest_errors: GuestErrors::default(),
             io_errors: GuestErrors::default(),
             backlog: false,
+            uring,
+            limiter: RateLimiter::new(limiter),
+            timer,
+            stalled: false,
+            reap_after_submit: true,
         }
+    }
+
+    /// Whether requests run through io_uring.
+    pub fn is_async(&self) -> bool {
+        self.uring.is_some()
+    }
+
+    /// Replaces the rate limiter (full buckets, as configured); the transport then serves the
+    /// queue again, so a queue the old limit held back resumes under the new one.
+    pub fn set_rate_limiter(&mut self, config: Option<&RateLimiterConfig>) {
+        self.limiter = RateLimiter::new(config);
     }
 
     /// Shared counters.
@@ -149,7 +241,8 @@ impl Block {
             .is_some_and(|end| end <= self.disk.sectors())
     }
 
-    fn transfer(&mut self, req: &Request, mem: &GuestMemoryMmap, write: bool) -> Result<u32, u8> {
+    /// Refuses a write to a read-only disk and a transfer past its end.
+    pub(super) fn check_transfer(&self, req: &Request, write: bool) -> Result<(), u8> {
         let len = req.data_len();
         if write && self.disk.read_only() {
             self.guest_errors
@@ -165,9 +258,21 @@ impl Block {
             });
             return Err(VIRTIO_BLK_S_IOERR);
         }
+        Ok(())
+    }
+
+    fn transfer(&mut self, req: &Request, mem: &GuestMemoryMmap, write: bool) -> Result<u32, u8> {
+        self.check_transfer(req, write)?;
+        let len = req.data_len();
         self.disk
             .transfer(req.sector * SECTOR_SIZE, mem, &req.data, !write)
             .map_err(|e| self.io_failed(if write { "write" } else { "read" }, e))?;
+        Ok(self.count_transfer(write, len))
+    }
+
+    /// Counts a completed read or write of `len` bytes; returns the bytes it put in guest
+    /// buffers.
+    pub(super) fn count_transfer(&self, write: bool, len: u64) -> u32 {
         let (count, bytes) = if write {
             (&self.counters.writes, &self.counters.write_bytes)
         } else {
@@ -176,11 +281,11 @@ impl Block {
         count.fetch_add(1, Ordering::Relaxed);
         bytes.fetch_add(len, Ordering::Relaxed);
         // Data lengths are bounded by the chain's 4 GiB limit.
-        Ok(if write {
+        if write {
             0
         } else {
             u32::try_from(len).unwrap_or(u32::MAX)
-        })
+        }
     }
 
     /// Discard and write-zeroes: the ranges parse read (at most [`MAX_RANGES`], each of at
@@ -219,46 +324,133 @@ impl Block {
         Ok(())
     }
 
-    /// Parses and executes one chain and writes its status; returns the used length and what
-    /// the request costs the pass's budget.
-    fn serve(
-        &mut self,
-        descriptors: &[Descriptor],
-        cut: bool,
-        mem: &GuestMemoryMmap,
-    ) -> (u32, u64) {
-        match request::parse(descriptors, cut, mem, SEG_MAX as usize) {
-            Ok(req) => {
-                let (status, written) = self.execute(&req, mem);
-                if status != VIRTIO_BLK_S_OK {
-                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                }
-                // The status address was checked in parse.
-                let _ = mem.write_obj(status, req.status);
-                let cost = match req.kind {
-                    RequestKind::In | RequestKind::Out => req.data_len(),
-                    RequestKind::Discard | RequestKind::WriteZeroes => {
-                        HOLE_COST * req.ranges.len() as u64
-                    }
-                    _ => 0,
+    /// Executes a parsed request now and writes its status; returns the used length.
+    pub(super) fn serve_now(&mut self, req: &Request, mem: &GuestMemoryMmap) -> u32 {
+        let (status, written) = self.execute(req, mem);
+        self.finish(status, req.status, mem);
+        written + 1
+    }
+
+    /// Writes a request's status (counting a failure); the address was checked in parse.
+    pub(super) fn finish(&self, status: u8, addr: vm_memory::GuestAddress, mem: &GuestMemoryMmap) {
+        if status != VIRTIO_BLK_S_OK {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = mem.write_obj(status, addr);
+    }
+
+    /// A chain parse refused: IOERR if it has a status byte; returns the used length.
+    fn refuse(&self, refused: &Refused, mem: &GuestMemoryMmap) -> u32 {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        self.guest_errors
+            .record(|| format!("virtio-blk: refused request: {}", refused.error));
+        match refused.status {
+            Some(addr) if mem.write_obj(VIRTIO_BLK_S_IOERR, addr).is_ok() => 1,
+            _ => 0,
+        }
+    }
+
+    /// Takes what the guest made available, a budget at a time, until the ring is empty, the
+    /// io_uring engine has no room, or the limiter holds a request back.
+    fn run_queue(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used_any = self.reap(queue, mem);
+        let (end, moved) = self.drain_once(queue, mem);
+        used_any |= moved;
+        if let Some(uring) = &mut self.uring {
+            uring.submit();
+        }
+        // What completed during the submission (the page cache, a fast device) returns now
+        // rather than after a trip through the event loop.
+        if self.reap_after_submit {
+            used_any |= self.reap(queue, mem);
+        }
+        end.record(&self.guest_errors, "virtio-blk");
+        self.backlog = end.backlog();
+        used_any
+    }
+
+    /// One drain of the ring; returns how it ended and whether chains were returned.
+    fn drain_once(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> (DrainEnd, bool) {
+        let mut used_any = false;
+        self.stalled = false;
+        let end = drain(queue, mem, |queue, budget| {
+            let mut found = false;
+            while budget.allows() {
+                // Notifications go back on when the ring is empty, requests in flight or not:
+                // leaving them off until a completion (fewer VM exits) made new requests wait
+                // for it, and halved 4 KiB QD32 random reads in the benchmark.
+                let Some(chain) = queue.iter(mem)?.next() else {
+                    return Ok(Pass::Drained { found });
                 };
-                (written + 1, cost)
-            }
-            Err(refused) => {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                self.guest_errors
-                    .record(|| format!("virtio-blk: refused request: {}", refused.error));
-                match refused.status {
-                    Some(addr) if mem.write_obj(VIRTIO_BLK_S_IOERR, addr).is_ok() => (1, 0),
-                    _ => (0, 0),
+                found = true;
+                let head = chain.head_index();
+                let descriptors: Vec<_> = chain.take(usize::from(QUEUE_SIZE) + 1).collect();
+                let req = match self.parse(&descriptors, mem) {
+                    Ok(req) => req,
+                    Err(refused) => {
+                        let used_len = self.refuse(&refused, mem);
+                        return_chain(queue, mem, head, used_len, &self.guest_errors);
+                        used_any = true;
+                        continue;
+                    }
+                };
+                if !self.admit(&req) {
+                    // Taken again, whole, when a completion or the timer comes.
+                    queue.go_to_previous_position();
+                    self.stalled = true;
+                    return Ok(Pass::Stopped);
                 }
+                budget.charge(cost(&req));
+                if let Some(used_len) = self.start(head, req, mem) {
+                    return_chain(queue, mem, head, used_len, &self.guest_errors);
+                    used_any = true;
+                }
+            }
+            Ok(Pass::Exhausted)
+        });
+        (end, used_any)
+    }
+
+    fn parse(&self, descriptors: &[Descriptor], mem: &GuestMemoryMmap) -> Result<Request, Refused> {
+        let cut = descriptors.last().is_some_and(|d| d.has_next());
+        request::parse(descriptors, cut, mem, SEG_MAX as usize)
+    }
+
+    /// Whether `req` may start now: room in the ring (for what goes through it), and tokens.
+    fn admit(&mut self, req: &Request) -> bool {
+        let bytes = transfer_bytes(req);
+        if let Some(uring) = &self.uring {
+            if goes_async(req) && !uring.has_room(bytes) {
+                return false;
+            }
+        }
+        let was_blocked = self.limiter.is_blocked();
+        match self.limiter.consume(bytes) {
+            Ok(()) => true,
+            Err(wait) => {
+                if !was_blocked {
+                    self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(timer) = &mut self.timer {
+                    timer.arm(wait);
+                }
+                false
             }
         }
     }
 
+    /// Starts `req`: through io_uring (its chain returns on completion: `None`), or now
+    /// (`Some(used length)`).
+    fn start(&mut self, head: u16, req: Request, mem: &GuestMemoryMmap) -> Option<u32> {
+        if self.uring.is_some() && goes_async(&req) {
+            return self.submit(head, req, mem);
+        }
+        Some(self.serve_now(&req, mem))
+    }
+
     /// A host I/O error: IOERR for the guest, and a log line rate-limited like guest errors,
     /// since a guest can cause the same failure over and over (misaligned O_DIRECT requests).
-    fn io_failed(&self, what: &str, e: std::io::Error) -> u8 {
+    pub(super) fn io_failed(&self, what: &str, e: std::io::Error) -> u8 {
         self.io_errors
             .record(|| format!("virtio-blk: {what} failed: {e}"));
         VIRTIO_BLK_S_IOERR
@@ -304,27 +496,7 @@ impl VirtioDevice for Block {
     fn activate(&mut self, _features: u64) {}
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used_any = false;
-        let end = drain(queue, mem, |queue, budget| {
-            let mut found = false;
-            while budget.allows() {
-                let Some(chain) = queue.iter(mem)?.next() else {
-                    return Ok(Pass::Drained { found });
-                };
-                found = true;
-                let head = chain.head_index();
-                let descriptors: Vec<_> = chain.take(usize::from(QUEUE_SIZE) + 1).collect();
-                let cut = descriptors.last().is_some_and(|d| d.has_next());
-                let (used_len, cost) = self.serve(&descriptors, cut, mem);
-                budget.charge(cost);
-                return_chain(queue, mem, head, used_len, &self.guest_errors);
-                used_any = true;
-            }
-            Ok(Pass::Exhausted)
-        });
-        end.record(&self.guest_errors, "virtio-blk");
-        self.backlog = end.backlog();
-        used_any
+        self.run_queue(queue, mem)
     }
 
     fn take_backlog(&mut self) -> u32 {
@@ -340,10 +512,6 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
-    fn reset(&mut self) {
-        self.backlog = false;
-    }
-
     fn save_state(&self) -> crate::devices::virtio::state::VirtioDeviceState {
         self.save_device_state()
     }
@@ -354,458 +522,89 @@ impl VirtioDevice for Block {
     ) -> Result<(), crate::devices::StateError> {
         self.restore_device_state(state)
     }
+    fn backend(&self) -> Option<(RawFd, EventSet)> {
+        self.uring.as_ref().map(|u| (u.eventfd(), EventSet::IN))
+    }
+
+    fn process_backend(
+        &mut self,
+        _events: EventSet,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> u32 {
+        let Some(queue) = queues.first_mut() else {
+            return 0;
+        };
+        if let Some(uring) = &self.uring {
+            uring.clear_eventfd();
+        }
+        // Reap, then take what the guest queued meanwhile (a driver submits as it reaps, and a
+        // stalled queue has room again): one trip through the event loop instead of two.
+        u32::from(self.run_queue(queue, mem))
+    }
+
+    fn timer(&self) -> Option<RawFd> {
+        self.timer.as_ref().map(Timer::fd)
+    }
+
+    fn process_timer(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> u32 {
+        if let Some(timer) = &mut self.timer {
+            timer.fired();
+        }
+        self.limiter.unblock();
+        match queues.first_mut() {
+            Some(queue) if self.stalled => u32::from(self.run_queue(queue, mem)),
+            _ => 0,
+        }
+    }
+
+    fn quiesce(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> u32 {
+        match queues.first_mut() {
+            Some(queue) => u32::from(self.wait_in_flight(queue, mem)),
+            None => 0,
+        }
+    }
+
+    fn set_rate_limiter(&mut self, which: LimiterKind, config: Option<&RateLimiterConfig>) -> bool {
+        if which != LimiterKind::Disk {
+            return false;
+        }
+        Block::set_rate_limiter(self, config);
+        true
+    }
+
+    fn reset(&mut self) {
+        // The transport quiesced the device first: nothing is in flight.
+        self.backlog = false;
+        self.stalled = false;
+        self.limiter.unblock();
+    }
+}
+
+/// Guest bytes a request moves (what the bandwidth bucket charges).
+fn transfer_bytes(req: &Request) -> u64 {
+    match req.kind {
+        RequestKind::In | RequestKind::Out => req.data_len(),
+        _ => 0,
+    }
+}
+
+/// What a request costs a pass's budget.
+fn cost(req: &Request) -> u64 {
+    match req.kind {
+        RequestKind::Discard | RequestKind::WriteZeroes => HOLE_COST * req.ranges.len() as u64,
+        _ => transfer_bytes(req),
+    }
+}
+
+/// Whether the io_uring engine runs `req` (the rest is quick or refused, and runs now).
+fn goes_async(req: &Request) -> bool {
+    matches!(
+        req.kind,
+        RequestKind::In | RequestKind::Out | RequestKind::Flush
+    )
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::devices::virtio::block::request::{
-        VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
-    };
-    use std::path::PathBuf;
-    use virtio_queue::QueueT;
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::desc::split::Descriptor;
-    use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Address, GuestAddress};
-
-    const NEXT: u16 = 1;
-    const WRITE: u16 = 2;
-    const HEADER: u64 = 0x10_0000;
-    const DATA: u64 = 0x10_1000;
-    const STATUS: u64 = 0x12_0000;
-    const IMAGE_SECTORS: u64 = 64;
-
-    struct Fixture {
-        mem: GuestMemoryMmap,
-        block: Block,
-        image: PathBuf,
-    }
-
-    impl Drop for Fixture {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.image);
-        }
-    }
-
-    fn fixture(name: &str, read_only: bool) -> Fixture {
-        let image = std::env::temp_dir().join(format!("ember-blk-{}-{name}", std::process::id()));
-        let bytes: Vec<u8> = (0..IMAGE_SECTORS * SECTOR_SIZE)
-            .map(|i| (i % 251) as u8)
-            .collect();
-        std::fs::write(&image, bytes).unwrap();
-        let disk = DiskFile::open(&image, read_only, false).unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
-        Fixture {
-            mem,
-            block: Block::new(disk, "test-id"),
-            image,
-        }
-    }
-
-    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
-    }
-
-    /// Writes a request header for chain `n` and returns its address.
-    fn header(mem: &GuestMemoryMmap, n: u64, kind: u32, sector: u64) -> u64 {
-        let addr = HEADER + n * 16;
-        let mut bytes = [0u8; 16];
-        bytes[..4].copy_from_slice(&kind.to_le_bytes());
-        bytes[8..].copy_from_slice(&sector.to_le_bytes());
-        mem.write_obj(bytes, GuestAddress(addr)).unwrap();
-        addr
-    }
-
-    /// Status address of chain `n`, pre-filled with 0xff so "not written" shows.
-    fn status(mem: &GuestMemoryMmap, n: u64) -> u64 {
-        mem.write_obj(0xffu8, GuestAddress(STATUS + n)).unwrap();
-        STATUS + n
-    }
-
-    /// Runs `chains` through the device (each chain's descriptors follow the previous chain's
-    /// in the table, `next` fields as given); returns the used lengths.
-    fn run(f: &mut Fixture, chains: &[Vec<RawDescriptor>]) -> Vec<u32> {
-        let vq = MockSplitQueue::new(&f.mem, QUEUE_SIZE);
-        let mut offset = 0;
-        for chain in chains {
-            vq.add_desc_chains(chain, offset).unwrap();
-            offset += u16::try_from(chain.len()).unwrap();
-        }
-        let mut queue: Queue = vq.create_queue().unwrap();
-        assert!(f.block.process_queue(0, &mut queue, &f.mem));
-        let used = queue
-            .used_idx(&f.mem, std::sync::atomic::Ordering::Acquire)
-            .unwrap()
-            .0;
-        (0..used)
-            .map(|i| {
-                let len_addr = vq.used_addr().unchecked_add(4 + u64::from(i) * 8 + 4);
-                f.mem.read_obj::<u32>(len_addr).unwrap()
-            })
-            .collect()
-    }
-
-    /// A good one-sector read as chain `n` starting at descriptor `first`.
-    fn good_read(mem: &GuestMemoryMmap, n: u64, first: u16) -> Vec<RawDescriptor> {
-        vec![
-            desc(header(mem, n, VIRTIO_BLK_T_IN, 1), 16, NEXT, first + 1),
-            desc(DATA + n * 0x1000, 512, NEXT | WRITE, first + 2),
-            desc(status(mem, n), 1, WRITE, 0),
-        ]
-    }
-
-    fn status_of(f: &Fixture, n: u64) -> u8 {
-        f.mem.read_obj(GuestAddress(STATUS + n)).unwrap()
-    }
-
-    /// `bad` as chain 0, then a good read as chain 1: the bad one gets `expected` (0xff: no
-    /// status written) and the good one is still served.
-    fn refused_then_served(
-        name: &str,
-        read_only: bool,
-        bad: impl Fn(&GuestMemoryMmap) -> Vec<RawDescriptor>,
-        expected: u8,
-    ) {
-        let mut f = fixture(name, read_only);
-        status(&f.mem, 0);
-        let bad = bad(&f.mem);
-        let good = good_read(&f.mem, 1, u16::try_from(bad.len()).unwrap());
-        let used = run(&mut f, &[bad, good]);
-        assert_eq!(used.len(), 2, "{name}: both chains completed");
-        assert_eq!(
-            status_of(&f, 0),
-            expected,
-            "{name}: status of the bad request"
-        );
-        assert_eq!(
-            status_of(&f, 1),
-            VIRTIO_BLK_S_OK,
-            "{name}: the next request is served"
-        );
-        let mut data = [0u8; 512];
-        f.mem
-            .read_slice(&mut data, GuestAddress(DATA + 0x1000))
-            .unwrap();
-        let expected_data: Vec<u8> = (512..1024u64).map(|i| (i % 251) as u8).collect();
-        assert_eq!(data.to_vec(), expected_data, "{name}: sector 1's bytes");
-        assert_eq!(used[1], 513);
-    }
-
-    #[test]
-    fn read_returns_the_image_bytes() {
-        let mut f = fixture("read", false);
-        let read = good_read(&f.mem, 0, 0);
-        assert_eq!(run(&mut f, &[read]), vec![513]);
-        assert_eq!(status_of(&f, 0), VIRTIO_BLK_S_OK);
-        assert_eq!(f.block.counters().reads.load(Ordering::Relaxed), 1);
-    }
-
-    #[test]
-    fn write_then_flush_reaches_the_file() {
-        let mut f = fixture("write", false);
-        f.mem
-            .write_slice(&[0xab; 1024], GuestAddress(DATA))
-            .unwrap();
-        let write = vec![
-            desc(header(&f.mem, 0, VIRTIO_BLK_T_OUT, 3), 16, NEXT, 1),
-            desc(DATA, 1024, NEXT, 2),
-            desc(status(&f.mem, 0), 1, WRITE, 0),
-        ];
-        let flush = vec![
-            desc(
-                header(&f.mem, 1, request::VIRTIO_BLK_T_FLUSH, 0),
-                16,
-                NEXT,
-                4,
-            ),
-            desc(status(&f.mem, 1), 1, WRITE, 0),
-        ];
-        assert_eq!(run(&mut f, &[write, flush]), vec![1, 1]);
-        assert_eq!((status_of(&f, 0), status_of(&f, 1)), (0, 0));
-        let image = std::fs::read(&f.image).unwrap();
-        assert!(image[3 * 512..5 * 512].iter().all(|&b| b == 0xab));
-        assert_eq!(
-            image[5 * 512],
-            ((5 * 512) % 251) as u8,
-            "nothing past the request changed"
-        );
-    }
-
-    #[test]
-    fn get_id_writes_the_serial() {
-        let mut f = fixture("id", false);
-        let descs = vec![
-            desc(header(&f.mem, 0, VIRTIO_BLK_T_GET_ID, 0), 16, NEXT, 1),
-            desc(DATA, 20, NEXT | WRITE, 2),
-            desc(status(&f.mem, 0), 1, WRITE, 0),
-        ];
-        assert_eq!(run(&mut f, &[descs]), vec![21]);
-        let mut id = [0u8; 20];
-        f.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
-        assert_eq!(&id[..7], b"test-id");
-        assert!(id[7..].iter().all(|&b| b == 0));
-    }
-
-    #[test]
-    fn discard_zeroes_the_range() {
-        let mut f = fixture("discard", false);
-        let mut segment = [0u8; 16];
-        segment[..8].copy_from_slice(&8u64.to_le_bytes());
-        segment[8..12].copy_from_slice(&16u32.to_le_bytes());
-        f.mem.write_obj(segment, GuestAddress(DATA)).unwrap();
-        let descs = vec![
-            desc(header(&f.mem, 0, VIRTIO_BLK_T_DISCARD, 0), 16, NEXT, 1),
-            desc(DATA, 16, NEXT, 2),
-            desc(status(&f.mem, 0), 1, WRITE, 0),
-        ];
-        run(&mut f, &[descs]);
-        assert_eq!(status_of(&f, 0), VIRTIO_BLK_S_OK);
-        let image = std::fs::read(&f.image).unwrap();
-        assert!(image[8 * 512..24 * 512].iter().all(|&b| b == 0));
-        assert_ne!(
-            image[24 * 512 + 1],
-            0,
-            "the sector after the range keeps its data"
-        );
-    }
-
-    #[test]
-    fn write_to_a_read_only_disk_is_ioerr() {
-        refused_then_served(
-            "ro",
-            true,
-            |m| {
-                vec![
-                    desc(header(m, 0, VIRTIO_BLK_T_OUT, 0), 16, NEXT, 1),
-                    desc(DATA, 512, NEXT, 2),
-                    desc(status(m, 0), 1, WRITE, 0),
-                ]
-            },
-            VIRTIO_BLK_S_IOERR,
-        );
-    }
-
-    #[test]
-    fn read_past_the_end_is_ioerr() {
-        refused_then_served(
-            "beyond",
-            false,
-            |m| {
-                vec![
-                    desc(header(m, 0, VIRTIO_BLK_T_IN, IMAGE_SECTORS), 16, NEXT, 1),
-                    desc(DATA, 512, NEXT | WRITE, 2),
-                    desc(status(m, 0), 1, WRITE, 0),
-                ]
-            },
-            VIRTIO_BLK_S_IOERR,
-        );
-        refused_then_served(
-            "overflow",
-            false,
-            |m| {
-                vec![
-                    desc(header(m, 0, VIRTIO_BLK_T_IN, u64::MAX), 16, NEXT, 1),
-                    desc(DATA, 512, NEXT | WRITE, 2),
-                    desc(status(m, 0), 1, WRITE, 0),
-                ]
-            },
-            VIRTIO_BLK_S_IOERR,
-        );
-    }
-
-    #[test]
-    fn buffers_outside_guest_memory_are_ioerr() {
-        refused_then_served(
-            "outside",
-            false,
-            |m| {
-                vec![
-                    desc(header(m, 0, VIRTIO_BLK_T_IN, 0), 16, NEXT, 1),
-                    desc(1 << 48, 512, NEXT | WRITE, 2),
-                    desc(status(m, 0), 1, WRITE, 0),
-                ]
-            },
-            VIRTIO_BLK_S_IOERR,
-        );
-        refused_then_served(
-            "huge",
-            false,
-            |m| {
-                vec![
-                    desc(header(m, 0, VIRTIO_BLK_T_IN, 0), 16, NEXT, 1),
-                    desc(DATA, 0xffff_f000, NEXT | WRITE, 2),
-                    desc(status(m, 0), 1, WRITE, 0),
-                ]
-            },
-            VIRTIO_BLK_S_IOERR,
-        );
-    }
-
-    #[test]
-    fn unknown_types_are_unsupp() {
-        refused_then_served(
-            "badtype",
-            false,
-            |m| {
-                vec![
-                    desc(header(m, 0, 0x7fff, 0), 16, NEXT, 1),
-                    desc(status(m, 0), 1, WRITE, 0),
-                ]
-            },
-            VIRTIO_BLK_S_UNSUPP,
-        );
-    }
-
-    #[test]
-    fn chains_without_a_usable_status_complete_without_one() {
-        refused_then_served(
-            "nostatus",
-            false,
-            |m| vec![desc(header(m, 0, VIRTIO_BLK_T_IN, 0), 16, 0, 0)],
-            0xff,
-        );
-        refused_then_served(
-            "rostatus",
-            false,
-            |m| {
-                vec![
-                    desc(header(m, 0, VIRTIO_BLK_T_IN, 0), 16, NEXT, 1),
-                    desc(DATA, 512, NEXT | WRITE, 2),
-                    desc(status(m, 0), 1, 0, 0),
-                ]
-            },
-            0xff,
-        );
-    }
-
-    #[test]
-    fn a_looping_chain_is_cut_and_refused() {
-        // Descriptor 1 points at itself: the queue's TTL stops it, the device refuses it.
-        refused_then_served(
-            "loop",
-            false,
-            |m| {
-                vec![
-                    desc(header(m, 0, VIRTIO_BLK_T_IN, 0), 16, NEXT, 1),
-                    desc(DATA, 512, NEXT | WRITE, 1),
-                ]
-            },
-            0xff,
-        );
-    }
-
-    #[test]
-    fn data_in_the_wrong_direction_is_ioerr() {
-        refused_then_served(
-            "rodata",
-            false,
-            |m| {
-                vec![
-                    desc(header(m, 0, VIRTIO_BLK_T_IN, 0), 16, NEXT, 1),
-                    desc(DATA, 512, NEXT, 2),
-                    desc(status(m, 0), 1, WRITE, 0),
-                ]
-            },
-            VIRTIO_BLK_S_IOERR,
-        );
-    }
-
-    /// A full queue is served a budget at a time, each time saying that work is left, so the
-    /// event loop gets its thread back in between.
-    #[test]
-    fn a_full_queue_is_served_in_bounded_passes() {
-        use crate::devices::virtio::drain::CHAINS_PER_PASS;
-        let mut f = fixture("passes", false);
-        let vq = MockSplitQueue::new(&f.mem, QUEUE_SIZE);
-        let chains = QUEUE_SIZE / 2;
-        let descs: Vec<RawDescriptor> = (0..u64::from(chains))
-            .flat_map(|n| {
-                let i = u16::try_from(2 * n).unwrap();
-                [
-                    desc(header(&f.mem, n, 0x7fff, 0), 16, NEXT, i + 1),
-                    desc(status(&f.mem, n), 1, WRITE, 0),
-                ]
-            })
-            .collect();
-        vq.add_desc_chains(&descs, 0).unwrap();
-        let mut queue: Queue = vq.create_queue().unwrap();
-        let used = |queue: &Queue, mem| queue.used_idx(mem, Ordering::Acquire).unwrap().0;
-        let mut passes = 0;
-        loop {
-            let before = used(&queue, &f.mem);
-            f.block.process_queue(0, &mut queue, &f.mem);
-            passes += 1;
-            let taken = used(&queue, &f.mem) - before;
-            assert!(u32::from(taken) <= CHAINS_PER_PASS, "one pass took {taken}");
-            if f.block.take_backlog() == 0 {
-                break;
-            }
-            assert!(passes < 10, "the backlog never ends");
-        }
-        assert_eq!(used(&queue, &f.mem), chains, "every chain served");
-        assert_eq!(passes, u32::from(chains) / CHAINS_PER_PASS + 1);
-        assert!((0..u64::from(chains)).all(|n| status_of(&f, n) == VIRTIO_BLK_S_UNSUPP));
-    }
-
-    /// Found by the `virtio_mmio_registers` fuzz target: a guest that puts its used ring two
-    /// bytes after its available ring (no EVENT_IDX) makes the device's NO_NOTIFY flag write
-    /// set the available index to 1 and the re-enabling write set it back to 0. Each pass then
-    /// found nothing while `enable_notification` kept saying a request had come, and the event
-    /// loop spun forever on one notification (a VM that could not even be stopped).
-    #[test]
-    fn overlapping_rings_do_not_spin_the_event_loop() {
-        let mut f = fixture("overlap", false);
-        let mut queue = Queue::new(QUEUE_SIZE).unwrap();
-        queue.try_set_size(8).unwrap();
-        queue
-            .try_set_desc_table_address(GuestAddress(0x2c70))
-            .unwrap();
-        queue
-            .try_set_avail_ring_address(GuestAddress(0x7676))
-            .unwrap();
-        queue
-            .try_set_used_ring_address(GuestAddress(0x7678))
-            .unwrap();
-        queue.set_ready(true);
-        let (done, finished) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            f.block.process_queue(0, &mut queue, &f.mem);
-            let _ = done.send(f.block.guest_errors.count());
-        });
-        let errors = finished
-            .recv_timeout(std::time::Duration::from_secs(10))
-            .expect("process_queue spins on overlapping rings");
-        assert!(errors >= 1, "the broken ring is counted");
-    }
-
-    #[test]
-    fn config_space_reads_capacity_and_zero_past_its_end() {
-        use crate::devices::bus::BusDevice;
-        use crate::devices::virtio::mmio::MmioTransport;
-        use vmm_sys_util::eventfd::EventFd;
-
-        let image = std::env::temp_dir().join(format!("ember-blk-{}-config", std::process::id()));
-        std::fs::write(
-            &image,
-            vec![0u8; usize::try_from(IMAGE_SECTORS * SECTOR_SIZE).unwrap()],
-        )
-        .unwrap();
-        let block = Block::new(DiskFile::open(&image, false, false).unwrap(), "test-id");
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut transport = MmioTransport::new(Box::new(block), mem, evt(), vec![evt()]).unwrap();
-        // The device's config space starts at 0x100 in its window.
-        let mut capacity = [0u8; 8];
-        transport.read(0x100, &mut capacity);
-        assert_eq!(u64::from_le_bytes(capacity), IMAGE_SECTORS);
-        let mut past = [0xffu8; 4];
-        transport.read(0x100 + (1 << 40), &mut past);
-        assert_eq!(past, [0; 4]);
-        let mut straddling = [0xffu8; 8];
-        transport.read(0x100 + 56, &mut straddling);
-        assert_eq!(straddling, [1, 0, 0, 0, 0, 0, 0, 0]);
-        drop(transport);
-        std::fs::remove_file(image).unwrap();
-    }
-}
+#[path = "device_tests.rs"]
+mod tests;

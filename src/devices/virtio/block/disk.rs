@@ -92,6 +92,11 @@ impl DiskFile {
         self.read_only
     }
 
+    /// The image's descriptor (for the io_uring engine).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+
     /// Moves the guest buffers `segments`, in order, from (`to_guest`) or to the image at byte
     /// `offset`: one positioned vectored read or write straight into guest memory (repeated only
     /// after a short transfer), so a request costs one system call however many segments it has.
@@ -102,19 +107,7 @@ impl DiskFile {
         segments: &[(GuestAddress, u32)],
         to_guest: bool,
     ) -> std::io::Result<()> {
-        // The guards keep each slice's mapping valid while the kernel uses the pointers.
-        let mut guards = Vec::with_capacity(segments.len());
-        let mut iovecs = Vec::with_capacity(segments.len());
-        for &(addr, len) in segments {
-            for slice in mem.get_slices(addr, len as usize) {
-                let guard = slice.map_err(std::io::Error::other)?.ptr_guard_mut();
-                iovecs.push(libc::iovec {
-                    iov_base: guard.as_ptr().cast(),
-                    iov_len: guard.len(),
-                });
-                guards.push(guard);
-            }
-        }
+        let mut iovecs = iovecs(mem, segments)?;
         let mut first = 0;
         let mut position = offset;
         while first < iovecs.len() {
@@ -123,8 +116,9 @@ impl DiskFile {
             let at = libc::off_t::try_from(position)
                 .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
             let fd = self.file.as_raw_fd();
-            // SAFETY: every iovec points into guest memory that `guards` keeps mapped, with the
-            // length vm-memory checked; `count` does not exceed the slice; the result is checked.
+            // SAFETY: every iovec points into guest memory, mapped for as long as `mem` lives,
+            // with the length vm-memory checked; `count` does not exceed the slice; the result
+            // is checked.
             let done = unsafe {
                 if to_guest {
                     libc::preadv(fd, pending.as_ptr(), count, at)
@@ -179,6 +173,31 @@ impl DiskFile {
         }
         Ok(())
     }
+}
+
+/// The host addresses of the guest buffers `segments`, in order (a buffer that straddles two
+/// memory regions gives two). Guest memory stays mapped while the VM's memory object lives, so
+/// the pointers stay valid that long; the kernel may be handed them for I/O in flight.
+pub fn iovecs(
+    mem: &GuestMemoryMmap,
+    segments: &[(GuestAddress, u32)],
+) -> std::io::Result<Vec<libc::iovec>> {
+    let mut iovecs = Vec::with_capacity(segments.len());
+    for &(addr, len) in segments {
+        for slice in mem.get_slices(addr, len as usize) {
+            let guard = slice.map_err(std::io::Error::other)?.ptr_guard_mut();
+            iovecs.push(libc::iovec {
+                iov_base: guard.as_ptr().cast(),
+                iov_len: guard.len(),
+            });
+        }
+    }
+    Ok(iovecs)
+}
+
+/// Whether `iovecs` fit one preadv/pwritev (or one io_uring readv/writev).
+pub fn fits_one_call(iovecs: &[libc::iovec]) -> bool {
+    iovecs.len() <= MAX_IOVECS
 }
 
 /// Takes the whole file's open-file-description lock (the kind QEMU takes and tests, on bytes

@@ -25,6 +25,8 @@ pub struct NetCounters {
     tx_bytes: AtomicU64,
     tx_drops: AtomicU64,
     tx_errors: AtomicU64,
+    rx_throttled: AtomicU64,
+    tx_throttled: AtomicU64,
 }
 
 /// A snapshot of [`NetCounters`]. Bytes count frames without the virtio-net header.
@@ -64,6 +66,14 @@ fn bump(counter: &AtomicU64, by: u64) {
 }
 
 impl NetCounters {
+    /// Frames the receive and the transmit rate limiters held back (each counted once).
+    pub fn throttled(&self) -> (u64, u64) {
+        (
+            self.rx_throttled.load(Ordering::Relaxed),
+            self.tx_throttled.load(Ordering::Relaxed),
+        )
+    }
+
     /// The current values.
     pub fn snapshot(&self) -> NetStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
