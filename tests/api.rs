@@ -597,6 +597,16 @@ fn a_drive_is_swapped_after_boot() {
     assert_eq!(call(&socket, "PATCH", "/drives/data", &patch).status, 204);
     let config = call(&socket, "GET", "/vm/config", "").json();
     assert_eq!(config["drives"][0]["path_on_host"], two.to_str().unwrap());
+    // New limits at run time.
+    let limit = r#"{"drive_id": "data", "rate_limiter": {"bandwidth": {"size": 1048576, "refill_time": 1000}, "ops": {"size": 100, "one_time_burst": 50, "refill_time": 1000}}}"#;
+    let answer = call(&socket, "PATCH", "/drives/data", limit);
+    assert_eq!(answer.status, 204, "{answer:?}");
+    let config = call(&socket, "GET", "/vm/config", "").json();
+    let limiter = &config["drives"][0]["rate_limiter"];
+    assert_eq!(limiter["bandwidth"]["size"], 1_048_576, "{config}");
+    assert_eq!(limiter["ops"]["one_time_burst"], 50, "{config}");
+    let bad = r#"{"drive_id": "data", "rate_limiter": {"bandwidth": {"size": 1, "refill_time": 999999999999}}}"#;
+    assert_eq!(call(&socket, "PATCH", "/drives/data", bad).status, 400);
     vm.stop(GUEST_TIMEOUT);
 }
 

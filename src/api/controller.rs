@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::json;
 
 use super::model::{self, ActionType, FullConfig, Refused, VmState};
-use super::{ApiRequest, ApiResponse, ManagedVm};
+use super::{ApiRequest, ApiResponse, ManagedVm, RateLimited};
 use crate::VmConfig;
 
 /// What the controller needs from its host: starting a VM and configuring ember's logging.
@@ -234,20 +234,26 @@ impl<L: Launcher> Controller<L> {
             .iter()
             .position(|d| d.serial() == update.drive_id)
             .ok_or_else(|| ApiResponse::bad_request(format!("no drive {:?}", update.drive_id)))?;
-        if update.rate_limiter.as_ref().is_some_and(|v| !v.is_null()) {
+        if update.path_on_host.is_none() && update.rate_limiter.is_none() {
             return Err(ApiResponse::bad_request(
-                "rate_limiter is not supported by ember",
+                "nothing to change: give path_on_host or rate_limiter",
             ));
         }
-        let Some(path) = &update.path_on_host else {
-            return Err(ApiResponse::bad_request(
-                "nothing to change: give path_on_host",
-            ));
-        };
-        self.running()?
-            .update_drive(&update.drive_id, path)
-            .map_err(ApiResponse::bad_request)?;
-        self.config.disks[index].path = path.clone();
+        if let Some(limiter) = &update.rate_limiter {
+            limiter
+                .validate(&update.drive_id)
+                .map_err(|e| ApiResponse::bad_request(e.to_string()))?;
+            self.running()?
+                .update_rate_limiter(&update.drive_id, RateLimited::Disk, limiter)
+                .map_err(ApiResponse::bad_request)?;
+            self.config.disks[index].rate_limiter = Some(*limiter);
+        }
+        if let Some(path) = &update.path_on_host {
+            self.running()?
+                .update_drive(&update.drive_id, path)
+                .map_err(ApiResponse::bad_request)?;
+            self.config.disks[index].path = path.clone();
+        }
         Ok(ApiResponse::no_content())
     }
 
@@ -273,21 +279,40 @@ impl<L: Launcher> Controller<L> {
                 "PATCH /network-interfaces needs a running microVM: before InstanceStart use PUT",
             ));
         }
-        if !self.config.nets.iter().any(|n| n.id() == update.iface_id) {
+        let Some(index) = self
+            .config
+            .nets
+            .iter()
+            .position(|n| n.id() == update.iface_id)
+        else {
             return Err(ApiResponse::bad_request(format!(
                 "no network interface {:?}",
                 update.iface_id
             )));
-        }
-        let given = |v: &Option<serde_json::Value>| v.as_ref().is_some_and(|v| !v.is_null());
-        if given(&update.rx_rate_limiter) || given(&update.tx_rate_limiter) {
+        };
+        if update.rx_rate_limiter.is_none() && update.tx_rate_limiter.is_none() {
             return Err(ApiResponse::bad_request(
-                "rate limiters are not supported by ember",
+                "nothing to change: give rx_rate_limiter or tx_rate_limiter",
             ));
         }
-        Err(ApiResponse::bad_request(
-            "nothing to change: ember's interfaces have no rate limiters",
-        ))
+        for (limiter, kind) in [
+            (&update.rx_rate_limiter, RateLimited::Rx),
+            (&update.tx_rate_limiter, RateLimited::Tx),
+        ] {
+            let Some(limiter) = limiter else { continue };
+            limiter
+                .validate(&update.iface_id)
+                .map_err(|e| ApiResponse::bad_request(e.to_string()))?;
+            self.running()?
+                .update_rate_limiter(&update.iface_id, kind, limiter)
+                .map_err(ApiResponse::bad_request)?;
+            let net = &mut self.config.nets[index];
+            match kind {
+                RateLimited::Rx => net.rx_rate_limiter = Some(*limiter),
+                _ => net.tx_rate_limiter = Some(*limiter),
+            }
+        }
+        Ok(ApiResponse::no_content())
     }
 
     fn put_logger(&mut self, logger: &model::Logger) -> Result<ApiResponse, ApiResponse> {

@@ -41,6 +41,15 @@ impl ManagedVm for MockVm {
             .push(format!("update {drive_id} {}", path.display()));
         Ok(())
     }
+    fn update_rate_limiter(
+        &mut self,
+        id: &str,
+        kind: crate::api::RateLimited,
+        _limiter: &crate::config::RateLimiterConfig,
+    ) -> Result<(), String> {
+        self.calls.push(format!("limit {id} {kind:?}"));
+        Ok(())
+    }
     fn snapshot(&mut self, _config: &VmConfig, state: &Path, _memory: &Path) -> Result<(), String> {
         self.calls.push(format!("snapshot {}", state.display()));
         Ok(())
@@ -299,12 +308,18 @@ fn bad_devices_are_refused_by_the_request_that_adds_them() {
         &call(&mut c, "PUT", "/network-interfaces/eth0", mac),
         "multicast",
     );
-    let limited = r#"{"iface_id": "eth0", "host_dev_name": "tap0", "rx_rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}"#;
+    let limited = r#"{"iface_id": "eth0", "host_dev_name": "tap0", "rx_rate_limiter": {"ops": {"size": 1, "refill_time": 99999999999}}}"#;
     assert_fault(
         &call(&mut c, "PUT", "/network-interfaces/eth0", limited),
-        "rx_rate_limiter",
+        "refill_time",
     );
     assert!(c.config().nets.is_empty());
+    let limited = r#"{"iface_id": "eth0", "host_dev_name": "tap0", "rx_rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}"#;
+    assert_eq!(
+        call(&mut c, "PUT", "/network-interfaces/eth0", limited).status,
+        204
+    );
+    assert!(c.config().nets[0].rx_rate_limiter.is_some());
 }
 
 #[test]

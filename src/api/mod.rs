@@ -38,8 +38,27 @@ pub trait ManagedVm {
     fn send_ctrl_alt_del(&mut self) -> Result<(), String>;
     /// Swaps the backing file of disk `drive_id` and tells the guest its size may have changed.
     fn update_drive(&mut self, drive_id: &str, path_on_host: &Path) -> Result<(), String>;
+    /// Replaces the `kind` limiter of device `id` (a disk, or a network interface's receive or
+    /// transmit side).
+    fn update_rate_limiter(
+        &mut self,
+        id: &str,
+        kind: RateLimited,
+        limiter: &crate::config::RateLimiterConfig,
+    ) -> Result<(), String>;
     /// Snapshots the (paused) VM built from `config`: state to `state`, memory to `memory`.
     fn snapshot(&mut self, config: &VmConfig, state: &Path, memory: &Path) -> Result<(), String>;
+}
+
+/// Which limiter a `PATCH` replaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateLimited {
+    /// A disk's.
+    Disk,
+    /// A network interface's receive side.
+    Rx,
+    /// A network interface's transmit side.
+    Tx,
 }
 
 /// Largest request body accepted, as Firecracker's.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::{DiskConfig, MIN_MEMORY_MIB, NetConfig, VmConfig};
+use crate::config::{DiskConfig, IoEngine, MIN_MEMORY_MIB, NetConfig, RateLimiterConfig, VmConfig};
 
 /// Most vCPUs ember's MP table describes.
 pub const MAX_VCPUS: u8 = 254;
@@ -205,10 +205,10 @@ pub struct Drive {
     /// Caching mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_type: Option<CacheType>,
-    /// Rate limiter: not supported.
+    /// Bandwidth and operations limits (Firecracker's token buckets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<Value>,
-    /// I/O engine: only "Sync".
+    pub rate_limiter: Option<RateLimiterConfig>,
+    /// I/O engine: "Async" (io_uring) or "Sync"; ember picks io_uring where it can by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<String>,
     /// vhost-user-block socket: not supported.
@@ -225,11 +225,16 @@ impl Drive {
         if self.partuuid.is_some() {
             return refuse("partuuid is not supported by ember");
         }
-        unsupported("rate_limiter", &self.rate_limiter)?;
-        match self.io_engine.as_deref() {
-            None | Some("Sync") => {}
-            Some(other) => return refuse(format!("io_engine {other:?} is not supported by ember")),
-        }
+        let io_engine = match self.io_engine.as_deref() {
+            None => IoEngine::Auto,
+            Some("Sync") => IoEngine::Sync,
+            Some("Async") => IoEngine::Async,
+            Some(other) => {
+                return refuse(format!(
+                    "io_engine {other:?} is not one of \"Sync\" and \"Async\""
+                ));
+            }
+        };
         let Some(path) = &self.path_on_host else {
             return refuse("path_on_host is required");
         };
@@ -237,6 +242,8 @@ impl Drive {
         disk.id = Some(self.drive_id.clone());
         disk.read_only = self.is_read_only.unwrap_or(false);
         disk.root = self.is_root_device;
+        disk.io_engine = io_engine;
+        disk.rate_limiter = self.rate_limiter;
         Ok(disk)
     }
 
@@ -249,8 +256,12 @@ impl Drive {
             is_read_only: Some(disk.read_only),
             partuuid: None,
             cache_type: Some(CacheType::Writeback),
-            rate_limiter: None,
-            io_engine: Some("Sync".into()),
+            rate_limiter: disk.rate_limiter,
+            io_engine: match disk.io_engine {
+                IoEngine::Sync => Some("Sync".into()),
+                IoEngine::Async => Some("Async".into()),
+                IoEngine::Auto => None,
+            },
             socket: None,
         }
     }
@@ -265,9 +276,9 @@ pub struct DriveUpdate {
     /// The new image.
     #[serde(default)]
     pub path_on_host: Option<PathBuf>,
-    /// Rate limiter: not supported.
+    /// New limits, replacing the old ones.
     #[serde(default)]
-    pub rate_limiter: Option<Value>,
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// `PUT /network-interfaces/{id}` and an entry of the `network-interfaces` section.
@@ -284,12 +295,12 @@ pub struct NetworkInterface {
     /// MTU advertised to the guest: not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u16>,
-    /// Receive rate limiter: not supported.
+    /// Limits on what the guest receives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rx_rate_limiter: Option<Value>,
-    /// Transmit rate limiter: not supported.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on what the guest sends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tx_rate_limiter: Option<Value>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl NetworkInterface {
@@ -298,10 +309,10 @@ impl NetworkInterface {
         if self.mtu.is_some() {
             return refuse("mtu is not supported by ember");
         }
-        unsupported("rx_rate_limiter", &self.rx_rate_limiter)?;
-        unsupported("tx_rate_limiter", &self.tx_rate_limiter)?;
         let mut net = NetConfig::new(&self.host_dev_name);
         net.id = Some(self.iface_id.clone());
+        net.rx_rate_limiter = self.rx_rate_limiter;
+        net.tx_rate_limiter = self.tx_rate_limiter;
         if let Some(mac) = &self.guest_mac {
             net.mac = Some(
                 mac.parse()
@@ -319,8 +330,8 @@ impl NetworkInterface {
             // Only a given address: a derived one stays derived when the section is reused.
             guest_mac: net.mac.map(|mac| mac.to_string()),
             mtu: None,
-            rx_rate_limiter: None,
-            tx_rate_limiter: None,
+            rx_rate_limiter: net.rx_rate_limiter,
+            tx_rate_limiter: net.tx_rate_limiter,
         }
     }
 }
@@ -331,12 +342,12 @@ impl NetworkInterface {
 pub struct NetworkInterfaceUpdate {
     /// The interface's id.
     pub iface_id: String,
-    /// Receive rate limiter: not supported.
+    /// New receive limits.
     #[serde(default)]
-    pub rx_rate_limiter: Option<Value>,
-    /// Transmit rate limiter: not supported.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// New transmit limits.
     #[serde(default)]
-    pub tx_rate_limiter: Option<Value>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// Log levels, as Firecracker spells them (case-insensitive).
@@ -594,9 +605,8 @@ mod tests {
         assert_eq!(Drive::from_disk(&disk).drive_id, "rootfs");
         for field in [
             r#""partuuid": "x""#,
-            r#""io_engine": "Async""#,
+            r#""io_engine": "Fast""#,
             r#""socket": "/s""#,
-            r#""rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}"#,
         ] {
             let text = format!(
                 r#"{{"drive_id": "a", "path_on_host": "/i", "is_root_device": false, {field}}}"#

@@ -39,6 +39,21 @@ impl ManagedVm for VmHandle {
         VmHandle::update_drive(self, drive_id, path_on_host)
     }
 
+    fn update_rate_limiter(
+        &mut self,
+        id: &str,
+        kind: super::RateLimited,
+        limiter: &crate::config::RateLimiterConfig,
+    ) -> Result<(), String> {
+        use crate::devices::virtio::LimiterKind;
+        let kind = match kind {
+            super::RateLimited::Disk => LimiterKind::Disk,
+            super::RateLimited::Rx => LimiterKind::Rx,
+            super::RateLimited::Tx => LimiterKind::Tx,
+        };
+        VmHandle::update_rate_limiter(self, id, kind, limiter)
+    }
+
     fn snapshot(
         &mut self,
         config: &crate::VmConfig,

@@ -305,6 +305,26 @@ impl VmHandle {
         entry.lock().replace_disk(image)
     }
 
+    /// Replaces a limiter of device `id` at run time (`PATCH /drives`, `/network-interfaces`):
+    /// the disk's, or an interface's receive or transmit one.
+    pub fn update_rate_limiter(
+        &mut self,
+        id: &str,
+        kind: crate::devices::virtio::LimiterKind,
+        limiter: &crate::config::RateLimiterConfig,
+    ) -> Result<(), String> {
+        let running = self.live().map_err(|e| e.to_string())?;
+        let entry = running
+            .devices
+            .virtio(id)
+            .ok_or_else(|| format!("no device {id}"))?;
+        if entry.lock().set_rate_limiter(kind, Some(limiter)) {
+            Ok(())
+        } else {
+            Err(format!("{id} has no such rate limiter"))
+        }
+    }
+
     /// The ids of every device, as the API and snapshots name them.
     pub fn device_ids(&self) -> Vec<String> {
         self.running
