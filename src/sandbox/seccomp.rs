@@ -37,6 +37,12 @@ pub enum ThreadKind {
     Main,
 }
 
+impl ThreadKind {
+    /// Every kind. build.rs compiles a filter for each at build time; the table it generates
+    /// matches on the kind, so a kind missing here fails the build.
+    pub const ALL: [ThreadKind; 3] = [ThreadKind::Vcpu, ThreadKind::Events, ThreadKind::Main];
+}
+
 /// Building or installing a filter failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -198,6 +204,12 @@ fn refusals(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     filter.try_into().map_err(|e| backend(kind, e))
 }
 
+/// The refusals and the allow-list for `kind`, compiled from the rules above, in the order they
+/// are installed. build.rs runs this at build time; [`ThreadFilter::new`] uses its output.
+pub fn compile(kind: ThreadKind) -> Result<[BpfProgram; 2], SeccompError> {
+    Ok([refusals(kind)?, filter(kind)?])
+}
+
 /// The compiled allow-list for `kind`: listed calls allowed, everything else traps.
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let rules: BTreeMap<i64, Vec<SeccompRule>> = rules(kind)?.into_iter().collect();
@@ -223,9 +235,15 @@ pub struct ThreadFilter {
 
 impl ThreadFilter {
     /// The filter for `kind`; `selftest` names the kind that tests a violation (debug builds).
+    /// The programs are the ones build.rs compiled from these rules, copied; they are compiled
+    /// again here only if the kick signal differs from the one they were compiled with.
     pub fn new(kind: ThreadKind, selftest: Option<ThreadKind>) -> Result<Self, SeccompError> {
+        let programs = match super::seccomp_bpf::programs(kind) {
+            Some([first, second]) => [first.to_vec(), second.to_vec()],
+            None => compile(kind)?,
+        };
         Ok(ThreadFilter {
-            programs: std::sync::Arc::new([refusals(kind)?, filter(kind)?]),
+            programs: std::sync::Arc::new(programs),
             kind,
             selftest: selftest == Some(kind),
         })
@@ -265,6 +283,18 @@ mod tests {
     fn every_filter_compiles() {
         for kind in [ThreadKind::Vcpu, ThreadKind::Events, ThreadKind::Main] {
             assert!(!filter(kind).unwrap().is_empty(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn the_filters_compiled_at_build_time_are_the_rules_compiled_now() {
+        for kind in ThreadKind::ALL {
+            let built = super::super::seccomp_bpf::programs(kind).expect("same kick signal");
+            let now = compile(kind).unwrap();
+            assert_eq!(built[0], now[0].as_slice(), "{kind:?} refusals");
+            assert_eq!(built[1], now[1].as_slice(), "{kind:?} allow-list");
+            let filter = ThreadFilter::new(kind, None).unwrap();
+            assert_eq!(*filter.programs, now, "{kind:?}");
         }
     }
 
