@@ -5,7 +5,7 @@
 //!    CPUID. Everything a boot and a restore share.
 //! 2. [`boot`]: kernel, initrd, command line, boot tables and the vCPUs' entry state. (A restore
 //!    applies saved state to the same shape instead.)
-//! 3. [`run`]: the seccomp filters, the event loop and the vCPU threads; returns the handle.
+//! 3. [`run`]: the seccomp filters, the vCPU threads, then the event loop; returns the handle.
 
 use std::sync::Arc;
 
@@ -169,7 +169,7 @@ pub fn boot(shaped: &mut Shaped, config: &VmConfig) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Stage 3: filters, the event loop, one thread per vCPU; the VM runs.
+/// Stage 3: filters, one thread per vCPU, then the event loop; the VM runs.
 pub fn run(shaped: Shaped, config: &VmConfig) -> Result<VmHandle, StartError> {
     let Shaped {
         memory,
@@ -184,28 +184,41 @@ pub fn run(shaped: Shaped, config: &VmConfig) -> Result<VmHandle, StartError> {
         smaps,
     } = shaped;
     let filters = ThreadFilters::new(config)?;
-    let loop_exit = exit.clone();
-    let mut events = event_loop::start(subscribers, filters.events.clone(), move |why| {
-        loop_exit.report(ExitReason::VmmError(why))
-    })?;
     let buses = Arc::new(buses);
     let control = Arc::new(VcpuControl::new(vcpus.len()));
     let vcpu_counters = vcpus.iter().map(Vcpu::counters).collect();
     let mut threads = Vec::with_capacity(vcpus.len());
+    // The vCPUs first: the boot vCPU enters the guest while this thread sets up the event loop.
+    // Nothing the guest does waits for the loop: its queue notifications and console input
+    // stay in their eventfds and pipes until the loop's first epoll_wait.
+    let mut spawned = Ok(());
     for vcpu in vcpus {
         match spawn_vcpu(vcpu, &buses, &control, &exit, &timeline, &filters) {
             Ok(thread) => threads.push(thread),
             Err(e) => {
-                // Nothing may keep running detached: end the threads already started.
-                control.exit(&threads);
-                for thread in threads {
-                    let _ = thread.join();
-                }
-                events.stop();
-                return Err(e);
+                spawned = Err(e);
+                break;
             }
         }
     }
+    let loop_exit = exit.clone();
+    let events = spawned.and_then(|()| {
+        event_loop::start(subscribers, filters.events.clone(), move |why| {
+            loop_exit.report(ExitReason::VmmError(why))
+        })
+        .map_err(StartError::from)
+    });
+    let events = match events {
+        Ok(events) => events,
+        Err(e) => {
+            // Nothing may keep running detached: end the threads already started.
+            control.exit(&threads);
+            for thread in threads {
+                let _ = thread.join();
+            }
+            return Err(e);
+        }
+    };
     Ok(VmHandle::new(super::Running {
         vm,
         memory,
