@@ -1,4 +1,4 @@
-//! Compiles the seccomp filters at build time: every thread kind's BPF programs, from the rules
+//! Compiles the seccomp filters at build time: every thread kind's BPF program, from the rules
 //! in src/sandbox/seccomp.rs (the one source of them, included here as it is), written as a
 //! table the crate includes (src/sandbox/seccomp_bpf.rs). A VM start then copies them instead of
 //! compiling them.
@@ -21,9 +21,7 @@ mod sigsys {
 /// The table is not built yet while it is being built.
 #[allow(dead_code)]
 mod seccomp_bpf {
-    pub fn programs(
-        _: super::seccomp::ThreadKind,
-    ) -> Option<[&'static [seccompiler::sock_filter]; 2]> {
+    pub fn program(_: super::seccomp::ThreadKind) -> Option<&'static [seccompiler::sock_filter]> {
         None
     }
 }
@@ -46,38 +44,26 @@ fn main() {
     let _ = writeln!(out, "const BUILD_KICK_SIGNAL: i32 = {signal};");
     let mut arms = String::new();
     for kind in seccomp::ThreadKind::ALL {
-        let programs = match seccomp::compile(kind) {
-            Ok(programs) => programs,
+        let program = match seccomp::compile(kind) {
+            Ok(program) => program,
             Err(e) => panic!("the {kind:?} seccomp filter does not compile: {e:?}"),
         };
         let name = format!("{kind:?}").to_uppercase();
-        for (i, program) in programs.iter().enumerate() {
+        let _ = writeln!(out, "static {name}: [sock_filter; {}] = [", program.len());
+        for insn in &program {
             let _ = writeln!(
                 out,
-                "static {name}_{i}: [sock_filter; {}] = [",
-                program.len()
+                "    sock_filter {{ code: {:#06x}, jt: {}, jf: {}, k: {:#010x} }},",
+                insn.code, insn.jt, insn.jf, insn.k
             );
-            for insn in program {
-                let _ = writeln!(
-                    out,
-                    "    sock_filter {{ code: {:#06x}, jt: {}, jf: {}, k: {:#010x} }},",
-                    insn.code, insn.jt, insn.jf, insn.k
-                );
-            }
-            let _ = writeln!(out, "];");
         }
-        let _ = writeln!(
-            arms,
-            "        ThreadKind::{kind:?} => [&{name}_0, &{name}_1],"
-        );
+        let _ = writeln!(out, "];");
+        let _ = writeln!(arms, "        ThreadKind::{kind:?} => &{name},");
     }
+    let _ = writeln!(out, "/// The program of `kind`.");
     let _ = writeln!(
         out,
-        "/// The programs of `kind`, in the order they are installed."
-    );
-    let _ = writeln!(
-        out,
-        "fn built(kind: ThreadKind) -> [&'static [sock_filter]; 2] {{"
+        "fn built(kind: ThreadKind) -> &'static [sock_filter] {{"
     );
     let _ = writeln!(out, "    match kind {{\n{arms}    }}\n}}");
     let dir = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR");
