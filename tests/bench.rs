@@ -132,3 +132,54 @@ fn bench_boot_defaults_to_the_minimal_test_guest_and_sees_its_boot_timer() {
         assert!(timer > 0 && timer <= marker, "{s}");
     }
 }
+
+/// The yardstick's sources on the development hosts (not part of this repository).
+const YARDSTICK: &str = "/work/shared/yardstick";
+
+#[test]
+fn bench_boot_compares_with_least_vmm_on_its_null_guest_with_cpu_times_and_ratios() {
+    if !kvm_available() {
+        return;
+    }
+    if !std::path::Path::new(YARDSTICK)
+        .join("least-vmm.c")
+        .is_file()
+    {
+        eprintln!("no yardstick at {YARDSTICK}: --compare least-vmm not tested");
+        return;
+    }
+    let out = Command::new(ember())
+        .args([
+            "bench",
+            "boot",
+            "--json",
+            "-n",
+            "2",
+            "--compare",
+            "least-vmm",
+        ])
+        .args(["--yardstick", YARDSTICK])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("well-formed JSON");
+    for vmm in ["ember", "least-vmm"] {
+        assert_eq!(json[vmm]["marker"], "EMBER-BOOT-OK", "{json}");
+        for s in json[vmm]["samples"].as_array().unwrap() {
+            let cpu = s["cpu_us"].as_u64().unwrap_or_else(|| panic!("{vmm}: {s}"));
+            let exit = s["exit_us"].as_u64().unwrap();
+            assert!(
+                cpu > 0 && s["marker_us"].as_u64().unwrap() <= exit,
+                "{vmm}: {s}"
+            );
+        }
+    }
+    for phase in ["spawn->marker", "spawn->exit", "CPU time (user+sys)"] {
+        let ratio = json["p50_ember_ratio"][phase].as_f64();
+        assert!(ratio.is_some_and(|r| r > 0.0), "{phase}: {json}");
+    }
+}

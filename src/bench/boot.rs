@@ -102,6 +102,19 @@ impl Target {
             metrics: false,
         }
     }
+
+    /// The yardstick `least-vmm` (built from /work/shared/yardstick/least-vmm.c, or given):
+    /// one VM with the split irqchip, one memory slot, one vCPU, COM1 to stdout, exit at the
+    /// i8042 reset. Only for its tiny PVH guest (one `PT_LOAD` at 16 MiB, file offset 0x1000).
+    pub fn least_vmm(binary: PathBuf, kernel: &str) -> Target {
+        Target {
+            name: "least-vmm".into(),
+            program: binary,
+            args: vec![kernel.to_owned(), "split".to_owned()],
+            ok_codes: vec![0],
+            metrics: false,
+        }
+    }
 }
 
 /// What to boot, on which VMMs, and how often.
@@ -135,6 +148,8 @@ pub struct BootRun {
     pub kernel_load: Option<Duration>,
     /// ember's resident memory outside guest RAM, KiB.
     pub overhead_kib: Option<u64>,
+    /// The VMM process's CPU time, user + system, every thread (wait4's rusage).
+    pub cpu: Option<Duration>,
 }
 
 /// A boot that went wrong.
@@ -270,8 +285,7 @@ impl BootBench {
             all
         });
         let stop = self.stop_at_marker.then_some(&*marker_seen);
-        let status = wait_with_timeout(&mut child, self.timeout, stop);
-        let exit = start.elapsed();
+        let (status, exit, cpu) = wait_with_timeout(&mut child, start, self.timeout, stop);
         let _ = out.join();
         let stderr = err.join().unwrap_or_default();
         let (mut first_serial, mut marker_at) = (None, None);
@@ -309,6 +323,7 @@ impl BootBench {
                 exit,
                 kernel_load,
                 overhead_kib,
+                cpu,
             }),
             _ => Err(BenchError::NoMarker {
                 run,
@@ -349,36 +364,83 @@ fn parse_own_measurements(line: &str) -> Option<OwnMeasurements> {
     })
 }
 
-/// Waits for `child`, killing it past `timeout`, and sending it SIGTERM once `stop` is set; the
-/// exit code if it exited by itself (or on that SIGTERM).
+/// Waits for `child`, killing it past `timeout`, and sending it SIGTERM once `stop` is set.
+/// Returns the exit code if it exited by itself (or on that SIGTERM), when it exited (from
+/// `start`) and its CPU time (user + system of all its threads, from wait4's rusage). The exit is
+/// seen through a pidfd, as soon as it happens, where the kernel has them.
 fn wait_with_timeout(
     child: &mut std::process::Child,
+    start: Instant,
     timeout: Duration,
     stop: Option<&AtomicBool>,
-) -> Option<i32> {
+) -> (Option<i32>, Duration, Option<Duration>) {
     let deadline = Instant::now() + timeout;
+    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return (None, start.elapsed(), None);
+    };
+    let pidfd = exit_watch(pid);
     let mut stopped = false;
     loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return status.code(),
-            Ok(None) if Instant::now() < deadline => {
-                if !stopped && stop.is_some_and(|s| s.load(Ordering::Acquire)) {
-                    stopped = true;
-                    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-                        // SAFETY: kill(2) on our own child, which only this thread reaps and
-                        // which `try_wait` just found not reaped: the PID is still its.
-                        unsafe { libc::kill(pid, libc::SIGTERM) };
-                    }
-                }
-                std::thread::sleep(Duration::from_micros(200))
+        if let Some((status, cpu)) = reap(pid) {
+            let exit = start.elapsed();
+            return (status, exit, Some(cpu));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (None, start.elapsed(), None);
+        }
+        if !stopped && stop.is_some_and(|s| s.load(Ordering::Acquire)) {
+            stopped = true;
+            // SAFETY: kill(2) on our own child, which only this thread reaps and which `reap`
+            // just found not reaped: the PID is still its.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        match &pidfd {
+            Some(fd) => {
+                use std::os::fd::AsRawFd;
+                let mut poll = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut poll, 1, 1) };
             }
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
+            None => std::thread::sleep(Duration::from_micros(200)),
         }
     }
+}
+
+/// A pidfd for `pid`, readable once it exits (`None` on kernels without pidfd_open).
+fn exit_watch(pid: libc::pid_t) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+    // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reaps `pid` if it has exited: its exit code (`None` if a signal ended it) and its CPU time.
+fn reap(pid: libc::pid_t) -> Option<(Option<i32>, Duration)> {
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to a status and a rusage, for our own child.
+    let reaped = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+    if reaped != pid {
+        return None;
+    }
+    let time = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    let cpu = time(usage.ru_utime) + time(usage.ru_stime);
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    Some((code, cpu))
 }
 
 /// Per-phase summaries of `runs`.
@@ -396,13 +458,17 @@ pub fn summarize(runs: &[BootRun]) -> Vec<(&'static str, Summary)> {
 pub type PhaseSample = fn(&BootRun) -> Option<Duration>;
 
 /// The end-to-end phases, each with how to read it off a run.
-pub const PHASES: [(&str, PhaseSample); 5] = [
+pub const PHASES: [(&str, PhaseSample); 6] = [
     ("kernel load (in ember)", |r| r.kernel_load),
     ("spawn->first serial byte", |r| Some(r.first_serial)),
     ("spawn->boot timer", |r| r.boot_timer),
     ("spawn->marker", |r| Some(r.marker)),
     ("spawn->exit", |r| Some(r.exit)),
+    (CPU_TIME, |r| r.cpu),
 ];
+
+/// The name of the per-process CPU time row.
+pub const CPU_TIME: &str = "CPU time (user+sys)";
 
 #[cfg(test)]
 mod tests {
@@ -423,6 +489,22 @@ mod tests {
     }
 
     #[test]
+    fn a_child_is_reaped_with_its_exit_code_and_cpu_time() {
+        let mut child = Command::new("sh")
+            .args([
+                "-c",
+                "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; exit 3",
+            ])
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        let (code, exit, cpu) = wait_with_timeout(&mut child, start, Duration::from_secs(60), None);
+        assert_eq!(code, Some(3));
+        assert!(exit > Duration::ZERO);
+        assert!(cpu.unwrap() > Duration::ZERO, "{cpu:?}");
+    }
+
+    #[test]
     fn phases_summarize_only_what_was_seen() {
         let ms = Duration::from_millis;
         let run = |t| BootRun {
@@ -432,6 +514,7 @@ mod tests {
             exit: ms(t + 2),
             kernel_load: None,
             overhead_kib: None,
+            cpu: None,
         };
         let s = summarize(&[run(10), run(20), run(30)]);
         let names: Vec<&str> = s.iter().map(|(n, _)| *n).collect();

@@ -4,3 +4,4 @@ pub mod boot;
 pub mod memory;
 pub mod plot;
 pub mod stats;
+pub mod yardstick;

@@ -119,6 +119,7 @@ mod tests {
             exit: Duration::from_millis(ms + 10),
             kernel_load: None,
             overhead_kib: None,
+            cpu: None,
         }
     }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use ember::bench::boot::{self, BootBench, BootRun, Target};
 use ember::bench::stats::Summary;
+use ember::bench::yardstick::{self, YardstickError};
 
 /// Where `cargo build --release` in tests/guest puts the test guest.
 const TEST_GUEST: &str = "tests/guest/target/release/ember-test-guest";
@@ -68,6 +69,14 @@ pub struct BootArgs {
     /// Also boot the same guest with another VMM, run by run (A B A B ...), and compare.
     #[arg(long, value_enum, value_name = "VMM")]
     pub compare: Option<CompareWith>,
+    /// `--compare least-vmm`: a built least-vmm binary (default: built with gcc from
+    /// --yardstick's least-vmm.c).
+    #[arg(long, value_name = "PATH")]
+    pub least_vmm: Option<PathBuf>,
+    /// `--compare least-vmm`: the yardstick's sources (least-vmm.c, build-null.py); without
+    /// --kernel both VMMs boot its null guest.
+    #[arg(long, value_name = "DIR", default_value = yardstick::DEFAULT_DIR)]
+    pub yardstick: PathBuf,
 
     /// Also draw every run, per phase and VMM, into this SVG file.
     #[arg(long, value_name = "FILE.svg")]
@@ -79,6 +88,8 @@ pub struct BootArgs {
 pub enum CompareWith {
     /// Debian's qemu-system-x86_64 with `-M microvm`.
     Qemu,
+    /// The yardstick: least-vmm.c, the least a VMM can do for a tiny PVH guest (its null guest).
+    LeastVmm,
 }
 
 /// A benchmark that cannot run.
@@ -106,6 +117,9 @@ pub enum BenchCliError {
     /// The plot.
     #[error(transparent)]
     Plot(#[from] ember::bench::plot::PlotError),
+    /// The yardstick of `--compare least-vmm`.
+    #[error(transparent)]
+    Yardstick(#[from] YardstickError),
 }
 
 /// Runs the benchmark and prints its result.
@@ -114,8 +128,17 @@ pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
     if args.runs == 0 || args.concurrency == 0 {
         return Err(BenchCliError::NoRuns);
     }
-    let (kernel, cmdline, marker) = match &args.kernel {
-        Some(kernel) => {
+    let least_vmm = matches!(args.compare, Some(CompareWith::LeastVmm));
+    let scratch = least_vmm.then(yardstick::scratch_dir).transpose()?;
+    let (kernel, cmdline, marker) = match (&args.kernel, &scratch) {
+        (None, Some(scratch)) => (
+            yardstick::build_null_guest(&args.yardstick, scratch)?,
+            args.cmdline.clone().unwrap_or_default(),
+            args.marker
+                .clone()
+                .unwrap_or_else(|| yardstick::NULL_GUEST_MARKER.to_owned()),
+        ),
+        (Some(kernel), _) => {
             let marker = args.marker.clone().ok_or(BenchCliError::NoMarker)?;
             let cmdline = args
                 .cmdline
@@ -123,7 +146,7 @@ pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
                 .unwrap_or_else(|| ember::DEFAULT_CMDLINE.to_owned());
             (kernel.clone(), cmdline, marker)
         }
-        None => {
+        (None, None) => {
             let guest = PathBuf::from(TEST_GUEST);
             if !guest.is_file() {
                 return Err(BenchCliError::NoTestGuest);
@@ -157,10 +180,18 @@ pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
         args.memory.to_string(),
     ]);
     let ember = std::env::current_exe().map_err(BenchCliError::CurrentExe)?;
+    let least_vmm_binary = match (&scratch, &args.least_vmm) {
+        (Some(_), Some(path)) => Some(path.clone()),
+        (Some(scratch), None) => Some(yardstick::build_least_vmm(&args.yardstick, scratch)?),
+        (None, _) => None,
+    };
     let targets_for = |cmdline: &str| {
         let mut with_cmdline = run_args.clone();
         with_cmdline.extend(["--cmdline".to_owned(), cmdline.to_owned()]);
         let mut targets = vec![Target::ember(ember.clone(), &with_cmdline)];
+        if let Some(binary) = &least_vmm_binary {
+            targets.push(Target::least_vmm(binary.clone(), &kernel_arg));
+        }
         if let Some(CompareWith::Qemu) = args.compare {
             targets.push(Target::qemu(
                 &kernel_arg,
@@ -174,7 +205,7 @@ pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
     };
     let targets = targets_for(&cmdline);
     // The same smaps measurement for every VMM, on the test guest idling after its report.
-    let idle_kib: Vec<Option<u64>> = if args.kernel.is_none() {
+    let idle_kib: Vec<Option<u64>> = if args.kernel.is_none() && !least_vmm {
         targets_for(TEST_GUEST_IDLE_CMDLINE)
             .iter()
             .map(|target| {
@@ -235,6 +266,7 @@ pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
                     })
                     .collect();
                 map.insert("p50_ratio".into(), ratios_json(&results));
+                map.insert("p50_ember_ratio".into(), inverse_ratios_json(&results));
                 serde_json::Value::Object(map)
             }
         };
@@ -259,7 +291,11 @@ pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
             }
         }
         if results.len() == 2 {
-            print_ratios(names[1], &results);
+            if least_vmm {
+                print_ember_ratios(names[1], &results);
+            } else {
+                print_ratios(names[1], &results);
+            }
         }
         let idle: Vec<String> = names
             .iter()
@@ -272,6 +308,9 @@ pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
                 idle.join(", ")
             );
         }
+    }
+    if let Some(dir) = &scratch {
+        let _ = std::fs::remove_dir_all(dir);
     }
     Ok(())
 }
@@ -297,6 +336,22 @@ fn ratios_json(results: &[Vec<BootRun>]) -> serde_json::Value {
         .map(|(name, r)| (name.to_owned(), serde_json::json!(r)))
         .collect();
     serde_json::Value::Object(map)
+}
+
+fn inverse_ratios_json(results: &[Vec<BootRun>]) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = ratios(results)
+        .into_iter()
+        .map(|(name, r)| (name.to_owned(), serde_json::json!(1.0 / r)))
+        .collect();
+    serde_json::Value::Object(map)
+}
+
+/// ember over the yardstick: how many times the floor ember takes (the targets).
+fn print_ember_ratios(other: &str, results: &[Vec<BootRun>]) {
+    println!("p50 ember / {other}:");
+    for (name, ratio) in ratios(results) {
+        println!("  {name:<26} {:>6.2}x", 1.0 / ratio);
+    }
 }
 
 fn print_ratios(other: &str, results: &[Vec<BootRun>]) {
@@ -372,6 +427,7 @@ fn json(
                 "marker_us": us(r.marker),
                 "exit_us": us(r.exit),
                 "memory_overhead_kib": r.overhead_kib,
+                "cpu_us": r.cpu.map(us),
             })
         })
         .collect();

@@ -3,6 +3,7 @@
 
 pub mod jail;
 pub mod seccomp;
+mod seccomp_bpf;
 mod sigsys;
 
 pub use seccomp::{SeccompError, ThreadKind};

@@ -75,6 +75,17 @@ pub enum ThreadKind {
     Api,
 }
 
+impl ThreadKind {
+    /// Every kind. build.rs compiles a filter for each at build time; the table it generates
+    /// matches on the kind, so a kind missing here fails the build.
+    pub const ALL: [ThreadKind; 4] = [
+        ThreadKind::Vcpu,
+        ThreadKind::Events,
+        ThreadKind::Main,
+        ThreadKind::Api,
+    ];
+}
+
 /// Building or installing a filter failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -150,8 +161,8 @@ fn common(kind: ThreadKind) -> Result<Rules, SeccompError> {
         libc::SYS_gettid,
         libc::SYS_exit,
         libc::SYS_exit_group,
-        // Let through here only to be refused with EACCES by `refusals` (stacked filters: the
-        // stricter answer wins), so glibc sees a failed open, not a trap.
+        // Let through here only to be refused with EACCES by `refusals`, which `compile` puts
+        // in front of the allow-list, so glibc sees a failed open, not a trap.
         libc::SYS_open,
         libc::SYS_openat,
     ]);
@@ -245,19 +256,45 @@ fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
 
 /// Calls refused with EACCES rather than trapped: glibc's malloc opens
 /// /proc/sys/vm/overcommit_memory the first time it trims a thread's heap (after a large free),
-/// and trims nothing when that fails. Nothing is ever opened.
-fn refusals(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = any(&[libc::SYS_open, libc::SYS_openat])
-        .into_iter()
-        .collect();
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EACCES as u32),
-        TargetArch::x86_64,
-    )
-    .map_err(|e| backend(kind, e))?;
-    filter.try_into().map_err(|e| backend(kind, e))
+/// and trims nothing when that fails. Nothing is ever opened. Checked ahead of the allow-list,
+/// in the same program (one seccomp(2) call per thread: on PVM hosts each costs ~70 us).
+fn refusals() -> Vec<seccompiler::sock_filter> {
+    use seccompiler::sock_filter;
+    let insn = |code: u32, jt: u8, jf: u8, k: u32| sock_filter {
+        code: u16::try_from(code).unwrap_or(u16::MAX),
+        jt,
+        jf,
+        k,
+    };
+    let (ld, jeq, ret) = (
+        libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+        libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+        libc::BPF_RET | libc::BPF_K,
+    );
+    // Offsets into struct seccomp_data: nr at 0, arch at 4.
+    let (nr, arch) = (0, 4);
+    let number = |call: i64| u32::try_from(call).unwrap_or(u32::MAX);
+    vec![
+        insn(ld, 0, 0, arch),
+        // Another architecture's numbers mean other calls: straight to the allow-list.
+        insn(jeq, 0, 4, AUDIT_ARCH_X86_64),
+        insn(ld, 0, 0, nr),
+        insn(jeq, 1, 0, number(libc::SYS_open)),
+        insn(jeq, 0, 1, number(libc::SYS_openat)),
+        insn(ret, 0, 0, libc::SECCOMP_RET_ERRNO | libc::EACCES as u32),
+    ]
+}
+
+/// `AUDIT_ARCH_X86_64`: EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE.
+const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+
+/// The one BPF program for `kind`, compiled from the rules above: the refusals, then the
+/// allow-list (whose jumps are relative, so they are unchanged behind the refusals). build.rs
+/// runs this at build time; [`ThreadFilter::new`] uses its output.
+pub fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    let mut program = refusals();
+    program.extend(filter(kind)?);
+    Ok(program)
 }
 
 /// The compiled allow-list for `kind`: listed calls allowed, everything else traps.
@@ -276,18 +313,23 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
 /// A compiled filter for one kind of thread, ready to hand to the thread that installs it.
 #[derive(Clone, Debug)]
 pub struct ThreadFilter {
-    /// The BPF programs, installed in order: the refusals, then the allow-list (which would trap
-    /// the prctl and seccomp calls that installing another filter takes).
-    pub programs: std::sync::Arc<[BpfProgram; 2]>,
+    /// The BPF program (refusals, then the allow-list).
+    pub program: std::sync::Arc<BpfProgram>,
     kind: ThreadKind,
     selftest: bool,
 }
 
 impl ThreadFilter {
     /// The filter for `kind`; `selftest` names the kind that tests a violation (debug builds).
+    /// The program is the one build.rs compiled from these rules, copied; it is compiled again
+    /// here only if the kick signal differs from the one it was compiled with.
     pub fn new(kind: ThreadKind, selftest: Option<ThreadKind>) -> Result<Self, SeccompError> {
+        let program = match super::seccomp_bpf::program(kind) {
+            Some(built) => built.to_vec(),
+            None => compile(kind)?,
+        };
         Ok(ThreadFilter {
-            programs: std::sync::Arc::new([refusals(kind)?, filter(kind)?]),
+            program: std::sync::Arc::new(program),
             kind,
             selftest: selftest == Some(kind),
         })
@@ -308,15 +350,12 @@ impl ThreadFilter {
     }
 }
 
-/// Installs `filter` on the calling thread (with no_new_privs), after the SIGSYS handler that
+/// Installs `filter` on the calling thread (with no_new_privs; one seccomp(2) call), after the SIGSYS handler that
 /// reports violations.
 pub fn apply(filter: &ThreadFilter) -> Result<(), SeccompError> {
     sigsys::install_handler().map_err(SeccompError::Handler)?;
     sigsys::remember_thread_name();
-    for program in filter.programs.iter() {
-        seccompiler::apply_filter(program).map_err(SeccompError::Install)?;
-    }
-    Ok(())
+    seccompiler::apply_filter(&filter.program).map_err(SeccompError::Install)
 }
 
 #[cfg(test)]
@@ -332,6 +371,17 @@ mod tests {
             ThreadKind::Api,
         ] {
             assert!(!filter(kind).unwrap().is_empty(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn the_filters_compiled_at_build_time_are_the_rules_compiled_now() {
+        for kind in ThreadKind::ALL {
+            let built = super::super::seccomp_bpf::program(kind).expect("same kick signal");
+            let now = compile(kind).unwrap();
+            assert_eq!(built, now.as_slice(), "{kind:?}");
+            let filter = ThreadFilter::new(kind, None).unwrap();
+            assert_eq!(*filter.program, now, "{kind:?}");
         }
     }
 

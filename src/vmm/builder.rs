@@ -6,7 +6,7 @@
 //! 2. [`boot`]: kernel, initrd, command line, boot tables and the vCPUs' entry state; or
 //!    [`restore`]: a snapshot's state applied to the same shape (guest memory mapped from its
 //!    file by `shape`).
-//! 3. [`run`]: the seccomp filters, the event loop and the vCPU threads; returns the handle.
+//! 3. [`run`]: the seccomp filters, the vCPU threads, then the event loop; returns the handle.
 
 use std::sync::Arc;
 
@@ -241,8 +241,8 @@ pub fn restore(shaped: &mut Shaped, snapshot: &VmSnapshot) -> Result<(), Persist
     Ok(())
 }
 
-/// Stage 3: filters, the event loop, one thread per vCPU; the VM runs (or, with `paused`, its
-/// threads start parked: a restored VM that waits for a resume).
+/// Stage 3: filters, one thread per vCPU, then the event loop; the VM runs (or, with `paused`,
+/// its threads start parked: a restored VM that waits for a resume).
 pub fn run(shaped: Shaped, config: &VmConfig, paused: bool) -> Result<VmHandle, StartError> {
     let Shaped {
         kvm,
@@ -262,34 +262,47 @@ pub fn run(shaped: Shaped, config: &VmConfig, paused: bool) -> Result<VmHandle, 
         None => None,
     };
     let filters = ThreadFilters::new(config)?;
-    let loop_exit = exit.clone();
-    let mut events = event_loop::start(subscribers, filters.events.clone(), move |why| {
-        loop_exit.report(ExitReason::VmmError(why))
-    })?;
     let buses = Arc::new(buses);
     let control = Arc::new(if paused {
         VcpuControl::new_paused(vcpus.len())
     } else {
         VcpuControl::new(vcpus.len())
     });
-    if paused {
-        events.pause();
-    }
     let vcpu_counters = vcpus.iter().map(Vcpu::counters).collect();
     let mut threads = Vec::with_capacity(vcpus.len());
+    // The vCPUs first: the boot vCPU enters the guest while this thread sets up the event loop.
+    // Nothing the guest does waits for the loop: its queue notifications and console input
+    // stay in their eventfds and pipes until the loop's first epoll_wait.
+    let mut spawned = Ok(());
     for vcpu in vcpus {
         match spawn_vcpu(vcpu, &buses, &control, &exit, &timeline, &filters) {
             Ok(thread) => threads.push(thread),
             Err(e) => {
-                // Nothing may keep running detached: end the threads already started.
-                control.exit(&threads);
-                for thread in threads {
-                    let _ = thread.join();
-                }
-                events.stop();
-                return Err(e);
+                spawned = Err(e);
+                break;
             }
         }
+    }
+    let loop_exit = exit.clone();
+    let events = spawned.and_then(|()| {
+        event_loop::start(subscribers, filters.events.clone(), move |why| {
+            loop_exit.report(ExitReason::VmmError(why))
+        })
+        .map_err(StartError::from)
+    });
+    let events = match events {
+        Ok(events) => events,
+        Err(e) => {
+            // Nothing may keep running detached: end the threads already started.
+            control.exit(&threads);
+            for thread in threads {
+                let _ = thread.join();
+            }
+            return Err(e);
+        }
+    };
+    if paused {
+        events.pause();
     }
     let mut handle = VmHandle::new(super::Running {
         kvm,
