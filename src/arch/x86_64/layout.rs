@@ -69,3 +69,10 @@ pub const DEBUG_PORT: u16 = 0x80;
 pub const I8042_DATA_PORT: u16 = 0x60;
 /// i8042 command/status port; the data and command ports are handled as one range.
 pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// i8042 keyboard interrupt (IOAPIC pin and GSI), as on a PC.
+pub const I8042_KBD_IRQ: u32 = 1;
+/// Hardware-reduced ACPI sleep control register (the FADT's SLEEP_CONTROL_REG); the sleep status
+/// register follows at the next port. Free on ember (no VGA), and Cloud Hypervisor's choice too.
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x3c0;
+/// Hardware-reduced ACPI sleep status register (SLEEP_STATUS_REG).
+pub const ACPI_SLEEP_STATUS_PORT: u16 = ACPI_SLEEP_CONTROL_PORT + 1;
