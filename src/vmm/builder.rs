@@ -14,13 +14,13 @@ use super::exit::ExitState;
 use super::{StartError, VmHandle, virtio};
 use crate::arch::x86_64::boot_params::{self, E820Entry};
 use crate::arch::x86_64::layout::{
-    BOOT_TIMER_START, CMDLINE_MAX_SIZE, CMDLINE_START, COM1_IRQ, COM1_PORT, DEBUG_PORT,
-    I8042_DATA_PORT, IOAPIC_START,
+    ACPI_SLEEP_CONTROL_PORT, BOOT_TIMER_START, CMDLINE_MAX_SIZE, CMDLINE_START, COM1_IRQ,
+    COM1_PORT, DEBUG_PORT, I8042_DATA_PORT, I8042_KBD_IRQ, IOAPIC_START,
 };
 use crate::arch::x86_64::regs::EntryMode;
 use crate::arch::x86_64::{acpi, ioapic_id, low_memory_end, memory_ranges, mptable};
 use crate::config::{ConfigError, VmConfig};
-use crate::devices::legacy::{I8042, IoApic, SerialDevice};
+use crate::devices::legacy::{AcpiPm, I8042, IoApic, SerialDevice};
 use crate::devices::pseudo::debug_port::DebugCodes;
 use crate::devices::pseudo::{BootTimer, DebugPort};
 use crate::devices::virtio::VirtioDevice;
@@ -81,7 +81,7 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
     log::debug!("kernel entry {:#x} via {:?}", kernel.entry.0, kernel.mode);
 
     let exit = Arc::new(ExitState::new(timeline.clone()).map_err(StartError::Eventfd)?);
-    let (mut buses, mut subscribers, console) = create_devices(config, &vm, &exit)?;
+    let (mut buses, mut subscribers, console, i8042) = create_devices(config, &vm, &exit)?;
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (disk, serial) in disks {
         devices.push(Box::new(Block::new(disk, &serial)));
@@ -167,6 +167,7 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
         debug_codes,
         nets,
         smaps,
+        i8042,
     }))
 }
 
@@ -213,12 +214,15 @@ fn load_kernel_and_tables(
     Ok(kernel)
 }
 
+/// [shutdown branch] What `create_devices` returns; the i8042 stays reachable for Ctrl-Alt-Del.
+type LegacyDevices = (Buses, Vec<Subscriber>, Option<Console>, Arc<Mutex<I8042>>);
+
 /// The I/O APIC, COM1 and the i8042 on the buses, and the event-loop subscribers that serve them.
 fn create_devices(
     config: &VmConfig,
     vm: &Vm,
     exit: &Arc<ExitState>,
-) -> Result<(Buses, Vec<Subscriber>, Option<Console>), StartError> {
+) -> Result<LegacyDevices, StartError> {
     let mut buses = Buses::default();
     let mut subscribers: Vec<Subscriber> = Vec::new();
     let ioapic = IoApic::new(ioapic_id(config.vcpus), Box::new(vm.route_installer()));
@@ -249,14 +253,25 @@ fn create_devices(
         subscribers.push(Arc::new(Mutex::new(console_input)));
     }
 
+    // [shutdown branch: minimal wiring, to be redone in the device manager]
     let reset_exit = exit.clone();
-    let i8042 = I8042::new(move || reset_exit.report(ExitReason::Reset));
+    let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::Eventfd)?;
+    vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        move || reset_exit.report(ExitReason::Reset),
+        kbd_irq,
+    )));
+    buses
+        .pio
+        .insert(u64::from(I8042_DATA_PORT), I8042::PORT_RANGE, i8042.clone())?;
+    let poweroff_exit = exit.clone();
+    let acpi_pm = AcpiPm::new(move || poweroff_exit.report(ExitReason::PowerOff));
     buses.pio.insert(
-        u64::from(I8042_DATA_PORT),
-        I8042::PORT_RANGE,
-        Arc::new(Mutex::new(i8042)),
+        u64::from(ACPI_SLEEP_CONTROL_PORT),
+        AcpiPm::PORT_RANGE,
+        Arc::new(Mutex::new(acpi_pm)),
     )?;
-    Ok((buses, subscribers, ends.embedder))
+    Ok((buses, subscribers, ends.embedder, i8042))
 }
 
 /// The compiled filters for the threads a VM starts; `None` with seccomp off.

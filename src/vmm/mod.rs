@@ -102,6 +102,8 @@ struct Running {
     debug_codes: DebugCodes,
     nets: Vec<(String, Arc<NetCounters>)>,
     smaps: Option<std::fs::File>,
+    /// [shutdown branch: for `send_ctrl_alt_del`, until the device manager owns it]
+    i8042: Arc<std::sync::Mutex<crate::devices::legacy::I8042>>,
     vm: vstate::vm::Vm,
     memory: GuestMemoryMmap,
 }
@@ -200,6 +202,21 @@ impl VmHandle {
             .iter()
             .map(|(tap, counters)| (tap.clone(), counters.snapshot()))
             .collect()
+    }
+
+    /// Presses Ctrl+Alt+Delete on the guest's keyboard (the i8042), which asks a Linux guest
+    /// to shut down. False if the VM has already stopped.
+    /// [shutdown branch: the lead's `VmHandle::shutdown` builds on this]
+    pub fn send_ctrl_alt_del(&self) -> bool {
+        let Some(running) = &self.running else {
+            return false;
+        };
+        running
+            .i8042
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .trigger_ctrl_alt_del();
+        true
     }
 
     /// Stops the VM (if it still runs) and tears it down.
