@@ -14,6 +14,10 @@ pub enum Action {
     Net,
     /// Attack every device for a while, then reset (`hostile.rs`).
     Hostile,
+    /// Power off through the ACPI sleep control register (`shutdown.rs`).
+    PowerOff,
+    /// Wait for Ctrl-Alt-Del on the i8042 keyboard, then power off (`shutdown.rs`).
+    CtrlAltDel,
 }
 
 impl Action {
@@ -26,6 +30,8 @@ impl Action {
             Action::Echo => "echo",
             Action::Net => "net",
             Action::Hostile => "hostile",
+            Action::PowerOff => "poweroff",
+            Action::CtrlAltDel => "ctrl-alt-del",
         }
     }
 
@@ -37,6 +43,8 @@ impl Action {
             Action::Echo,
             Action::Net,
             Action::Hostile,
+            Action::PowerOff,
+            Action::CtrlAltDel,
         ]
         .into_iter()
         .find(|a| a.name().as_bytes() == word)
