@@ -8,7 +8,7 @@
 //! the BIOS area below the MP table, where Linux also scans for the RSDP; the boot protocols pass
 //! its address directly too.
 
-use acpi_tables::aml::{Name, Package};
+use acpi_tables::aml::{Device, EISAName, IO, Interrupt, Name, Package, ResourceTemplate};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::rsdp::Rsdp;
@@ -20,7 +20,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::addr32;
 use super::ioapic_id;
 use super::layout::{
-    ACPI_END, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_START, APIC_START, IOAPIC_START,
+    ACPI_END, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_START, APIC_START, COM1_IRQ,
+    COM1_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_KBD_IRQ, IOAPIC_START,
 };
 use crate::devices::legacy::acpi_pm::S5_SLEEP_TYPE;
 
@@ -86,12 +87,43 @@ fn build(cpus: u8) -> Result<(Vec<u8>, GuestAddress), AcpiError> {
     Ok((area.bytes, GuestAddress(rsdp)))
 }
 
-/// The DSDT: only `_S5` (the sleep type that powers off, written to the sleep control register;
-/// Linux offers ACPI power-off only when `_S5` exists).
+/// The DSDT: `_S5` (the sleep type that powers off, written to the sleep control register;
+/// Linux offers ACPI power-off only when `_S5` exists), and COM1 and the i8042 keyboard as PNP
+/// devices with their ports and interrupts, as Firecracker describes them. Without the devices an
+/// ACPI Linux has no mapping for ISA IRQs 1 and 4 (there is no 8259 PIC to preallocate them), so
+/// the UART runs without interrupts (user-space console output stalls) and the i8042 probe fails.
 fn dsdt() -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"EMBRDSDT", OEM_REVISION);
     let mut aml = Vec::new();
     Name::new("_S5_".into(), &Package::new(vec![&S5_SLEEP_TYPE])).to_aml_bytes(&mut aml);
+    let com1_irq = Interrupt::new(true, true, false, false, COM1_IRQ);
+    let com1_ports = IO::new(COM1_PORT, COM1_PORT, 1, 8);
+    Device::new(
+        "_SB_.COM1".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0501")),
+            &Name::new("_UID".into(), &0u8),
+            &Name::new(
+                "_CRS".into(),
+                &ResourceTemplate::new(vec![&com1_irq, &com1_ports]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut aml);
+    let kbd_irq = Interrupt::new(true, true, false, false, I8042_KBD_IRQ);
+    let data_port = IO::new(I8042_DATA_PORT, I8042_DATA_PORT, 1, 1);
+    let command_port = IO::new(I8042_COMMAND_PORT, I8042_COMMAND_PORT, 1, 1);
+    Device::new(
+        "_SB_.PS2_".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0303")),
+            &Name::new(
+                "_CRS".into(),
+                &ResourceTemplate::new(vec![&data_port, &command_port, &kbd_irq]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut aml);
     dsdt.append_slice(&aml);
     dsdt
 }
@@ -240,7 +272,7 @@ mod tests {
     }
 
     #[test]
-    fn dsdt_names_s5_with_the_sleep_type_the_device_powers_off_on() {
+    fn dsdt_names_s5_and_the_legacy_devices() {
         let (bytes, rsdp) = build(1).unwrap();
         let fadt = fadt_of(&bytes, rsdp);
         let x_dsdt = u64_at(fadt, 140);
@@ -260,7 +292,26 @@ mod tests {
             0x0a,
             S5_SLEEP_TYPE,
         ];
-        assert_eq!(&dsdt[36..], s5);
+        assert_eq!(&dsdt[36..36 + s5.len()], s5);
+        let body = &dsdt[36..];
+        let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+        assert!(
+            has(b"COM1") && has(&[0x41, 0xd0, 0x05, 0x01]),
+            "PNP0501 COM1"
+        );
+        assert!(
+            has(b"PS2_") && has(&[0x41, 0xd0, 0x03, 0x03]),
+            "PNP0303 keyboard"
+        );
+        // Extended interrupt descriptors: consumer, edge, active high, exclusive; IRQ 4, IRQ 1.
+        assert!(
+            has(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0, 0, 0]),
+            "COM1 on IRQ 4"
+        );
+        assert!(
+            has(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x01, 0, 0, 0]),
+            "keyboard on IRQ 1"
+        );
     }
 
     #[test]
