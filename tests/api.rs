@@ -611,12 +611,23 @@ fn a_drive_is_swapped_after_boot() {
 }
 
 #[test]
-#[ignore = "needs VmHandle::pause from the lead"]
 fn ctrl_alt_del_reaches_the_guest() {
     if !kvm_available() {
         return;
     }
-    let (vm, socket, _dir) = running_guest("cad");
+    let dir = scratch("cad");
+    let socket = dir.join("api.sock");
+    let guest = guest_path();
+    let mut vm = spawn_api(&[
+        "--kernel",
+        &guest,
+        "--cmdline",
+        "guest.action=ctrl-alt-del",
+        "--api-sock",
+        socket.to_str().unwrap(),
+    ]);
+    vm.expect_line(GUEST_TIMEOUT, |l| l == "ctrl-alt-del=ready");
+    wait_for_socket(&socket, "/");
     let answer = call(
         &socket,
         "PUT",
@@ -624,7 +635,14 @@ fn ctrl_alt_del_reaches_the_guest() {
         r#"{"action_type": "SendCtrlAltDel"}"#,
     );
     assert_eq!(answer.status, 204, "{answer:?}");
-    vm.stop(GUEST_TIMEOUT);
+    vm.expect_line(GUEST_TIMEOUT, |l| l == "ctrl-alt-del=seen");
+    let out = vm.finish(GUEST_TIMEOUT);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the guest powered off: {}",
+        out.stderr
+    );
 }
 
 /// Firecracker's snapshot flow: pause, `PUT /snapshot/create`, then a fresh `ember run

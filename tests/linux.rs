@@ -1,7 +1,7 @@
 //! Real Linux kernels under ember: ours (ELF via PVH, and bzImage via the 64-bit protocol) and
 //! Debian's stock cloud kernel print the command line and e820 map ember gave them and find both
-//! vCPUs (ours in the MP table, Debian's, built without MP-table support, in the ACPI MADT);
-//! the PVM-quirks kernel reaches busybox init and resets. On a host with hardware KVM (no
+//! vCPUs in the ACPI MADT (ours also finds the MP table, but with ACPI it takes the MADT);
+//! the PVM-quirks kernel reaches busybox init and powers off. On a host with hardware KVM (no
 //! `kvm_pvm`), the normal kernel also boots to userspace; on a PVM host, where it cannot, ember
 //! says so and names the pvm build. A test the host cannot run prints `SKIPPED <test>: <why>`.
 //!
@@ -87,9 +87,7 @@ const MEMORY_MIB: u64 = 256;
 
 /// How a kernel finds the vCPUs, and the line it prints when it does.
 enum CpuTable {
-    /// Kernels built with `X86_MPPARSE` and without ACPI, like ours.
-    Mp,
-    /// Kernels that enumerate CPUs through ACPI only, like Debian's.
+    /// Kernels with ACPI, like ours and Debian's (which lacks MP-table support).
     Madt,
 }
 
@@ -118,12 +116,6 @@ fn check_early_boot(kernel: &Path, protocol: &str, table: CpuTable, timeout: Dur
     let expected_cmdline = format!("Command line: {cmdline}");
     ember.expect_line(timeout, |l| kernel_line(l) == expected_cmdline);
     match table {
-        CpuTable::Mp => {
-            ember.expect_line(timeout, |l| {
-                kernel_line(l).starts_with("found SMP MP-table at [mem 0x000f0000-")
-            });
-            ember.expect_line(timeout, |l| kernel_line(l) == "Processors: 2");
-        }
         CpuTable::Madt => {
             ember.expect_line(timeout, |l| {
                 kernel_line(l).starts_with("ACPI: RSDP 0x00000000000E")
@@ -189,13 +181,13 @@ fn check_early_boot(kernel: &Path, protocol: &str, table: CpuTable, timeout: Dur
 }
 
 #[test]
-fn our_kernel_elf_boots_through_pvh_with_our_cmdline_e820_and_mp_table() {
+fn our_kernel_elf_boots_through_pvh_with_our_cmdline_e820_and_madt() {
     if !kvm_available() {
         return;
     }
     let kernel = artifact("build-kernel.sh", &["microvm"], "microvm/vmlinux");
     let _turn = take_turn();
-    check_early_boot(&kernel, "auto", CpuTable::Mp, Duration::from_secs(120));
+    check_early_boot(&kernel, "auto", CpuTable::Madt, Duration::from_secs(120));
 }
 
 #[test]
@@ -205,7 +197,7 @@ fn our_kernel_elf_boots_through_the_64_bit_protocol() {
     }
     let kernel = artifact("build-kernel.sh", &["microvm"], "microvm/vmlinux");
     let _turn = take_turn();
-    check_early_boot(&kernel, "linux", CpuTable::Mp, Duration::from_secs(120));
+    check_early_boot(&kernel, "linux", CpuTable::Madt, Duration::from_secs(120));
 }
 
 #[test]
@@ -216,7 +208,7 @@ fn our_kernel_bzimage_boots_through_the_64_bit_protocol() {
     let kernel = artifact("build-kernel.sh", &["microvm"], "microvm/bzImage");
     let _turn = take_turn();
     // The decompressor runs emulated on PVM hosts.
-    check_early_boot(&kernel, "auto", CpuTable::Mp, Duration::from_secs(600));
+    check_early_boot(&kernel, "auto", CpuTable::Madt, Duration::from_secs(600));
 }
 
 #[test]
@@ -229,7 +221,7 @@ fn debian_stock_kernel_boots_with_our_cmdline_e820_and_finds_both_vcpus_by_acpi(
     check_early_boot(&kernel, "auto", CpuTable::Madt, Duration::from_secs(900));
 }
 
-/// Boots `kernel` with the busybox initramfs; init prints its marker and resets.
+/// Boots `kernel` with the busybox initramfs; init prints its marker and powers off.
 fn boot_to_userspace(kernel: &Path, cmdline: &str, timeout: Duration) {
     let initrd = artifact("build-rootfs.sh", &[], "initramfs.cpio");
     let mut ember = Ember::spawn(&[
@@ -256,7 +248,7 @@ fn boot_to_userspace(kernel: &Path, cmdline: &str, timeout: Duration) {
 }
 
 #[test]
-fn pvm_quirks_kernel_reaches_busybox_init_and_resets() {
+fn pvm_quirks_kernel_reaches_busybox_init_and_powers_off() {
     if !kvm_available() {
         return;
     }
@@ -384,7 +376,7 @@ fn root_on_virtio_blk_keeps_what_the_guest_wrote_and_a_second_disk_shows_its_id(
     ember.expect_line(timeout, |l| l.contains("EMBER-CMD-EXIT=0"));
     ember.finish(timeout).assert_success();
 
-    // The guest remounted its root read-only before the reset: the journal is checkpointed, so
+    // The guest remounted its root read-only before the power-off: the journal is checkpointed, so
     // debugfs (which does not replay it) sees the file.
     let header = Command::new("dumpe2fs")
         .arg("-h")

@@ -1,14 +1,9 @@
-//! [`ManagedVm`] for [`VmHandle`]: where the VMM plugs in. What `VmHandle` cannot do yet
-//! answers with an error that says so, so that no API call succeeds without doing what it says.
+//! [`ManagedVm`] for [`VmHandle`]: where the VMM plugs in.
 
 use std::path::Path;
 
 use super::ManagedVm;
 use crate::VmHandle;
-
-fn not_yet(what: &str) -> Result<(), String> {
-    Err(format!("{what} is not implemented by ember yet"))
-}
 
 impl ManagedVm for VmHandle {
     fn pause(&mut self) -> Result<(), String> {
@@ -32,7 +27,7 @@ impl ManagedVm for VmHandle {
     }
 
     fn send_ctrl_alt_del(&mut self) -> Result<(), String> {
-        not_yet("SendCtrlAltDel")
+        VmHandle::send_ctrl_alt_del(self).map_err(|e| e.to_string())
     }
 
     fn update_drive(&mut self, drive_id: &str, path_on_host: &Path) -> Result<(), String> {

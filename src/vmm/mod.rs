@@ -141,6 +141,9 @@ pub enum LifecycleError {
     /// The VM has ended (or is ending).
     #[error("the VM is not running: it has ended")]
     Ended,
+    /// The VM is paused: the guest cannot act on the request.
+    #[error("the VM is paused: resume it first")]
+    Paused,
     /// A guest-memory range that is not all guest RAM.
     #[error("{0:#x} is outside guest memory")]
     OutsideMemory(u64),
@@ -463,6 +466,29 @@ impl VmHandle {
                 .map(|n| (n.tap.clone(), net_stats(n)))
                 .collect(),
         }
+    }
+
+    /// Presses Ctrl+Alt+Delete on the guest's keyboard (the i8042): a Linux guest with the i8042
+    /// and keyboard drivers then shuts down (its init decides how: ember's powers off).
+    pub fn send_ctrl_alt_del(&mut self) -> Result<(), LifecycleError> {
+        let running = self.live()?;
+        if self.paused {
+            return Err(LifecycleError::Paused);
+        }
+        devices::lock(&running.devices.i8042).trigger_ctrl_alt_del();
+        Ok(())
+    }
+
+    /// Asks the guest to shut down (Ctrl-Alt-Del) and waits up to `timeout` for it to end; then
+    /// stops it. Returns why the VM ended: `PowerOff` or `Reset` when the guest obliged.
+    pub fn shutdown(&mut self, timeout: Duration) -> ExitReason {
+        if self.send_ctrl_alt_del().is_ok() {
+            if let Some(reason) = self.wait_timeout(timeout) {
+                return reason;
+            }
+            log::info!("the guest did not shut down within {timeout:?}: stopping it");
+        }
+        self.stop()
     }
 
     /// Stops the VM (if it still runs, paused or not) and tears it down.

@@ -1,5 +1,6 @@
-//! The platform devices every VM has: the I/O APIC, COM1, the i8042, the port-0x80 debug port
-//! and, when asked for, the boot timer; on the buses, in the device manager, and served by the
+//! The platform devices every VM has: the I/O APIC, COM1, the i8042 (reset line and keyboard),
+//! the ACPI sleep registers (power-off), the port-0x80 debug port and, when asked for, the boot
+//! timer; on the buses, in the device manager, and served by the
 //! event loop where they take host input.
 
 use std::sync::{Arc, Mutex};
@@ -13,11 +14,12 @@ use super::event_loop::{ConsoleInput, Subscriber};
 use super::exit::ExitState;
 use crate::arch::x86_64::ioapic_id;
 use crate::arch::x86_64::layout::{
-    BOOT_TIMER_START, COM1_IRQ, COM1_PORT, DEBUG_PORT, I8042_DATA_PORT, IOAPIC_START,
+    ACPI_SLEEP_CONTROL_PORT, BOOT_TIMER_START, COM1_IRQ, COM1_PORT, DEBUG_PORT, I8042_DATA_PORT,
+    I8042_KBD_IRQ, IOAPIC_START,
 };
 use crate::config::VmConfig;
 use crate::devices::bus::Buses;
-use crate::devices::legacy::{I8042, IoApic, SerialDevice};
+use crate::devices::legacy::{AcpiPm, I8042, IoApic, SerialDevice};
 use crate::devices::pseudo::debug_port::DebugCodes;
 use crate::devices::pseudo::{BootTimer, DebugPort};
 use crate::exit::ExitReason;
@@ -96,13 +98,26 @@ pub fn create(
         subscribers.push(Arc::new(Mutex::new(console_input)));
     }
 
+    // The i8042: its reset line ends the VM; its keyboard interrupt (GSI 1) carries
+    // Ctrl-Alt-Del to the guest.
     let reset_exit = exit.clone();
-    let i8042 = Arc::new(Mutex::new(I8042::new(move || {
-        reset_exit.report(ExitReason::Reset)
-    })));
+    let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::Eventfd)?;
+    vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        move || reset_exit.report(ExitReason::Reset),
+        kbd_irq,
+    )));
     buses
         .pio
         .insert(u64::from(I8042_DATA_PORT), I8042::PORT_RANGE, i8042.clone())?;
+    // Hardware-reduced ACPI's sleep registers: `_S5` written there powers the VM off.
+    let poweroff_exit = exit.clone();
+    let acpi_pm = AcpiPm::new(move || poweroff_exit.report(ExitReason::PowerOff));
+    buses.pio.insert(
+        u64::from(ACPI_SLEEP_CONTROL_PORT),
+        AcpiPm::PORT_RANGE,
+        Arc::new(Mutex::new(acpi_pm)),
+    )?;
 
     let boot_timer = if config.boot_timer {
         let timer = Arc::new(Mutex::new(BootTimer::new(timeline.clone())));

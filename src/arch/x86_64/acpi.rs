@@ -2,12 +2,15 @@
 //! enumerate CPUs only through ACPI (Debian's and most distributions' stock kernels are built
 //! without `X86_MPPARSE`) find every vCPU, as they would on Firecracker or Cloud Hypervisor.
 //!
-//! The platform is hardware-reduced ACPI: no PM timer, no SCI, no fixed buttons, no 8042 to probe
-//! (the reset line still works through port 0x64), no VGA, no CMOS RTC, no MSI. The tables sit in
+//! The platform is hardware-reduced ACPI: no PM timer, no SCI, no fixed buttons, no VGA, no CMOS
+//! RTC, no MSI; an 8042 (the keyboard for Ctrl-Alt-Del, the reset line); the sleep control and
+//! status registers, with `_S5` in the DSDT, so the guest can power off. The tables sit in
 //! the BIOS area below the MP table, where Linux also scans for the RSDP; the boot protocols pass
 //! its address directly too.
 
+use acpi_tables::aml::{Device, EISAName, IO, Interrupt, Name, Package, ResourceTemplate};
 use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -16,13 +19,19 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::addr32;
 use super::ioapic_id;
-use super::layout::{ACPI_END, ACPI_START, APIC_START, IOAPIC_START};
+use super::layout::{
+    ACPI_END, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_START, APIC_START, COM1_IRQ,
+    COM1_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_KBD_IRQ, IOAPIC_START,
+};
+use crate::devices::legacy::acpi_pm::S5_SLEEP_TYPE;
 
 const OEM_ID: [u8; 6] = *b"EMBER ";
 const OEM_REVISION: u32 = 1;
-/// IAPC_BOOT_ARCH: VGA not present (bit 2), MSI not supported (bit 3), no CMOS RTC (bit 5).
-/// The 8042 bit stays clear so kernels do not probe a keyboard controller that is not there.
-const IAPC_BOOT_ARCH: u16 = (1 << 2) | (1 << 3) | (1 << 5);
+/// IAPC_BOOT_ARCH: an 8042 (bit 1), VGA not present (bit 2), MSI not supported (bit 3), no CMOS
+/// RTC (bit 5). Without the 8042 bit an ACPI Linux that finds no PNP0303 keyboard in the DSDT
+/// skips the i8042 ("firmware absent"), and Ctrl-Alt-Del would not reach it; with it, Linux
+/// probes ports 0x60/0x64 directly.
+const IAPC_BOOT_ARCH: u16 = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 5);
 /// MADT flags: no PCAT_COMPAT, since there is no 8259 PIC (Linux then probes, finds none and
 /// uses only the I/O APIC).
 const MADT_FLAGS: u32 = 0;
@@ -56,21 +65,15 @@ pub fn setup_acpi(mem: &GuestMemoryMmap, cpus: u8) -> Result<GuestAddress, AcpiE
 /// All tables laid out from `ACPI_START`, and the RSDP's address.
 fn build(cpus: u8) -> Result<(Vec<u8>, GuestAddress), AcpiError> {
     let mut area = TableArea::default();
-    // An empty DSDT: nothing to describe in AML yet, but the FADT must point at one.
-    let dsdt = area.add(&Sdt::new(
-        *b"DSDT",
-        36,
-        6,
-        OEM_ID,
-        *b"EMBRDSDT",
-        OEM_REVISION,
-    ));
+    let dsdt = area.add(&dsdt());
     let mut fadt = FADTBuilder::new(OEM_ID, *b"EMBRFACP", OEM_REVISION)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton)
         .dsdt_64(dsdt);
     fadt.iapc_boot_arch = IAPC_BOOT_ARCH.into();
+    fadt.sleep_control_reg = io_byte_register(ACPI_SLEEP_CONTROL_PORT);
+    fadt.sleep_status_reg = io_byte_register(ACPI_SLEEP_STATUS_PORT);
     let fadt = area.add(&fadt.finalize());
     let madt = area.add(&madt(cpus));
     let mut xsdt = XSDT::new(OEM_ID, *b"EMBRXSDT", OEM_REVISION);
@@ -82,6 +85,58 @@ fn build(cpus: u8) -> Result<(Vec<u8>, GuestAddress), AcpiError> {
         return Err(AcpiError::TooBig(area.bytes.len()));
     }
     Ok((area.bytes, GuestAddress(rsdp)))
+}
+
+/// The DSDT: `_S5` (the sleep type that powers off, written to the sleep control register;
+/// Linux offers ACPI power-off only when `_S5` exists), and COM1 and the i8042 keyboard as PNP
+/// devices with their ports and interrupts, as Firecracker describes them. Without the devices an
+/// ACPI Linux has no mapping for ISA IRQs 1 and 4 (there is no 8259 PIC to preallocate them), so
+/// the UART runs without interrupts (user-space console output stalls) and the i8042 probe fails.
+fn dsdt() -> Sdt {
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"EMBRDSDT", OEM_REVISION);
+    let mut aml = Vec::new();
+    Name::new("_S5_".into(), &Package::new(vec![&S5_SLEEP_TYPE])).to_aml_bytes(&mut aml);
+    let com1_irq = Interrupt::new(true, true, false, false, COM1_IRQ);
+    let com1_ports = IO::new(COM1_PORT, COM1_PORT, 1, 8);
+    Device::new(
+        "_SB_.COM1".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0501")),
+            &Name::new("_UID".into(), &0u8),
+            &Name::new(
+                "_CRS".into(),
+                &ResourceTemplate::new(vec![&com1_irq, &com1_ports]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut aml);
+    let kbd_irq = Interrupt::new(true, true, false, false, I8042_KBD_IRQ);
+    let data_port = IO::new(I8042_DATA_PORT, I8042_DATA_PORT, 1, 1);
+    let command_port = IO::new(I8042_COMMAND_PORT, I8042_COMMAND_PORT, 1, 1);
+    Device::new(
+        "_SB_.PS2_".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0303")),
+            &Name::new(
+                "_CRS".into(),
+                &ResourceTemplate::new(vec![&data_port, &command_port, &kbd_irq]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut aml);
+    dsdt.append_slice(&aml);
+    dsdt
+}
+
+/// A one-byte register on an I/O port, as a Generic Address Structure.
+fn io_byte_register(port: u16) -> GAS {
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(port),
+    )
 }
 
 /// The MADT: one Local APIC per vCPU, the IOAPIC (GSIs from 0), and LINT1 as NMI everywhere.
@@ -183,6 +238,80 @@ mod tests {
         assert_eq!(apic_ids, vec![0, 1, 2]);
         assert_eq!(ioapic, Some(3));
         assert_eq!(sum(madt.as_slice()), 0);
+    }
+
+    /// The FADT as the guest finds it: through the RSDP and the XSDT's first entry.
+    fn fadt_of(bytes: &[u8], rsdp: GuestAddress) -> &[u8] {
+        let rsdp_offset = usize::try_from(rsdp.0 - ACPI_START).unwrap();
+        let xsdt = table_at(bytes, u64_at(bytes, rsdp_offset + 24));
+        let fadt = table_at(bytes, u64_at(xsdt, 36));
+        assert_eq!(&fadt[..4], b"FACP");
+        fadt
+    }
+
+    #[test]
+    fn fadt_has_the_sleep_registers_the_8042_and_hardware_reduced_flag() {
+        let (bytes, rsdp) = build(1).unwrap();
+        let fadt = fadt_of(&bytes, rsdp);
+        // ACPI 6.x FADT: SLEEP_CONTROL_REG at 244, SLEEP_STATUS_REG at 256 (12-byte GAS each).
+        assert!(fadt.len() >= 268);
+        let control = [1, 8, 0, 1, 0xc0, 0x03, 0, 0, 0, 0, 0, 0];
+        let status = [1, 8, 0, 1, 0xc1, 0x03, 0, 0, 0, 0, 0, 0];
+        assert_eq!(
+            fadt[244..256],
+            control,
+            "system I/O, 8 bits, byte access, port 0x3c0"
+        );
+        assert_eq!(fadt[256..268], status, "port 0x3c1");
+        let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+        assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+        let boot_arch = u16::from_le_bytes(fadt[109..111].try_into().unwrap());
+        assert_eq!(boot_arch, IAPC_BOOT_ARCH);
+        assert_ne!(boot_arch & (1 << 1), 0, "8042 present");
+        assert_eq!(sum(fadt), 0);
+    }
+
+    #[test]
+    fn dsdt_names_s5_and_the_legacy_devices() {
+        let (bytes, rsdp) = build(1).unwrap();
+        let fadt = fadt_of(&bytes, rsdp);
+        let x_dsdt = u64_at(fadt, 140);
+        let dsdt = table_at(&bytes, x_dsdt);
+        assert_eq!(&dsdt[..4], b"DSDT");
+        assert_eq!(sum(dsdt), 0);
+        // NameOp "_S5_" PackageOp PkgLength(4) NumElements(1) BytePrefix 5.
+        let s5 = [
+            0x08,
+            b'_',
+            b'S',
+            b'5',
+            b'_',
+            0x12,
+            0x04,
+            0x01,
+            0x0a,
+            S5_SLEEP_TYPE,
+        ];
+        assert_eq!(&dsdt[36..36 + s5.len()], s5);
+        let body = &dsdt[36..];
+        let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+        assert!(
+            has(b"COM1") && has(&[0x41, 0xd0, 0x05, 0x01]),
+            "PNP0501 COM1"
+        );
+        assert!(
+            has(b"PS2_") && has(&[0x41, 0xd0, 0x03, 0x03]),
+            "PNP0303 keyboard"
+        );
+        // Extended interrupt descriptors: consumer, edge, active high, exclusive; IRQ 4, IRQ 1.
+        assert!(
+            has(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0, 0, 0]),
+            "COM1 on IRQ 4"
+        );
+        assert!(
+            has(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x01, 0, 0, 0]),
+            "keyboard on IRQ 1"
+        );
     }
 
     #[test]

@@ -72,3 +72,10 @@ pub const I8042_COMMAND_PORT: u16 = 0x64;
 
 /// I/O APIC input pins: GSIs 0-23, reserved for ember's I/O APIC in KVM's split irqchip.
 pub const IOAPIC_PINS: u8 = 24;
+/// i8042 keyboard interrupt (IOAPIC pin and GSI), as on a PC.
+pub const I8042_KBD_IRQ: u32 = 1;
+/// Hardware-reduced ACPI sleep control register (the FADT's SLEEP_CONTROL_REG); the sleep status
+/// register follows at the next port. Free on ember (no VGA), and Cloud Hypervisor's choice too.
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x3c0;
+/// Hardware-reduced ACPI sleep status register (SLEEP_STATUS_REG).
+pub const ACPI_SLEEP_STATUS_PORT: u16 = ACPI_SLEEP_CONTROL_PORT + 1;

@@ -1,6 +1,7 @@
 //! What the guest does after its reports: the port/MMIO operations of the command line, then the
 //! final action (reset, triple fault, halt, the interrupt-driven serial echo, the network
-//! responder, or the hostile mode followed by a reset).
+//! responder, the hostile mode followed by a reset, an ACPI power-off, or waiting for
+//! Ctrl-Alt-Del and then powering off).
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -8,7 +9,7 @@ use crate::bootinfo::BootInfo;
 use crate::cmdline::{self, Action, Op};
 use crate::net::{self, Nets};
 use crate::serial::{self, Hex};
-use crate::{apic, cpu, hostile, idt, report};
+use crate::{apic, cpu, hostile, idt, report, shutdown};
 
 /// Where `guest.action=count` keeps its counter: a u64 in low RAM the VMM does not use, read by
 /// the host through the embedding API.
@@ -57,6 +58,8 @@ pub fn run(action: Action, bsp_id: u8, mut nets: Nets, boot: &BootInfo) -> ! {
             cpu::reset()
         }
         Action::Count => count(),
+        Action::PowerOff => shutdown::poweroff(),
+        Action::CtrlAltDel => shutdown::wait_then_poweroff(),
     }
 }
 

@@ -16,6 +16,10 @@ pub enum Action {
     Hostile,
     /// Count forever in ring 3 at [`crate::actions::COUNTER_ADDR`] (pause and snapshot tests).
     Count,
+    /// Power off through the ACPI sleep control register (`shutdown.rs`).
+    PowerOff,
+    /// Wait for Ctrl-Alt-Del on the i8042 keyboard, then power off (`shutdown.rs`).
+    CtrlAltDel,
 }
 
 impl Action {
@@ -29,6 +33,8 @@ impl Action {
             Action::Net => "net",
             Action::Hostile => "hostile",
             Action::Count => "count",
+            Action::PowerOff => "poweroff",
+            Action::CtrlAltDel => "ctrl-alt-del",
         }
     }
 
@@ -41,6 +47,8 @@ impl Action {
             Action::Net,
             Action::Hostile,
             Action::Count,
+            Action::PowerOff,
+            Action::CtrlAltDel,
         ]
         .into_iter()
         .find(|a| a.name().as_bytes() == word)

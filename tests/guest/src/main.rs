@@ -31,6 +31,7 @@ mod minimal;
 mod mptable;
 mod net;
 mod serial;
+mod shutdown;
 mod smp;
 mod user;
 mod virtio;
