@@ -214,3 +214,53 @@ fn linux_powers_off_on_ctrl_alt_del() {
     assert_eq!(vm.wait(), ExitReason::PowerOff);
     drop(input);
 }
+
+/// `ember run` on SIGTERM asks a guest that listens on the i8042 to shut down first: the test
+/// guest powers off, and ember exits 0 instead of 128 + SIGTERM.
+#[test]
+fn sigterm_asks_a_listening_guest_to_shut_down_first() {
+    if !kvm_available() {
+        return;
+    }
+    let guest = common::test_guest().to_str().unwrap().to_owned();
+    let mut ember = common::Ember::spawn(&[
+        "--log-level",
+        "info",
+        "run",
+        "--kernel",
+        &guest,
+        "--cmdline",
+        "guest.action=ctrl-alt-del",
+    ]);
+    ember.expect_line(common::GUEST_TIMEOUT, |l| l == "ctrl-alt-del=ready");
+    ember.signal(libc::SIGTERM);
+    ember.expect_line(common::GUEST_TIMEOUT, |l| l == "ctrl-alt-del=seen");
+    let out = ember.finish(common::GUEST_TIMEOUT);
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("asked the guest to shut down"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// A guest that never set up the i8042 cannot hear Ctrl-Alt-Del: SIGTERM stops it at once.
+#[test]
+fn sigterm_stops_a_guest_that_cannot_hear_at_once() {
+    if !kvm_available() {
+        return;
+    }
+    let guest = common::test_guest().to_str().unwrap().to_owned();
+    let mut ember = common::Ember::spawn(&[
+        "run",
+        "--kernel",
+        &guest,
+        "--cmdline",
+        "guest.action=halt",
+        "--shutdown-timeout",
+        "600",
+    ]);
+    ember.expect_line(common::GUEST_TIMEOUT, |l| l == "action=halt");
+    // Ember::stop allows GUEST_TIMEOUT, far less than the 600 s a wait would take.
+    ember.stop(common::GUEST_TIMEOUT);
+}

@@ -6,6 +6,7 @@ pub mod ctl;
 pub mod jail;
 pub mod panic_report;
 pub mod run;
+pub mod run_loop;
 mod signals;
 mod terminal;
 

@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 
+use std::time::Duration;
+use vmm_sys_util::eventfd::EventFd;
+
 use clap::{Args, ValueEnum};
 
 use super::exit_code;
@@ -10,7 +13,6 @@ use super::terminal::RawTerminal;
 use ember::StartError;
 use ember::config::{RateLimiterConfig, parse_bucket};
 use ember::sandbox::{ThreadKind, seccomp};
-use ember::vmm::metrics::MetricsFile;
 use ember::{
     BootProtocol, ConfigError, ConsoleConfig, DEFAULT_CMDLINE, DiskConfig, ExitReason, NetConfig,
     Vm, VmConfig,
@@ -101,6 +103,11 @@ pub struct RunArgs {
     /// the time since ember started (at --log-level info).
     #[arg(long)]
     pub boot_timer: bool,
+
+    /// On SIGTERM, ask the guest to shut down (Ctrl-Alt-Del, when a guest driver listens on the
+    /// i8042) and stop it only if it is still running SECS later; 0 stops it at once.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = parse_timeout)]
+    pub shutdown_timeout: f64,
 
     /// Write the VM's metrics to PATH, one JSON object per line, every 60 s and at exit.
     #[arg(long, value_name = "PATH")]
@@ -295,6 +302,15 @@ impl RunArgs {
     }
 }
 
+fn parse_timeout(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && (0.0..=3600.0).contains(&secs) => Ok(secs),
+        _ => Err(format!(
+            "{value:?} is not a number of seconds from 0 to 3600"
+        )),
+    }
+}
+
 /// `ember run` failed before the VM ended.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -347,7 +363,8 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
             (Vm::start(&config)?, config)
         }
     };
-    let signals = vm.stop_trigger().and_then(SignalGuard::install);
+    let signal_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(ember::StartError::Eventfd)?;
+    let signals = signal_evt.try_clone().and_then(SignalGuard::install);
     if let Err(e) = &signals {
         log::warn!("Ctrl-C/SIGTERM will not stop the VM cleanly: {e}");
     }
@@ -364,17 +381,11 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
         }
     }
     // The library writes the last metrics line at the end; this loop the periodic ones.
-    let reason = loop {
-        if config.metrics_path.is_none() {
-            break vm.wait();
-        }
-        if let Some(reason) = vm.wait_timeout(MetricsFile::INTERVAL) {
-            break reason;
-        }
-        if let Err(e) = vm.flush_metrics() {
-            log::warn!("cannot write metrics: {e}");
-        }
+    let waiting = super::run_loop::Waiting {
+        shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
+        periodic_metrics: config.metrics_path.is_some(),
     };
+    let reason = super::run_loop::wait_for_end(&mut vm, &signal_evt, &waiting);
     drop(raw);
     for (phase, at) in vm.timeline() {
         log::debug!("timeline: {phase:?} at {} us", at.as_micros());

@@ -479,6 +479,14 @@ impl VmHandle {
         Ok(())
     }
 
+    /// True when a guest driver has set up the i8042 with its keyboard enabled, so that a
+    /// Ctrl-Alt-Del has someone to hear it.
+    pub fn guest_listens_for_ctrl_alt_del(&self) -> bool {
+        self.running
+            .as_ref()
+            .is_some_and(|r| devices::lock(&r.devices.i8042).guest_listens())
+    }
+
     /// Asks the guest to shut down (Ctrl-Alt-Del) and waits up to `timeout` for it to end; then
     /// stops it. Returns why the VM ended: `PowerOff` or `Reset` when the guest obliged.
     pub fn shutdown(&mut self, timeout: Duration) -> ExitReason {

@@ -95,6 +95,8 @@ pub struct I8042 {
     pending_kbd_command: Option<u8>,
     last_was_command: bool,
     dropped: u64,
+    /// The guest has written the command byte: a driver set the controller up.
+    configured: bool,
 }
 
 impl I8042 {
@@ -117,6 +119,7 @@ impl I8042 {
             pending_kbd_command: None,
             last_was_command: false,
             dropped: 0,
+            configured: false,
         }
     }
 
@@ -131,6 +134,12 @@ impl I8042 {
         };
         self.queue_keyboard(codes);
         self.refill();
+    }
+
+    /// True once a guest driver has set the controller up with the keyboard enabled: a
+    /// Ctrl-Alt-Del has someone to read it.
+    pub fn guest_listens(&self) -> bool {
+        self.configured && self.ctr & CTR_KBD_DISABLED == 0
     }
 
     /// Keyboard bytes dropped because the guest did not read them.
@@ -231,6 +240,7 @@ impl I8042 {
         match self.pending_command.take() {
             Some(CMD_WRITE_CTR) => {
                 self.ctr = byte;
+                self.configured = true;
                 self.refill();
             }
             // The byte comes back as if the keyboard had sent it.
@@ -310,19 +320,31 @@ impl BusDevice for I8042 {
     }
 }
 
-/// The i8042's state: none. vm-superio's controller only acts on the reset command and reads as
-/// 0, so there is nothing to carry over; the type keeps every device's save/restore alike.
+/// The i8042's state: the command byte the guest's driver set (keyboard interrupt, translation)
+/// and whether it set one. Bytes queued for the guest are not kept: a snapshot is taken of a
+/// quiet keyboard, and a restored guest that missed a key press loses nothing it asked for.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct I8042State {}
+#[serde(deny_unknown_fields)]
+pub struct I8042State {
+    /// The command byte.
+    pub ctr: u8,
+    /// Whether the guest wrote it.
+    pub configured: bool,
+}
 
 impl I8042 {
     /// The controller's state.
     pub fn save(&self) -> I8042State {
-        I8042State {}
+        I8042State {
+            ctr: self.ctr,
+            configured: self.configured,
+        }
     }
 
-    /// Applies `state` (nothing to apply).
-    pub fn restore(&mut self, _state: &I8042State) -> Result<(), crate::devices::StateError> {
+    /// Applies `state` (any command byte is one a guest could have written).
+    pub fn restore(&mut self, state: &I8042State) -> Result<(), crate::devices::StateError> {
+        self.ctr = state.ctr;
+        self.configured = state.configured;
         Ok(())
     }
 }
@@ -366,6 +388,26 @@ mod tests {
             dev.write(DATA, &[*p]);
         }
         drain(dev)
+    }
+
+    #[test]
+    fn the_command_byte_a_driver_set_survives_a_save_and_restore() {
+        let (mut dev, _irq) = device();
+        assert!(!dev.guest_listens(), "no driver yet");
+        command(&mut dev, 0x60, &[0x44]);
+        assert!(dev.guest_listens());
+        let state = dev.save();
+        let (mut fresh, _irq2) = device();
+        fresh.restore(&state).unwrap();
+        assert_eq!(fresh.save(), state);
+        assert!(fresh.guest_listens());
+        assert_eq!(
+            command(&mut fresh, 0x20, &[]),
+            vec![0x44],
+            "the command byte reads back"
+        );
+        command(&mut fresh, 0x60, &[0x54]);
+        assert!(!fresh.guest_listens(), "keyboard disabled");
     }
 
     fn interrupts(irq: &EventFd) -> u64 {
