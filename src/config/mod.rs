@@ -1,12 +1,14 @@
 //! What a VM is made of: plain data, checked by [`VmConfig::validate`] before anything is built.
 
 mod net;
+mod vsock;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
 pub use net::{MAX_TAP_NAME_LEN, MacAddr, MacParseError, NetConfig};
+pub use vsock::VsockConfig;
 
 /// The kernel command line used when none is given: the serial console, reset on reboot through
 /// the i8042 (which ends the VM), reboot on panic, and no probing for hardware a microVM lacks.
@@ -129,6 +131,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net interfaces, `eth0` first.
     pub nets: Vec<NetConfig>,
+    /// virtio-vsock with its host side on a Unix socket.
+    pub vsock: Option<VsockConfig>,
     /// The Firecracker-compatible boot timer at 0xC000_0000.
     pub boot_timer: bool,
     /// Seccomp filters on ember's vCPU and event-loop threads (on unless debugging).
@@ -154,6 +158,7 @@ impl VmConfig {
             kvm_device: PathBuf::from("/dev/kvm"),
             disks: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
             boot_timer: false,
             seccomp: true,
             #[cfg(debug_assertions)]
@@ -176,7 +181,7 @@ impl VmConfig {
         if let Some(initrd) = &self.initrd {
             check_readable_file("initrd", initrd)?;
         }
-        let devices = self.disks.len() + self.nets.len();
+        let devices = self.disks.len() + self.nets.len() + usize::from(self.vsock.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -197,6 +202,9 @@ impl VmConfig {
             if self.nets[..i].iter().any(|other| other.tap == net.tap) {
                 return Err(ConfigError::DuplicateTap(net.tap.clone()));
             }
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
         }
         Ok(())
     }
@@ -240,6 +248,12 @@ pub enum ConfigError {
     /// A MAC address a NIC cannot have.
     #[error("MAC address {0} is a group (multicast) or zero address: the first byte must be even")]
     BadMac(MacAddr),
+    /// A vsock CID that is reserved or too large.
+    #[error("vsock CID {0} is reserved or too large: use 3 to 4294967294")]
+    BadGuestCid(u64),
+    /// A vsock socket path a Unix socket cannot have.
+    #[error("vsock socket path {} must be 1 to {} bytes", .0.display(), vsock::MAX_UDS_PATH_LEN)]
+    BadVsockPath(PathBuf),
     /// A file that does not exist.
     #[error("{what} file {} does not exist: check the path", .path.display())]
     Missing {

@@ -81,6 +81,9 @@ pub enum StartError {
     /// A TAP device.
     #[error(transparent)]
     Tap(#[from] crate::devices::virtio::net::TapError),
+    /// The vsock device's socket.
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     /// A seccomp filter.
     #[error(transparent)]
     Seccomp(#[from] crate::sandbox::SeccompError),
@@ -297,7 +300,7 @@ impl VmHandle {
                 .iter()
                 .filter_map(|v| match &v.kind {
                     VirtioKind::Net { tap, counters } => Some((tap.clone(), counters.snapshot())),
-                    VirtioKind::Block(_) => None,
+                    VirtioKind::Block(_) | VirtioKind::Vsock { .. } => None,
                 })
                 .collect(),
             None => self

@@ -9,6 +9,7 @@ pub mod block;
 pub mod drain;
 pub mod mmio;
 pub mod net;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
