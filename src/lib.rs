@@ -28,6 +28,7 @@
 //! with the VMM and is hidden from the documentation.
 
 #[doc(hidden)]
+pub mod agent;
 pub mod arch;
 #[doc(hidden)]
 pub mod bench;

@@ -30,6 +30,17 @@ fn main() -> ExitCode {
             eprintln!("ember: {}", error_chain(&e));
             exit_code::ERROR
         }),
+        Command::Exec(args) => cli::exec::run(args).unwrap_or_else(|e| {
+            eprintln!("ember: {}", error_chain(&e));
+            cli::exec::EXEC_FAILED
+        }),
+        Command::Cp(args) => match cli::exec::copy(args) {
+            Ok(()) => exit_code::SUCCESS,
+            Err(e) => {
+                eprintln!("ember: {}", error_chain(&e));
+                exit_code::ERROR
+            }
+        },
         Command::Bench(command) => match cli::bench::run(command) {
             Ok(()) => exit_code::SUCCESS,
             Err(e) => {

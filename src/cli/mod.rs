@@ -1,6 +1,7 @@
 //! The `ember` command line: clap definitions, one file per subcommand.
 
 pub mod bench;
+pub mod exec;
 pub mod jail;
 pub mod run;
 mod signals;
@@ -29,6 +30,10 @@ pub enum Command {
     Run(run::RunArgs),
     /// Run `ember run` in a jail: chroot, namespaces, cgroup, no privileges.
     Jail(jail::JailArgs),
+    /// Run a command in a running VM through its guest agent (ember-agent, over vsock).
+    Exec(exec::ExecArgs),
+    /// Copy a file into or out of a running VM through its guest agent: SRC DST, one vm:PATH.
+    Cp(exec::CpArgs),
     /// Measure ember: `ember bench boot`.
     #[command(subcommand)]
     Bench(bench::BenchCommand),

@@ -250,6 +250,15 @@ impl VmHandle {
             .map_err(|_| LifecycleError::OutsideMemory(addr))
     }
 
+    /// The vsock device's host socket (`VsockConfig::uds_path`), if the VM has one.
+    pub fn vsock_uds_path(&self) -> Option<std::path::PathBuf> {
+        let running = self.running.as_ref()?;
+        running.devices.virtio.iter().find_map(|v| match &v.kind {
+            VirtioKind::Vsock { uds_path, .. } => Some(uds_path.clone()),
+            _ => None,
+        })
+    }
+
     /// The ids of every device, as the API and snapshots name them.
     pub fn device_ids(&self) -> Vec<String> {
         self.running
