@@ -5,12 +5,13 @@
 #   ${EMBER_CACHE:-$HOME/.cache/ember}/guest/rootfs.ext4      ext4 image (64 MiB)
 #
 # Content: /init (resources/rootfs/init), /bin/busybox (Debian busybox-static),
+# /bin/ember-agent (agent/, built here with cargo, statically linked),
 # /bin/sh -> busybox, /sbin/init -> /init, /etc/{fstab,passwd,group}, empty
 # /proc /sys /dev /tmp /root /run /mnt, and the device node /dev/console.
 # Everything is owned by 0:0. No root rights, mounts or fakeroot are needed:
 # the cpio comes from `cpio -o -H newc --owner=0:0` plus a hand-written newc
 # entry for /dev/console, the image from `mkfs.ext4 -d` plus debugfs.
-# Rebuilt only when this script, rootfs/init, the size or the versions of
+# Rebuilt only when this script, rootfs/init, agent/, the size or the versions of
 # busybox-static/e2fsprogs/cpio change (hash in .../guest/.rootfs-stamp).
 #
 # Environment: EMBER_CACHE (cache root), EMBER_ROOTFS_SIZE (mkfs size, 64M).
@@ -55,10 +56,14 @@ guest=$cache/guest
 out_cpio=$guest/initramfs.cpio
 out_ext4=$guest/rootfs.ext4
 stamp=$guest/.rootfs-stamp
+agent_dir=$here/../agent
+[ -f "$agent_dir/Cargo.toml" ] || die "missing $agent_dir/Cargo.toml"
+command -v cargo >/dev/null || die "cargo not found (the guest agent is built with it)"
 hash=$({
   echo "size=$size"
   dpkg-query -W "${deps[@]}"
   cat "${BASH_SOURCE[0]}" "$init"
+  (cd "$agent_dir" && find Cargo.toml Cargo.lock src -type f 2>/dev/null | LC_ALL=C sort | xargs cat)
 } | sha256sum | cut -d' ' -f1)
 
 print_outputs() {
@@ -77,6 +82,19 @@ rm -rf "$stage"
 mkdir -p "$stage"
 trap 'rm -rf "$stage" "$stage.debugfs" "$stage.debugfs.err" "$out_cpio.tmp" "$out_ext4.tmp"' EXIT
 
+# --- the agent -----------------------------------------------------------------
+# Static for the host target (no musl target needed): glibc's static parts it uses
+# (no NSS, no dlopen) work without any library in the guest.
+host_target=$(rustc -vV | sed -n 's/^host: //p')
+msg "building ember-agent for $host_target"
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release --locked \
+  --manifest-path "$agent_dir/Cargo.toml" --target "$host_target" \
+  --target-dir "$cache/build/agent"
+agent=$cache/build/agent/$host_target/release/ember-agent
+if LC_ALL=C file -b "$agent" 2>/dev/null | grep -q dynamically; then
+  die "$agent is dynamically linked"
+fi
+
 # --- the tree ----------------------------------------------------------------
 msg "staging the tree in $stage"
 (
@@ -87,6 +105,7 @@ msg "staging the tree in $stage"
   chmod 0700 root
   install -m 0755 "$init" init
   install -m 0755 "$busybox" bin/busybox
+  install -m 0755 "$agent" bin/ember-agent
   ln -s busybox bin/sh
   ln -s ../init sbin/init
   cat >etc/fstab <<'EOF'

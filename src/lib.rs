@@ -28,6 +28,8 @@
 //! with the VMM and is hidden from the documentation.
 
 #[doc(hidden)]
+#[doc(hidden)]
+pub mod agent;
 pub mod api;
 #[doc(hidden)]
 pub mod arch;

@@ -32,6 +32,17 @@ fn main() -> ExitCode {
             exit_code::ERROR
         }),
         Command::Ctl(args) => cli::ctl::run(args),
+        Command::Exec(args) => cli::exec::run(args).unwrap_or_else(|e| {
+            eprintln!("ember: {}", error_chain(&e));
+            cli::exec::EXEC_FAILED
+        }),
+        Command::Cp(args) => match cli::exec::copy(args) {
+            Ok(()) => exit_code::SUCCESS,
+            Err(e) => {
+                eprintln!("ember: {}", error_chain(&e));
+                exit_code::ERROR
+            }
+        },
         Command::Bench(command) => match cli::bench::run(command) {
             Ok(()) => exit_code::SUCCESS,
             Err(e) => {

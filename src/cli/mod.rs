@@ -3,6 +3,7 @@
 mod api_run;
 pub mod bench;
 pub mod ctl;
+pub mod exec;
 pub mod jail;
 pub mod panic_report;
 pub mod run;
@@ -35,6 +36,10 @@ pub enum Command {
     Jail(jail::JailArgs),
     /// Talk to a running ember's API socket: info, pause, resume, metrics, ...
     Ctl(ctl::CtlArgs),
+    /// Run a command in a running VM through its guest agent (ember-agent, over vsock).
+    Exec(exec::ExecArgs),
+    /// Copy a file into or out of a running VM through its guest agent: SRC DST, one vm:PATH.
+    Cp(exec::CpArgs),
     /// Measure ember: `ember bench boot`.
     #[command(subcommand)]
     Bench(bench::BenchCommand),

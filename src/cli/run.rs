@@ -99,6 +99,11 @@ pub struct RunArgs {
     #[arg(long = "net", value_parser = parse_net, value_name = "SPEC")]
     pub nets: Vec<NetSpec>,
 
+    /// virtio-vsock (Firecracker's hybrid vsock): cid=N,uds=PATH. Host programs connect to PATH
+    /// and write `CONNECT <port>\n`; guest connections to CID 2 port P reach PATH_P.
+    #[arg(long, value_parser = parse_vsock, value_name = "SPEC")]
+    pub vsock: Option<ember::config::VsockConfig>,
+
     /// Enable the boot timer (Firecracker-compatible): a guest write of 123 to 0xC000_0000 logs
     /// the time since ember started (at --log-level info).
     #[arg(long)]
@@ -171,6 +176,10 @@ fn parse_serial(value: &str) -> Result<ConsoleConfig, String> {
             _ => Err("expected stdio, none or file=PATH".into()),
         },
     }
+}
+
+fn parse_vsock(value: &str) -> Result<ember::config::VsockConfig, String> {
+    value.parse()
 }
 
 fn parse_disk(value: &str) -> Result<DiskConfig, String> {
@@ -281,6 +290,7 @@ impl RunArgs {
             .iter()
             .map(NetSpec::to_config)
             .collect::<Result<_, _>>()?;
+        config.vsock = self.vsock.clone();
         config.boot_timer = self.boot_timer;
         config.seccomp = self.seccomp == Switch::On;
         #[cfg(debug_assertions)]

@@ -2,6 +2,7 @@
 
 mod net;
 mod rate_limiter;
+mod vsock;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
 pub use net::{MAX_NET_ID_LEN, MAX_TAP_NAME_LEN, MacAddr, MacParseError, NetConfig};
 pub use rate_limiter::{IoEngine, RateLimiterConfig, TokenBucketConfig, parse_bucket};
+pub use vsock::VsockConfig;
 
 /// The kernel command line used when none is given: the serial console, reset on reboot through
 /// the i8042 (which ends the VM), reboot on panic, and no probing for hardware a microVM lacks.
@@ -164,6 +166,9 @@ pub struct VmConfig {
     /// virtio-net interfaces, `eth0` first.
     #[serde(default)]
     pub nets: Vec<NetConfig>,
+    /// virtio-vsock with its host side on a Unix socket.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
     /// The Firecracker-compatible boot timer at 0xC000_0000.
     #[serde(default)]
     pub boot_timer: bool,
@@ -216,6 +221,7 @@ impl VmConfig {
             kvm_device: default_kvm_device(),
             disks: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
             boot_timer: false,
             seccomp: true,
             metrics_path: None,
@@ -259,7 +265,7 @@ impl VmConfig {
         if self.cmdline.len() >= CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
         }
-        let devices = self.disks.len() + self.nets.len();
+        let devices = self.disks.len() + self.nets.len() + usize::from(self.vsock.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -294,6 +300,9 @@ impl VmConfig {
             if self.nets[..i].iter().any(|other| other.id() == net.id()) {
                 return Err(ConfigError::DuplicateNetId(net.id().to_owned()));
             }
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
         }
         Ok(())
     }
@@ -352,6 +361,12 @@ pub enum ConfigError {
     /// A MAC address a NIC cannot have.
     #[error("MAC address {0} is a group (multicast) or zero address: the first byte must be even")]
     BadMac(MacAddr),
+    /// A vsock CID that is reserved or too large.
+    #[error("vsock CID {0} is reserved or too large: use 3 to 4294967294")]
+    BadGuestCid(u64),
+    /// A vsock socket path a Unix socket cannot have.
+    #[error("vsock socket path {} must be 1 to {} bytes", .0.display(), vsock::MAX_UDS_PATH_LEN)]
+    BadVsockPath(PathBuf),
     /// A file that does not exist.
     #[error("{what} file {} does not exist: check the path", .path.display())]
     Missing {

@@ -224,10 +224,13 @@ fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
             let punch = (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64;
             rules.push(with_arg(kind, libc::SYS_fallocate, 1, &[punch])?);
             rules.push(with_arg(kind, libc::SYS_ioctl, 1, &[libc::TUNSETOFFLOAD])?);
+            rules.extend(vsock_muxer(kind)?);
         }
         ThreadKind::Main => {
             rules.extend(any(&[
                 libc::SYS_read,
+                // Teardown removes the vsock device's socket file.
+                libc::SYS_unlink,
                 libc::SYS_poll,
                 libc::SYS_ppoll,
                 libc::SYS_pread64,
@@ -295,6 +298,30 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let mut program = refusals();
     program.extend(filter(kind)?);
     Ok(program)
+}
+
+/// The vsock muxer's calls: accepting host connections on its listener and connecting to
+/// `PATH_<port>`, both non-blocking Unix stream sockets only; `recvfrom` for peeking at a
+/// `CONNECT` line; `shutdown` for half-closed streams.
+fn vsock_muxer(kind: ThreadKind) -> Result<Rules, SeccompError> {
+    let flags = (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64;
+    let stream = libc::SOCK_STREAM as u64 | flags;
+    let unix_stream = SeccompRule::new(vec![
+        SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::AF_UNIX as u64,
+        )
+        .map_err(|e| backend(kind, e))?,
+        SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, stream)
+            .map_err(|e| backend(kind, e))?,
+    ])
+    .map_err(|e| backend(kind, e))?;
+    let mut rules = any(&[libc::SYS_connect, libc::SYS_recvfrom, libc::SYS_shutdown]);
+    rules.push((libc::SYS_socket, vec![unix_stream]));
+    rules.push(with_arg(kind, libc::SYS_accept4, 3, &[flags])?);
+    Ok(rules)
 }
 
 /// The compiled allow-list for `kind`: listed calls allowed, everything else traps.

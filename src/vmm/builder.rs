@@ -14,7 +14,7 @@ use linux_loader::cmdline::Cmdline;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::console::Console;
-use super::devices::{DeviceManager, VirtioEntry, VirtioKind, lock};
+use super::devices::{DeviceManager, VSOCK_ID, VirtioEntry, VirtioKind, lock};
 use super::event_loop::{self, Subscriber};
 use super::exit::ExitState;
 use super::metrics::MetricsFile;
@@ -30,6 +30,7 @@ use crate::devices::bus::Buses;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, DiskFile};
 use crate::devices::virtio::net::{Net, Tap};
+use crate::devices::virtio::vsock::Vsock;
 use crate::exit::ExitReason;
 use crate::loader::{self, LoadedKernel};
 use crate::sandbox::ThreadKind;
@@ -89,6 +90,10 @@ pub fn shape(config: &VmConfig, ram: GuestRam<'_>) -> Result<Shaped, StartError>
         .iter()
         .map(|n| Ok((Tap::open(&n.tap)?, n.mac())))
         .collect::<Result<Vec<_>, StartError>>()?;
+    let vsock = match &config.vsock {
+        Some(v) => Some(Vsock::new(v.guest_cid, &v.uds_path)?),
+        None => None,
+    };
     let kvm = KvmContext::open(&config.kvm_device)?;
     if config.vcpus > kvm.max_vcpus() {
         return Err(ConfigError::TooManyVcpus {
@@ -141,6 +146,13 @@ pub fn shape(config: &VmConfig, ram: GuestRam<'_>) -> Result<Shaped, StartError>
             counters: net.counters(),
         };
         devices.push((net_config.device_id(), kind, Box::new(net)));
+    }
+    if let (Some(vsock), Some(vsock_config)) = (vsock, &config.vsock) {
+        let kind = VirtioKind::Vsock {
+            uds_path: vsock_config.uds_path.clone(),
+            counters: vsock.counters(),
+        };
+        devices.push((VSOCK_ID.to_owned(), kind, Box::new(vsock)));
     }
     let disk_configs = disk_configs.chain(std::iter::repeat(None));
     for ((slot, (id, kind, device)), disk) in devices.into_iter().enumerate().zip(disk_configs) {
@@ -389,7 +401,9 @@ fn load_kernel_and_tables(
             .insert_str(config.cmdline.trim())
             .map_err(StartError::Cmdline)?;
     }
-    virtio::add_to_cmdline(&mut cmdline, config.disks.len() + config.nets.len())?;
+    let virtio_devices =
+        config.disks.len() + config.nets.len() + usize::from(config.vsock.is_some());
+    virtio::add_to_cmdline(&mut cmdline, virtio_devices)?;
     let cmdline = cmdline.as_cstring().map_err(StartError::Cmdline)?;
     let cmdline_bytes = cmdline.as_bytes_with_nul();
     memory

@@ -5,7 +5,7 @@
 //! them to act (Ctrl-Alt-Del, a disk swap) and, later, save and restore their state. The ids are
 //! what the API, snapshots and migration name devices by: `serial0`, `i8042`, `ioapic`,
 //! `debug_port`, `boot_timer`, each disk's id (`rootfs` for `--rootfs`) and each network
-//! interface's id.
+//! interface's id, and `vsock`.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -16,6 +16,7 @@ use crate::devices::pseudo::debug_port::{DebugCodes, DebugPort};
 use crate::devices::virtio::block::BlockCounters;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::NetCounters;
+use crate::devices::virtio::vsock::VsockCounters;
 
 /// Id of COM1.
 pub const SERIAL_ID: &str = "serial0";
@@ -25,6 +26,8 @@ pub const I8042_ID: &str = "i8042";
 pub const IOAPIC_ID: &str = "ioapic";
 /// Id of the port-0x80 debug port.
 pub const DEBUG_PORT_ID: &str = "debug_port";
+/// Id of the vsock device.
+pub const VSOCK_ID: &str = "vsock";
 /// Id of the boot timer.
 pub const BOOT_TIMER_ID: &str = "boot_timer";
 
@@ -39,6 +42,13 @@ pub enum VirtioKind {
         tap: String,
         /// Its counters.
         counters: Arc<NetCounters>,
+    },
+    /// virtio-vsock on a host Unix socket.
+    Vsock {
+        /// The socket host programs connect to.
+        uds_path: std::path::PathBuf,
+        /// Its counters.
+        counters: Arc<VsockCounters>,
     },
 }
 
@@ -81,7 +91,7 @@ pub struct DeviceManager {
     pub debug_codes: DebugCodes,
     /// The boot timer, when configured.
     pub boot_timer: Option<Arc<Mutex<BootTimer>>>,
-    /// virtio devices, in slot order (disks first, then network interfaces).
+    /// virtio devices, in slot order (disks first, then network interfaces, then vsock).
     pub virtio: Vec<VirtioEntry>,
 }
 

@@ -85,6 +85,9 @@ pub enum StartError {
     /// A TAP device.
     #[error(transparent)]
     Tap(#[from] crate::devices::virtio::net::TapError),
+    /// The vsock device's socket.
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     /// A seccomp filter.
     #[error(transparent)]
     Seccomp(#[from] crate::sandbox::SeccompError),
@@ -328,6 +331,15 @@ impl VmHandle {
         }
     }
 
+    /// The vsock device's host socket (`VsockConfig::uds_path`), if the VM has one.
+    pub fn vsock_uds_path(&self) -> Option<std::path::PathBuf> {
+        let running = self.running.as_ref()?;
+        running.devices.virtio.iter().find_map(|v| match &v.kind {
+            VirtioKind::Vsock { uds_path, .. } => Some(uds_path.clone()),
+            _ => None,
+        })
+    }
+
     /// The ids of every device, as the API and snapshots name them.
     pub fn device_ids(&self) -> Vec<String> {
         self.running
@@ -456,7 +468,7 @@ impl VmHandle {
                 .iter()
                 .filter_map(|v| match &v.kind {
                     VirtioKind::Net { tap, counters } => Some((tap.clone(), counters.snapshot())),
-                    VirtioKind::Block(_) => None,
+                    VirtioKind::Block(_) | VirtioKind::Vsock { .. } => None,
                 })
                 .collect(),
             None => self

@@ -11,6 +11,7 @@ pub mod mmio;
 pub mod net;
 pub mod rate_limiter;
 pub mod state;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
