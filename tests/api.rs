@@ -245,13 +245,13 @@ fn a_config_file_boots_at_once_and_the_socket_keeps_serving() {
 
 /// A section ember lacks is refused, naming it, and nothing boots.
 #[test]
-fn a_config_file_with_vsock_is_refused_clearly() {
-    let dir = scratch("vsock");
+fn a_config_file_with_an_unsupported_section_is_refused_clearly() {
+    let dir = scratch("entropy");
     let socket = dir.join("api.sock");
     let file = dir.join("config.json");
     let config = serde_json::json!({
         "boot-source": {"kernel_image_path": "/nonexistent"},
-        "vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock"},
+        "entropy": {"rate_limiter": null},
     });
     std::fs::write(&file, config.to_string()).unwrap();
     let args = [
@@ -262,7 +262,10 @@ fn a_config_file_with_vsock_is_refused_clearly() {
     ];
     let out = spawn_api(&args).finish(GUEST_TIMEOUT);
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
-    assert_eq!(out.stderr.trim(), "ember: vsock is not supported by ember");
+    assert_eq!(
+        out.stderr.trim(),
+        "ember: entropy is not supported by ember"
+    );
     assert!(!socket.exists());
     std::fs::write(
         &file,
@@ -409,7 +412,8 @@ fn bad_input_is_refused_and_the_vm_keeps_running() {
         "/vsock",
         r#"{"guest_cid": 3, "uds_path": "/v"}"#,
     )
-    .assert_fault(400, "vsock");
+    .assert_fault(400, "before InstanceStart");
+    call(&socket, "PUT", "/entropy", "{}").assert_fault(400, "entropy");
     call(
         &socket,
         "PUT",
@@ -702,4 +706,48 @@ fn a_snapshot_created_over_the_api_loads_in_a_fresh_instance() {
     let again = call(&socket2, "PUT", "/snapshot/load", &load);
     assert_eq!(again.status, 400, "one load per instance");
     restored.stop(GUEST_TIMEOUT);
+}
+
+/// `PUT /vsock` before boot gives the VM Firecracker's hybrid vsock: the socket exists once the
+/// VM runs, `GET /vm/config` shows the section, and a second device or a bad CID is refused.
+#[test]
+fn vsock_is_configured_over_the_api() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("vsock");
+    let socket = dir.join("api.sock");
+    let uds = dir.join("v.sock");
+    let vm = spawn_api(&["--api-sock", socket.to_str().unwrap()]);
+    wait_for_socket(&socket, "/");
+    let bad = r#"{"guest_cid": 2, "uds_path": "/tmp/x.sock"}"#;
+    assert_eq!(
+        call(&socket, "PUT", "/vsock", bad).status,
+        400,
+        "CID 2 is the host's"
+    );
+    let body = format!(r#"{{"guest_cid": 3, "uds_path": "{}"}}"#, uds.display());
+    assert_eq!(call(&socket, "PUT", "/vsock", &body).status, 204);
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "guest.action=halt"}}"#,
+        guest_path()
+    );
+    assert_eq!(call(&socket, "PUT", "/boot-source", &boot).status, 204);
+    let start = call(
+        &socket,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    assert_eq!(start.status, 204, "{start:?}");
+    assert!(uds.exists(), "the vsock socket is there once the VM runs");
+    let config = call(&socket, "GET", "/vm/config", "").json();
+    assert_eq!(config["vsock"]["guest_cid"], 3, "{config}");
+    assert_eq!(
+        call(&socket, "PUT", "/vsock", &body).status,
+        400,
+        "after boot"
+    );
+    vm.stop(GUEST_TIMEOUT);
+    assert!(!uds.exists(), "removed when the VM ends");
 }

@@ -113,6 +113,9 @@ impl<L: Launcher> Controller<L> {
         for iface in &file.network_interfaces {
             self.put_net(iface).map_err(fault)?;
         }
+        if let Some(vsock) = &file.vsock {
+            self.put_vsock(vsock).map_err(fault)?;
+        }
         self.instance_start().map(drop).map_err(fault)
     }
 
@@ -150,6 +153,7 @@ impl<L: Launcher> Controller<L> {
             ApiRequest::PatchNetworkInterface(n) => self.patch_net(&n),
             ApiRequest::PutLogger(l) => self.put_logger(&l),
             ApiRequest::PutMetrics(m) => self.put_metrics(&m),
+            ApiRequest::PutVsock(v) => self.put_vsock(&v),
             ApiRequest::Action(ActionType::InstanceStart) => self.instance_start(),
             ApiRequest::CreateSnapshot(create) => self.create_snapshot(&create),
             ApiRequest::LoadSnapshot(load) => self.load_snapshot(&load),
@@ -322,6 +326,16 @@ impl<L: Launcher> Controller<L> {
             .configure_logger(logger)
             .map_err(ApiResponse::bad_request)?;
         this.logger = Some(logger.clone());
+        Ok(ApiResponse::no_content())
+    }
+
+    fn put_vsock(&mut self, vsock: &model::Vsock) -> Result<ApiResponse, ApiResponse> {
+        let this = self.before_boot()?;
+        let device = crate::config::VsockConfig::new(vsock.guest_cid, &vsock.uds_path);
+        let mut candidate = this.config.clone();
+        candidate.vsock = Some(device.clone());
+        check_devices(&candidate)?;
+        this.config.vsock = Some(device);
         Ok(ApiResponse::no_content())
     }
 

@@ -99,6 +99,8 @@ pub enum ApiRequest {
     PatchVm(model::VmState),
     /// `GET /vm/config`.
     GetVmConfig,
+    /// `PUT /vsock`.
+    PutVsock(model::Vsock),
     /// `PUT /snapshot/create`.
     CreateSnapshot(snapshot_model::SnapshotCreate),
     /// `PUT /snapshot/load`.

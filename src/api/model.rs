@@ -478,6 +478,19 @@ pub struct Vm {
     pub state: VmState,
 }
 
+/// `PUT /vsock` and the `vsock` section: Firecracker's hybrid vsock (docs/vsock.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    /// The guest's context id (3 or more).
+    pub guest_cid: u64,
+    /// The Unix socket host programs connect to.
+    pub uds_path: PathBuf,
+    /// Firecracker's deprecated device id: accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
 /// Firecracker's full configuration: the `--config-file` and `GET /vm/config`. Sections ember
 /// does not support must be absent, null or empty.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -504,9 +517,9 @@ pub struct FullConfig {
     /// Not supported.
     #[serde(default)]
     pub balloon: Option<Value>,
-    /// Not supported.
+    /// virtio-vsock.
     #[serde(default)]
-    pub vsock: Option<Value>,
+    pub vsock: Option<Vsock>,
     /// Not supported.
     #[serde(default)]
     pub entropy: Option<Value>,
@@ -531,7 +544,6 @@ impl FullConfig {
     /// Refuses any section ember does not support.
     pub fn check_unsupported(&self) -> Result<(), Refused> {
         unsupported("balloon", &self.balloon)?;
-        unsupported("vsock", &self.vsock)?;
         unsupported("entropy", &self.entropy)?;
         unsupported("mmds-config", &self.mmds_config)?;
         unsupported("cpu-config", &self.cpu_config)?;
@@ -553,6 +565,11 @@ impl FullConfig {
                 .metrics_path
                 .clone()
                 .map(|metrics_path| Metrics { metrics_path }),
+            vsock: config.vsock.as_ref().map(|v| Vsock {
+                guest_cid: v.guest_cid,
+                uds_path: v.uds_path.clone(),
+                vsock_id: None,
+            }),
             ..FullConfig::default()
         }
     }
@@ -625,11 +642,10 @@ mod tests {
         let c: FullConfig =
             serde_json::from_str(r#"{"vsock": null, "balloon": {}, "pmem": []}"#).unwrap();
         c.check_unsupported().unwrap();
-        let c: FullConfig =
-            serde_json::from_str(r#"{"vsock": {"guest_cid": 3, "uds_path": "/v"}}"#).unwrap();
+        let c: FullConfig = serde_json::from_str(r#"{"entropy": {"rate_limiter": null}}"#).unwrap();
         assert_eq!(
             c.check_unsupported().unwrap_err().0,
-            "vsock is not supported by ember"
+            "entropy is not supported by ember"
         );
         assert!(serde_json::from_str::<FullConfig>(r#"{"bogus": null}"#).is_err());
     }

@@ -9,7 +9,6 @@ use super::{ApiRequest, ApiResponse};
 /// Firecracker endpoints ember does not implement: refused by name, never silently accepted.
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("/balloon", "the balloon device"),
-    ("/vsock", "vsock"),
     ("/entropy", "the entropy device"),
     ("/mmds", "MMDS"),
     ("/cpu-config", "CPU templates"),
@@ -99,6 +98,7 @@ pub fn route(method: &str, target: &str, payload: &[u8]) -> Result<ApiRequest, A
         ("PUT", "actions", "") => ApiRequest::Action(body::<Action>(payload)?.action_type),
         ("PATCH", "vm", "") => ApiRequest::PatchVm(body::<model::Vm>(payload)?.state),
         ("GET", "vm", "config") => no_body(payload, ApiRequest::GetVmConfig)?,
+        ("PUT", "vsock", "") => ApiRequest::PutVsock(body(payload)?),
         ("PUT", "snapshot", "create") => ApiRequest::CreateSnapshot(body(payload)?),
         ("PUT", "snapshot", "load") => ApiRequest::LoadSnapshot(body(payload)?),
         _ => {
@@ -152,7 +152,7 @@ mod tests {
     fn bad_requests_name_the_problem() {
         assert!(fault(route("GET", "/nope", b"").unwrap_err()).contains("GET /nope"));
         assert!(fault(route("DELETE", "/", b"").unwrap_err()).contains("DELETE"));
-        assert!(fault(route("PUT", "/vsock", b"{}").unwrap_err()).contains("vsock"));
+        assert!(fault(route("PUT", "/vsock", b"{}").unwrap_err()).contains("guest_cid"));
         assert!(
             fault(route("PUT", "/snapshot/create", b"{}").unwrap_err()).contains("snapshot_path")
         );
