@@ -412,7 +412,8 @@ fn load_kernel_and_tables(
 
     let e820: Vec<E820Entry> = boot_params::e820_map(&memory_ranges(mem_bytes));
     mptable::setup_mptable(memory, config.vcpus)?;
-    let rsdp = acpi::setup_acpi(memory, config.vcpus)?;
+    let slots: Vec<(u64, u32)> = (0..virtio_devices).map(virtio::slot).collect();
+    let rsdp = acpi::setup_acpi(memory, config.vcpus, &slots)?;
     match kernel.mode {
         EntryMode::Linux64 => boot_params::write_zero_page(
             memory,

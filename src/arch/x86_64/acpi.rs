@@ -8,7 +8,9 @@
 //! the BIOS area below the MP table, where Linux also scans for the RSDP; the boot protocols pass
 //! its address directly too.
 
-use acpi_tables::aml::{Device, EISAName, IO, Interrupt, Name, Package, ResourceTemplate};
+use acpi_tables::aml::{
+    Device, EISAName, IO, Interrupt, Memory32Fixed, Name, Package, ResourceTemplate,
+};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::rsdp::Rsdp;
@@ -55,17 +57,23 @@ pub enum AcpiError {
 
 /// Builds the tables for `cpus` vCPUs (APIC IDs 0..cpus; the IOAPIC's ID follows them, as in the
 /// MP table), writes them, and returns the RSDP's address.
-pub fn setup_acpi(mem: &GuestMemoryMmap, cpus: u8) -> Result<GuestAddress, AcpiError> {
-    let (bytes, rsdp) = build(cpus)?;
+/// `virtio` lists each virtio-mmio device's window base and interrupt line (GSI), described in
+/// the DSDT as Firecracker does, so that an ACPI Linux maps their interrupts.
+pub fn setup_acpi(
+    mem: &GuestMemoryMmap,
+    cpus: u8,
+    virtio: &[(u64, u32)],
+) -> Result<GuestAddress, AcpiError> {
+    let (bytes, rsdp) = build(cpus, virtio)?;
     mem.write_slice(&bytes, GuestAddress(ACPI_START))
         .map_err(|_| AcpiError::Write)?;
     Ok(rsdp)
 }
 
 /// All tables laid out from `ACPI_START`, and the RSDP's address.
-fn build(cpus: u8) -> Result<(Vec<u8>, GuestAddress), AcpiError> {
+fn build(cpus: u8, virtio: &[(u64, u32)]) -> Result<(Vec<u8>, GuestAddress), AcpiError> {
     let mut area = TableArea::default();
-    let dsdt = area.add(&dsdt());
+    let dsdt = area.add(&dsdt(virtio));
     let mut fadt = FADTBuilder::new(OEM_ID, *b"EMBRFACP", OEM_REVISION)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::PwrButton)
@@ -92,7 +100,11 @@ fn build(cpus: u8) -> Result<(Vec<u8>, GuestAddress), AcpiError> {
 /// devices with their ports and interrupts, as Firecracker describes them. Without the devices an
 /// ACPI Linux has no mapping for ISA IRQs 1 and 4 (there is no 8259 PIC to preallocate them), so
 /// the UART runs without interrupts (user-space console output stalls) and the i8042 probe fails.
-fn dsdt() -> Sdt {
+///
+/// Each virtio-mmio device is there too (`LNRO0005`, its window and interrupt), for the same
+/// reason: without a mapping for its GSI an ACPI Linux cannot request the device's interrupt,
+/// and the devices the command line announces fail to probe.
+fn dsdt(virtio: &[(u64, u32)]) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"EMBRDSDT", OEM_REVISION);
     let mut aml = Vec::new();
     Name::new("_S5_".into(), &Package::new(vec![&S5_SLEEP_TYPE])).to_aml_bytes(&mut aml);
@@ -124,9 +136,29 @@ fn dsdt() -> Sdt {
         ],
     )
     .to_aml_bytes(&mut aml);
+    for (index, &(base, irq)) in virtio.iter().enumerate() {
+        let window = Memory32Fixed::new(true, addr32(base), VIRTIO_WINDOW);
+        let interrupt = Interrupt::new(true, true, false, false, irq);
+        let uid = u32::try_from(index).unwrap_or(u32::MAX);
+        Device::new(
+            format!("_SB_.V{index:03}").as_str().into(),
+            vec![
+                &Name::new("_HID".into(), &"LNRO0005"),
+                &Name::new("_UID".into(), &uid),
+                &Name::new(
+                    "_CRS".into(),
+                    &ResourceTemplate::new(vec![&window, &interrupt]),
+                ),
+            ],
+        )
+        .to_aml_bytes(&mut aml);
+    }
     dsdt.append_slice(&aml);
     dsdt
 }
+
+/// A virtio-mmio device's register window.
+const VIRTIO_WINDOW: u32 = 0x1000;
 
 /// A one-byte register on an I/O port, as a Generic Address Structure.
 fn io_byte_register(port: u16) -> GAS {
@@ -193,7 +225,7 @@ mod tests {
 
     #[test]
     fn rsdp_leads_through_the_xsdt_to_fadt_and_madt_with_valid_checksums() {
-        let (bytes, rsdp) = build(2).unwrap();
+        let (bytes, rsdp) = build(2, &[]).unwrap();
         let rsdp_offset = usize::try_from(rsdp.0 - ACPI_START).unwrap();
         let rsdp_bytes = &bytes[rsdp_offset..rsdp_offset + 36];
         assert_eq!(&rsdp_bytes[..8], b"RSD PTR ");
@@ -251,7 +283,7 @@ mod tests {
 
     #[test]
     fn fadt_has_the_sleep_registers_the_8042_and_hardware_reduced_flag() {
-        let (bytes, rsdp) = build(1).unwrap();
+        let (bytes, rsdp) = build(1, &[(0xc000_1000, 5)]).unwrap();
         let fadt = fadt_of(&bytes, rsdp);
         // ACPI 6.x FADT: SLEEP_CONTROL_REG at 244, SLEEP_STATUS_REG at 256 (12-byte GAS each).
         assert!(fadt.len() >= 268);
@@ -271,9 +303,26 @@ mod tests {
         assert_eq!(sum(fadt), 0);
     }
 
+    /// As many virtio devices as ember wires.
+    fn slots19() -> Vec<(u64, u32)> {
+        (0..19u32)
+            .map(|i| (0xc000_1000 + u64::from(i) * 0x1000, 5 + i))
+            .collect()
+    }
+
+    #[test]
+    fn dsdt_describes_every_virtio_device_with_its_window_and_interrupt() {
+        let table = dsdt(&slots19());
+        let mut bytes = Vec::new();
+        table.to_aml_bytes(&mut bytes);
+        let count = bytes.windows(8).filter(|w| w == b"LNRO0005").count();
+        assert_eq!(count, 19);
+        assert!(bytes.windows(4).any(|w| w == b"V018"));
+    }
+
     #[test]
     fn dsdt_names_s5_and_the_legacy_devices() {
-        let (bytes, rsdp) = build(1).unwrap();
+        let (bytes, rsdp) = build(1, &[(0xc000_1000, 5)]).unwrap();
         let fadt = fadt_of(&bytes, rsdp);
         let x_dsdt = u64_at(fadt, 140);
         let dsdt = table_at(&bytes, x_dsdt);
@@ -316,6 +365,6 @@ mod tests {
 
     #[test]
     fn tables_for_the_most_vcpus_fit() {
-        assert!(build(crate::arch::x86_64::mptable::MAX_SUPPORTED_CPUS).is_ok());
+        assert!(build(crate::arch::x86_64::mptable::MAX_SUPPORTED_CPUS, &slots19()).is_ok());
     }
 }
