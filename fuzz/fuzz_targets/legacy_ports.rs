@@ -356,9 +356,13 @@ fuzz_target!(|data: &[u8]| {
     let counters = serial.lock().unwrap().counters();
     let resets = Arc::new(AtomicU32::new(0));
     let seen = resets.clone();
-    let i8042 = Arc::new(Mutex::new(I8042::new(move || {
-        seen.fetch_add(1, Ordering::SeqCst);
-    })));
+    let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        move || {
+            seen.fetch_add(1, Ordering::SeqCst);
+        },
+        kbd_irq,
+    )));
     let codes = DebugCodes::default();
     let timeline = Arc::new(Timeline::default());
     let mut pio = Bus::new();

@@ -181,7 +181,8 @@ fuzz_target!(|data: &[u8]| {
 
     let e820 = boot_params::e820_map(&memory_ranges(mem_bytes));
     mptable::setup_mptable(&mem, vcpus).unwrap();
-    let rsdp = acpi::setup_acpi(&mem, vcpus).unwrap();
+    let slots: Vec<(u64, u32)> = (0..devices).map(ember::vmm::virtio::slot).collect();
+    let rsdp = acpi::setup_acpi(&mem, vcpus, &slots).unwrap();
     match kernel.mode {
         EntryMode::Linux64 => {
             boot_params::write_zero_page(

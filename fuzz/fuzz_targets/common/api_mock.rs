@@ -7,7 +7,8 @@ use std::sync::OnceLock;
 
 use ember::VmConfig;
 use ember::api::model::Logger;
-use ember::api::{ApiRequest, Controller, Launcher, ManagedVm};
+use ember::api::{ApiRequest, Controller, Launcher, ManagedVm, RateLimited};
+use ember::config::RateLimiterConfig;
 
 /// The mock VM: records nothing, answers everything.
 #[derive(Default)]
@@ -39,6 +40,18 @@ impl ManagedVm for MockVm {
     fn update_drive(&mut self, _drive_id: &str, _path: &Path) -> Result<(), String> {
         Ok(())
     }
+    fn update_rate_limiter(
+        &mut self,
+        _id: &str,
+        _kind: RateLimited,
+        _limiter: &RateLimiterConfig,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+    fn snapshot(&mut self, _config: &VmConfig, _state: &Path, _memory: &Path) -> Result<(), String> {
+        // Nothing is written: the paths come from the fuzzer.
+        Ok(())
+    }
 }
 
 /// Keeps each configuration it is asked to start.
@@ -56,6 +69,17 @@ impl Launcher for MockLauncher {
     }
     fn configure_logger(&mut self, _logger: &Logger) -> Result<(), String> {
         Ok(())
+    }
+    fn restore(
+        &mut self,
+        _base: &VmConfig,
+        _state: &Path,
+        _memory: &Path,
+        _overrides: &[(String, String)],
+        _resume: bool,
+    ) -> Result<(MockVm, VmConfig), String> {
+        // Nothing is read: the paths come from the fuzzer.
+        Err("refused by the mock".into())
     }
 }
 
