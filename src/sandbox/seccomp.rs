@@ -302,7 +302,9 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
 
 /// The vsock muxer's calls: accepting host connections on its listener and connecting to
 /// `PATH_<port>`, both non-blocking Unix stream sockets only; `recvfrom` for peeking at a
-/// `CONNECT` line; `shutdown` for half-closed streams.
+/// `CONNECT` line; `sendto` for writing to the streams (std writes sockets with
+/// `send(MSG_NOSIGNAL)`, so a closed peer is an error, not a SIGPIPE); `shutdown` for
+/// half-closed streams.
 fn vsock_muxer(kind: ThreadKind) -> Result<Rules, SeccompError> {
     let flags = (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64;
     let stream = libc::SOCK_STREAM as u64 | flags;
@@ -318,7 +320,12 @@ fn vsock_muxer(kind: ThreadKind) -> Result<Rules, SeccompError> {
             .map_err(|e| backend(kind, e))?,
     ])
     .map_err(|e| backend(kind, e))?;
-    let mut rules = any(&[libc::SYS_connect, libc::SYS_recvfrom, libc::SYS_shutdown]);
+    let mut rules = any(&[
+        libc::SYS_connect,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_shutdown,
+    ]);
     rules.push((libc::SYS_socket, vec![unix_stream]));
     rules.push(with_arg(kind, libc::SYS_accept4, 3, &[flags])?);
     Ok(rules)
