@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod console_lines;
 pub mod netns;
 pub mod packet;
 
