@@ -40,6 +40,8 @@ pub mod config;
 pub mod devices;
 pub mod exit;
 #[doc(hidden)]
+pub mod guest_memory;
+#[doc(hidden)]
 pub mod loader;
 #[doc(hidden)]
 pub mod sandbox;

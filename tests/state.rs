@@ -6,6 +6,7 @@ mod common;
 use std::path::Path;
 
 use ember::arch::x86_64::{cpuid, msr};
+use ember::guest_memory::GuestMemoryMmap;
 use ember::vstate::kvm::KvmContext;
 use ember::vstate::vcpu_state::{VcpuState, VcpuStateError, msrs_to_save, restore_vcpu, save_vcpu};
 use ember::vstate::vm_state::{VmState, VmStateError, restore_vm, save_vm};
@@ -13,7 +14,7 @@ use kvm_bindings::{
     KVM_CAP_SPLIT_IRQCHIP, Msrs, kvm_enable_cap, kvm_msr_entry, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_STAR: u32 = 0xc000_0081;

@@ -14,7 +14,8 @@ use virtio_queue::Queue;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use ember::guest_memory::GuestMemoryMmap;
 
 const QUEUE_SIZE: u16 = 16;
 const MEM_SIZE: usize = 1 << 20;

@@ -21,7 +21,8 @@ use ember::devices::virtio::block::{Block, DiskFile};
 use ember::devices::virtio::mmio::{MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use ember::guest_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Small guest memory, so that addresses from the input often land in it.

@@ -16,7 +16,8 @@ use ember::devices::virtio::net::tap::VNET_HDR_LEN;
 use ember::devices::virtio::net::tx::MAX_TX_LEN;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
+use ember::guest_memory::GuestMemoryMmap;
 
 #[path = "common/queue.rs"]
 mod queue;

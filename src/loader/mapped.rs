@@ -208,7 +208,8 @@ impl ReadVolatile for MappedImage {
 mod tests {
     use std::io::Write;
 
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use crate::guest_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
 

@@ -10,8 +10,9 @@
 
 use std::sync::Arc;
 
+use crate::guest_memory::GuestMemoryMmap;
 use linux_loader::cmdline::Cmdline;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::console::Console;
 use super::devices::{DeviceManager, VSOCK_ID, VirtioEntry, VirtioKind, lock};

@@ -3,8 +3,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::guest_memory::GuestMemoryMmap;
 use linux_loader::cmdline::Cmdline;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::StartError;

@@ -3,7 +3,8 @@
 
 use std::ffi::CStr;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use crate::guest_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::smaps;
 use crate::arch::x86_64::memory_ranges;

@@ -11,12 +11,13 @@ use std::ptr::null_mut;
 use std::sync::Once;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::guest_memory::GuestMemoryMmap;
 use kvm_bindings::{
     KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use libc::{c_int, c_void, siginfo_t};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use super::kvm::KvmContext;

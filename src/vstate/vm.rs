@@ -4,16 +4,18 @@ use std::io;
 use std::sync::Arc;
 
 use kvm_bindings::{
-    KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KvmIrqRouting, kvm_enable_cap,
-    kvm_irq_routing_entry, kvm_userspace_memory_region,
+    KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MEM_LOG_DIRTY_PAGES, KvmIrqRouting,
+    kvm_enable_cap, kvm_irq_routing_entry, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{IoEventAddress, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::errno::Error as Errno;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::kvm::KvmContext;
 use crate::arch::x86_64::layout::{IOAPIC_PINS, KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use crate::devices::legacy::ioapic::{PinRoutes, RouteInstaller};
+use crate::guest_memory::{DirtyPages, GuestMemoryMmap};
 
 /// A KVM VM operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,9 @@ pub enum VmError {
     /// KVM_SET_USER_MEMORY_REGION.
     #[error("cannot register guest memory with KVM")]
     Memory(#[source] kvm_ioctls::Error),
+    /// KVM_GET_DIRTY_LOG.
+    #[error("cannot read KVM's dirty-page log")]
+    DirtyLog(#[source] kvm_ioctls::Error),
     /// KVM_IRQFD.
     #[error("cannot register an irqfd for GSI {gsi}")]
     Irqfd {
@@ -103,13 +108,43 @@ impl Vm {
 
     /// Gives every region of `mem` to KVM, one slot each.
     pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+        self.set_memory_slots(mem, 0)
+    }
+
+    /// Turns KVM's dirty log on or off for every slot (it records the pages the vCPUs and KVM
+    /// itself write; ember's own writes are in the regions' bitmaps). Changing a slot's flags
+    /// keeps its contents; turning the log on starts it empty.
+    pub fn set_dirty_log(&self, mem: &GuestMemoryMmap, on: bool) -> Result<(), VmError> {
+        self.set_memory_slots(mem, if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
+    }
+
+    /// Takes (and clears) KVM's dirty log of every slot: the pages written since the last call
+    /// or since the log was turned on.
+    pub fn take_dirty_log(&self, mem: &GuestMemoryMmap) -> Result<DirtyPages, VmError> {
+        let mut pages = DirtyPages::empty(mem);
+        for (slot, (region, dirty)) in mem.iter().zip(&mut pages.regions).enumerate() {
+            let len = usize::try_from(region.len())
+                .map_err(|_| VmError::DirtyLog(Errno::new(libc::EOVERFLOW)))?;
+            let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+            let bits = self
+                .fd
+                .get_dirty_log(slot, len)
+                .map_err(VmError::DirtyLog)?;
+            for (word, got) in dirty.bits.iter_mut().zip(bits) {
+                *word = got;
+            }
+        }
+        Ok(pages)
+    }
+
+    fn set_memory_slots(&self, mem: &GuestMemoryMmap, flags: u32) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: u32::try_from(slot).unwrap_or(u32::MAX),
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
-                flags: 0,
+                flags,
             };
             // SAFETY: the region describes a live mapping owned by `mem`, which the VMM keeps
             // alive (in `vmm::Running`, dropped after the VM fd) for as long as the VM exists,

@@ -8,7 +8,8 @@
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use ember::guest_memory::GuestMemoryMmap;
 
 /// Entries in the queue.
 pub const QUEUE_SIZE: u16 = 16;

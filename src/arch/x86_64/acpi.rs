@@ -8,6 +8,7 @@
 //! the BIOS area below the MP table, where Linux also scans for the RSDP; the boot protocols pass
 //! its address directly too.
 
+use crate::guest_memory::GuestMemoryMmap;
 use acpi_tables::aml::{
     Device, EISAName, IO, Interrupt, Memory32Fixed, Name, Package, ResourceTemplate,
 };
@@ -17,7 +18,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, AmlSink};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::addr32;
 use super::ioapic_id;

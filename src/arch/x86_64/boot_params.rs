@@ -1,6 +1,7 @@
 //! What the kernel is told at entry: the e820 map, the zero page (64-bit Linux boot protocol) and
 //! the PVH start info, written through linux-loader's boot configurators.
 
+use crate::guest_memory::GuestMemoryMmap;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -8,7 +9,7 @@ use linux_loader::loader::bootparam::{boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
-use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, GuestAddress};
 
 use super::layout::{
     ACPI_START, CMDLINE_START, EBDA_START, HIMEM_START, MPTABLE_END, PVH_INFO_START,

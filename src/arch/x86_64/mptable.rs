@@ -4,7 +4,8 @@
 //! Layout: the floating pointer, then the configuration table (processor entries, the ISA bus,
 //! the IOAPIC, one I/O interrupt entry per IOAPIC pin, LINT1 as NMI), all in the BIOS area.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::guest_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::addr32;
 use super::ioapic_id;

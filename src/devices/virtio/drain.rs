@@ -3,8 +3,8 @@
 //! EVENT_IDX race) — without ever spinning on a ring the guest broke, and without doing more
 //! than one pass's [`Budget`] of work before the event loop gets its thread back.
 
+use crate::guest_memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::super::GuestErrors;
 

@@ -9,9 +9,10 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use crate::guest_memory::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Interrupt, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING, VirtioDevice};

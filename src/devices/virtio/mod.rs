@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use event_manager::EventSet;
 
+use crate::guest_memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use self::state::VirtioDeviceState;

@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use std::os::fd::RawFd;
 
+use crate::guest_memory::GuestMemoryMmap;
 use event_manager::EventSet;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use super::disk::{DiskFile, SECTOR_SIZE};
 use super::request::{

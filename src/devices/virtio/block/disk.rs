@@ -7,7 +7,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use crate::guest_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 /// Bytes per sector in the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
@@ -101,6 +102,23 @@ impl DiskFile {
     /// `offset`: one positioned vectored read or write straight into guest memory (repeated only
     /// after a short transfer), so a request costs one system call however many segments it has.
     pub fn transfer(
+        &mut self,
+        offset: u64,
+        mem: &GuestMemoryMmap,
+        segments: &[(GuestAddress, u32)],
+        to_guest: bool,
+    ) -> std::io::Result<()> {
+        let result = self.transfer_unmarked(offset, mem, segments, to_guest);
+        if to_guest {
+            // preadv wrote guest memory behind vm-memory's back: record the pages, after the
+            // write (a migration round on another thread that took them earlier would have
+            // sent what was there before).
+            crate::guest_memory::mark_segments_written(mem, segments);
+        }
+        result
+    }
+
+    fn transfer_unmarked(
         &mut self,
         offset: u64,
         mem: &GuestMemoryMmap,

@@ -4,8 +4,8 @@
 
 use std::sync::atomic::Ordering;
 
+use crate::guest_memory::GuestMemoryMmap;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 use super::device::{Block, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use super::disk::{SECTOR_SIZE, fits_one_call, iovecs};
@@ -96,6 +96,11 @@ impl Block {
         mem: &GuestMemoryMmap,
         may_retry: bool,
     ) -> u32 {
+        if r.op == Op::Read {
+            // The kernel wrote these buffers behind vm-memory's back, maybe only partly: they
+            // are dirty either way (a diff snapshot or migration round must send them).
+            crate::guest_memory::mark_segments_written(mem, &r.segments);
+        }
         let what = match r.op {
             Op::Read => "read",
             Op::Write => "write",

@@ -4,8 +4,9 @@
 //! guest memory, carry buffers the wrong way round or ask for sectors past the end of the disk.
 //! Parsing checks each of these and says whether the status byte can be written at all.
 
+use crate::guest_memory::GuestMemoryMmap;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::disk::SECTOR_SIZE;
 

@@ -190,7 +190,8 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use crate::guest_memory::GuestMemoryMmap;
+    use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;

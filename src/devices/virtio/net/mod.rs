@@ -8,8 +8,8 @@ pub mod tx;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::guest_memory::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
-use vm_memory::GuestMemoryMmap;
 
 pub use device::{Net, NetState};
 pub use tap::{Tap, TapError};

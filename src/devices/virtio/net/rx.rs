@@ -6,8 +6,9 @@
 
 use std::collections::VecDeque;
 
+use crate::guest_memory::GuestMemoryMmap;
 use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::next_chain;
 use super::tap::VNET_HDR_LEN;

@@ -2,8 +2,9 @@
 //! `writev`: the virtio-net header from a copy (checked once, so the guest cannot change it
 //! between the check and the write), the frame straight from guest memory.
 
+use crate::guest_memory::GuestMemoryMmap;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::tap::{Tap, VNET_HDR_LEN};
 

@@ -6,7 +6,7 @@ use std::io::{ErrorKind, Write};
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
 
-use vm_memory::{VolatileSlice, WriteVolatile};
+use vm_memory::WriteVolatile;
 
 use super::BUF_ALLOC;
 use super::packet::{
@@ -201,9 +201,9 @@ impl Connection {
 
     /// Payload from the guest: written to the host socket, what it does not take kept (within
     /// the credit). A host socket that fails is an `Err` of the I/O kind.
-    pub fn send_to_host(
+    pub fn send_to_host<B: vm_memory::bitmap::BitmapSlice>(
         &mut self,
-        data: &VolatileSlice<'_, ()>,
+        data: &vm_memory::VolatileSlice<'_, B>,
     ) -> Result<(), Result<CreditExceeded, std::io::Error>> {
         if self.to_host.len() + data.len() > BUF_ALLOC as usize {
             return Err(Ok(CreditExceeded));
@@ -318,7 +318,7 @@ mod tests {
         let mut kept_all = 0;
         loop {
             // SAFETY: `chunk` outlives the slice, and nothing else accesses it meanwhile.
-            let slice = unsafe { VolatileSlice::new(chunk.as_mut_ptr(), chunk.len()) };
+            let slice = unsafe { vm_memory::VolatileSlice::new(chunk.as_mut_ptr(), chunk.len()) };
             match c.send_to_host(&slice) {
                 Ok(()) => kept_all += chunk.len(),
                 Err(Ok(CreditExceeded)) => break,

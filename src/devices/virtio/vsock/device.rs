@@ -5,10 +5,11 @@ use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::guest_memory::GuestMemoryMmap;
 use event_manager::EventSet;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use super::muxer::{Filled, Muxer};
 use super::packet::EVENT_TRANSPORT_RESET;

@@ -2,6 +2,7 @@
 //! still sending their `CONNECT` line, and the connections; packets from the guest in, packets
 //! for the guest out, one receive buffer at a time.
 
+use crate::guest_memory::GuestSliceBitmap;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::io::{ErrorKind, Write};
@@ -209,7 +210,7 @@ impl Muxer {
     }
 
     /// A packet from the guest (already parsed; the payload checked against its length).
-    pub fn from_guest(&mut self, packet: &VsockPacket<'_, ()>) {
+    pub fn from_guest(&mut self, packet: &VsockPacket<'_, GuestSliceBitmap<'_>>) {
         if packet.src_cid() != self.guest_cid || packet.dst_cid() != HOST_CID {
             let (src, dst) = (packet.src_cid(), packet.dst_cid());
             self.bad_packet(|| format!("packet from CID {src} to CID {dst} dropped"));
@@ -273,7 +274,7 @@ impl Muxer {
         self.sync(key);
     }
 
-    fn guest_data(&mut self, key: Key, packet: &VsockPacket<'_, ()>) {
+    fn guest_data(&mut self, key: Key, packet: &VsockPacket<'_, GuestSliceBitmap<'_>>) {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
@@ -299,7 +300,7 @@ impl Muxer {
     }
 
     /// The guest connects to host port `key.local`: to the Unix socket `PATH_<port>`.
-    fn guest_connects(&mut self, key: Key, packet: &VsockPacket<'_, ()>) {
+    fn guest_connects(&mut self, key: Key, packet: &VsockPacket<'_, GuestSliceBitmap<'_>>) {
         if self.conns.len() >= MAX_CONNECTIONS {
             log::warn!("virtio-vsock: {MAX_CONNECTIONS} connections open: one more refused");
             self.loose_reset(key.local, key.peer);
@@ -483,7 +484,7 @@ impl Muxer {
     }
 
     /// Writes the next packet for the guest into `packet` (a receive buffer).
-    pub fn fill_rx(&mut self, packet: &mut VsockPacket<'_, ()>) -> Filled {
+    pub fn fill_rx(&mut self, packet: &mut VsockPacket<'_, GuestSliceBitmap<'_>>) -> Filled {
         if let Some(header) = self.loose_resets.pop_front() {
             return self.write(packet, &header, 0);
         }
@@ -561,7 +562,12 @@ impl Muxer {
         Filled::Nothing
     }
 
-    fn write(&self, packet: &mut VsockPacket<'_, ()>, header: &Header, len: u32) -> Filled {
+    fn write(
+        &self,
+        packet: &mut VsockPacket<'_, GuestSliceBitmap<'_>>,
+        header: &Header,
+        len: u32,
+    ) -> Filled {
         match header.write_to(packet, self.guest_cid, len) {
             Ok(()) => Filled::Packet(HEADER_LEN),
             Err(e) => {

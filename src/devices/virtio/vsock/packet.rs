@@ -1,5 +1,6 @@
 //! The protocol's numbers, and the header of a packet ember sends to the guest.
 
+use crate::guest_memory::GuestSliceBitmap;
 use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
 
 use super::{BUF_ALLOC, HOST_CID};
@@ -57,7 +58,7 @@ impl Header {
     /// Writes this header (with payload length `len`) into an RX packet.
     pub fn write_to(
         &self,
-        packet: &mut VsockPacket<'_, ()>,
+        packet: &mut VsockPacket<'_, GuestSliceBitmap<'_>>,
         guest_cid: u64,
         len: u32,
     ) -> Result<(), virtio_vsock::packet::Error> {

@@ -10,9 +10,10 @@
 //! TAP and not yet delivered stays in ember, so it reaches a guest that goes on running and is
 //! lost, like any dropped frame, to a restored one.
 
+use crate::guest_memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::{Net, RX, TX};
 use crate::devices::StateError;
