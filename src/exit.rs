@@ -41,6 +41,8 @@ pub enum ExitReason {
     },
     /// The VMM failed while the guest ran (a KVM ioctl on a vCPU, say).
     VmmError(String),
+    /// The VM moved to another ember (a live migration completed: it runs there now).
+    Migrated,
 }
 
 impl ExitReason {
@@ -48,7 +50,7 @@ impl ExitReason {
     pub fn is_clean(&self) -> bool {
         matches!(
             self,
-            ExitReason::Reset | ExitReason::PowerOff | ExitReason::Stopped
+            ExitReason::Reset | ExitReason::PowerOff | ExitReason::Stopped | ExitReason::Migrated
         )
     }
 
@@ -91,6 +93,7 @@ impl fmt::Display for ExitReason {
             ExitReason::Reset => write!(f, "the guest reset the machine"),
             ExitReason::PowerOff => write!(f, "the guest powered off"),
             ExitReason::Stopped => write!(f, "the VM was stopped"),
+            ExitReason::Migrated => write!(f, "the VM migrated: it runs on the destination now"),
             ExitReason::TripleFault { vcpu, .. } => {
                 write!(f, "the guest triple-faulted on vCPU {vcpu}")
             }

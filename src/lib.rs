@@ -43,6 +43,7 @@ pub mod exit;
 pub mod guest_memory;
 #[doc(hidden)]
 pub mod loader;
+pub mod migration;
 #[doc(hidden)]
 pub mod sandbox;
 #[doc(hidden)]

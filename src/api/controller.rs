@@ -5,6 +5,8 @@ use std::path::Path;
 
 use serde_json::json;
 
+mod migration;
+
 use super::model::{self, ActionType, FullConfig, Refused, VmState};
 use super::{ApiRequest, ApiResponse, ManagedVm, RateLimited};
 use crate::VmConfig;
@@ -28,6 +30,17 @@ pub trait Launcher {
         overrides: &[(String, String)],
         resume: bool,
     ) -> Result<(Self::Vm, VmConfig), String>;
+    /// Waits at `url` for a migrating VM and runs it (`PUT /migration/receive`): `base` and
+    /// `overrides` as for [`Launcher::restore`]. Returns the VM and its configuration.
+    fn receive_migration(
+        &mut self,
+        _base: &VmConfig,
+        _url: &crate::migration::MigrationUrl,
+        _token: &str,
+        _overrides: &[(String, String)],
+    ) -> Result<(Self::Vm, VmConfig), String> {
+        Err("migration is not supported here".into())
+    }
 }
 
 const AFTER_BOOT: &str = "the microVM is running: this can only be set before InstanceStart";
@@ -42,6 +55,8 @@ pub struct Controller<L: Launcher> {
     boot_source_set: bool,
     logger: Option<model::Logger>,
     vm: Option<L::Vm>,
+    /// How the migration that brought the VM here went (a destination's `GET /migration`).
+    incoming: Option<crate::migration::MigrationStatus>,
 }
 
 fn refused(e: Refused) -> ApiResponse {
@@ -59,6 +74,7 @@ impl<L: Launcher> Controller<L> {
             boot_source_set: false,
             logger: None,
             vm: None,
+            incoming: None,
         }
     }
 
@@ -122,6 +138,11 @@ impl<L: Launcher> Controller<L> {
     /// Answers one request.
     pub fn handle(&mut self, request: ApiRequest) -> ApiResponse {
         let result = match request {
+            ApiRequest::PatchVm(_) | ApiRequest::CreateSnapshot(_) if self.migrating() => {
+                Err(ApiResponse::bad_request(
+                    "a migration is in progress: wait for its end (GET /migration)",
+                ))
+            }
             ApiRequest::GetInstanceInfo => Ok(ApiResponse::json(&self.instance_info())),
             ApiRequest::GetVersion => Ok(ApiResponse::json(
                 &json!({ "firecracker_version": env!("CARGO_PKG_VERSION") }),
@@ -165,6 +186,9 @@ impl<L: Launcher> Controller<L> {
                 .running()
                 .and_then(|vm| vm.flush_metrics().map_err(ApiResponse::bad_request))
                 .map(|()| ApiResponse::no_content()),
+            ApiRequest::SendMigration(send) => self.send_migration(&send),
+            ApiRequest::ReceiveMigration(receive) => self.receive_migration(&receive),
+            ApiRequest::GetMigration => Ok(self.get_migration()),
             ApiRequest::PatchVm(state) => self
                 .running()
                 .and_then(|vm| {

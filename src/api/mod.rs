@@ -8,6 +8,7 @@
 
 pub mod controller;
 pub mod http;
+pub mod migration_model;
 pub mod model;
 pub mod router;
 pub mod server;
@@ -48,6 +49,30 @@ pub trait ManagedVm {
     ) -> Result<(), String>;
     /// Snapshots the (paused) VM built from `config`: state to `state`, memory to `memory`.
     fn snapshot(&mut self, config: &VmConfig, state: &Path, memory: &Path) -> Result<(), String>;
+    /// Starts migrating the VM built from `config` (`PUT /migration/send`).
+    fn start_migration(
+        &mut self,
+        _config: &VmConfig,
+        _params: crate::migration::SendParams,
+    ) -> Result<(), String> {
+        Err("migration is not supported here".into())
+    }
+    /// True while a migration is under way.
+    fn is_migrating(&self) -> bool {
+        false
+    }
+    /// The last migration's progress (`GET /migration`).
+    fn migration_status(&self) -> crate::migration::MigrationStatus {
+        crate::migration::MigrationStatus::default()
+    }
+    /// Readable when the migration under way needs [`ManagedVm::advance_migration`].
+    fn migration_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// Moves the migration on (pre-copy done: the stop and the hand-over).
+    fn advance_migration(&mut self, _config: &VmConfig) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Which limiter a `PATCH` replaces.
@@ -105,6 +130,12 @@ pub enum ApiRequest {
     CreateSnapshot(snapshot_model::SnapshotCreate),
     /// `PUT /snapshot/load`.
     LoadSnapshot(snapshot_model::SnapshotLoad),
+    /// `PUT /migration/send`.
+    SendMigration(migration_model::MigrationSend),
+    /// `PUT /migration/receive`.
+    ReceiveMigration(migration_model::MigrationReceive),
+    /// `GET /migration`.
+    GetMigration,
 }
 
 /// The answer to one request: 204 without a body, 200 with JSON, or an error with

@@ -101,6 +101,9 @@ pub fn route(method: &str, target: &str, payload: &[u8]) -> Result<ApiRequest, A
         ("PUT", "vsock", "") => ApiRequest::PutVsock(body(payload)?),
         ("PUT", "snapshot", "create") => ApiRequest::CreateSnapshot(body(payload)?),
         ("PUT", "snapshot", "load") => ApiRequest::LoadSnapshot(body(payload)?),
+        ("PUT", "migration", "send") => ApiRequest::SendMigration(body(payload)?),
+        ("PUT", "migration", "receive") => ApiRequest::ReceiveMigration(body(payload)?),
+        ("GET", "migration", "") => no_body(payload, ApiRequest::GetMigration)?,
         _ => {
             let top = format!("/{first}");
             if let Some((_, what)) = UNSUPPORTED.iter().find(|(p, _)| *p == top) {

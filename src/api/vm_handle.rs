@@ -61,4 +61,28 @@ impl ManagedVm for VmHandle {
         };
         VmHandle::snapshot(self, config, &paths).map_err(|e| crate::error_chain(&e))
     }
+
+    fn start_migration(
+        &mut self,
+        config: &crate::VmConfig,
+        params: crate::migration::SendParams,
+    ) -> Result<(), String> {
+        VmHandle::start_migration(self, config, params).map_err(|e| crate::error_chain(&e))
+    }
+
+    fn is_migrating(&self) -> bool {
+        VmHandle::is_migrating(self)
+    }
+
+    fn migration_status(&self) -> crate::migration::MigrationStatus {
+        VmHandle::migration_status(self)
+    }
+
+    fn migration_fd(&self) -> Option<std::os::fd::RawFd> {
+        VmHandle::migration_fd(self)
+    }
+
+    fn advance_migration(&mut self, config: &crate::VmConfig) -> Result<(), String> {
+        VmHandle::advance_migration(self, config).map_err(|e| crate::error_chain(&e))
+    }
 }

@@ -22,7 +22,23 @@ use ember::{ConsoleConfig, ExitReason, Vm, VmConfig, VmHandle, error_chain};
 const MAX_CONFIG_FILE_LEN: u64 = 1 << 20;
 
 /// Starts VMs with the library, and points ember's messages where `PUT /logger` says.
-struct CliLauncher;
+struct CliLauncher {
+    /// Readable when a signal asks ember to stop (ends a wait for a migrating VM).
+    cancel: RawFd,
+}
+
+/// A restored or migrated VM in this process: its console, filters and metrics file are this
+/// run's; `overrides` put interfaces on other TAPs.
+fn adopt(
+    config: &mut VmConfig,
+    base: &VmConfig,
+    overrides: &[(String, String)],
+) -> Result<(), String> {
+    config.console = base.console.clone();
+    config.seccomp = base.seccomp;
+    config.metrics_path = base.metrics_path.clone();
+    config.override_taps(overrides)
+}
 
 impl Launcher for CliLauncher {
     type Vm = VmHandle;
@@ -43,20 +59,23 @@ impl Launcher for CliLauncher {
             state: state.to_owned(),
             memory: memory.to_owned(),
         };
-        let adjust = |config: &mut VmConfig| {
-            config.console = base.console.clone();
-            config.seccomp = base.seccomp;
-            config.metrics_path = base.metrics_path.clone();
-            for (id, tap) in overrides {
-                let Some(net) = config.nets.iter_mut().find(|n| n.id() == id.as_str()) else {
-                    return Err(format!("the snapshot has no network interface {id}"));
-                };
-                net.id = Some(id.clone());
-                net.tap = tap.clone();
-            }
-            Ok(())
+        Vm::restore(&paths, |config| adopt(config, base, overrides), resume)
+            .map_err(|e| error_chain(&e))
+    }
+
+    fn receive_migration(
+        &mut self,
+        base: &VmConfig,
+        url: &ember::migration::MigrationUrl,
+        token: &str,
+        overrides: &[(String, String)],
+    ) -> Result<(VmHandle, VmConfig), String> {
+        let params = ember::migration::ReceiveParams {
+            token: token.to_owned(),
+            cancel: Some(self.cancel),
         };
-        Vm::restore(&paths, adjust, resume).map_err(|e| error_chain(&e))
+        super::incoming::receive_vm(url, &params, |config| adopt(config, base, overrides))
+            .map_err(|e| error_chain(&e))
     }
 
     fn configure_logger(&mut self, logger: &Logger) -> Result<(), String> {
@@ -136,11 +155,14 @@ fn run_inner(args: &RunArgs, socket: &Path) -> Result<i32, String> {
     let server = ApiServer::start(socket, filter).map_err(|e| error_chain(&e))?;
     // Looked up now: the main thread may be filtered later.
     let pvm_host = ember::exit::host_is_pvm();
+    let launcher = CliLauncher {
+        cancel: signal_evt.as_raw_fd(),
+    };
     let mut controller = if args.kernel.is_some() {
         let vm = Vm::start(&base).map_err(|e| error_chain(&e))?;
-        Controller::with_vm(CliLauncher, &args.id, base, vm)
+        Controller::with_vm(launcher, &args.id, base, vm)
     } else {
-        let mut controller = Controller::new(CliLauncher, &args.id, base);
+        let mut controller = Controller::new(launcher, &args.id, base);
         if let Some(path) = &args.config_file {
             let file = read_config_file(path)?;
             controller.start_from(&file)?;
@@ -161,11 +183,11 @@ fn run_inner(args: &RunArgs, socket: &Path) -> Result<i32, String> {
             break exit_code::ERROR;
         };
         let exit_fd = controller.vm().and_then(VmHandle::exit_fd);
+        let migration_fd = controller.migration_fd();
         let mut fds = vec![poll_in(signal_evt.as_raw_fd()), poll_in(vmm.ready_fd())];
-        if let Some(fd) = exit_fd {
-            fds.push(poll_in(fd));
-        }
-        let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(3);
+        fds.push(poll_in(exit_fd.unwrap_or(-1)));
+        fds.push(poll_in(migration_fd.unwrap_or(-1)));
+        let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(4);
         // SAFETY: a valid array of `nfds` pollfds on descriptors that live through the call.
         let ret = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
         if ret < 0 {
@@ -185,7 +207,11 @@ fn run_inner(args: &RunArgs, socket: &Path) -> Result<i32, String> {
             };
             break report(&reason, pvm_host);
         }
-        if fds.get(2).is_some_and(|fd| fd.revents != 0) {
+        if fds[3].revents != 0 {
+            controller.advance_migration();
+            continue;
+        }
+        if fds[2].revents != 0 {
             if let Some(vm) = controller.vm_mut() {
                 break report(&vm.wait(), pvm_host);
             }

@@ -44,6 +44,25 @@ pub enum CtlCommand {
         /// An existing directory.
         dir: PathBuf,
     },
+    /// Migrate the VM to an ember waiting at URL (`ember run --incoming URL`, or
+    /// `PUT /migration/receive`), then follow it until it ends (`PUT /migration/send`,
+    /// `GET /migration`); exits 1 if it failed (the VM then runs on here).
+    Migrate {
+        /// unix:PATH or tcp:HOST:PORT.
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// The downtime budget in milliseconds (default 100).
+        #[arg(long, value_name = "MS")]
+        downtime_ms: Option<u64>,
+        /// Hand guest memory over instead of copying it (same host, --shared-memory VM).
+        #[arg(long)]
+        local: bool,
+        /// The destination's secret (required over TCP; or EMBER_MIGRATION_TOKEN).
+        #[arg(long, value_name = "TOKEN")]
+        token: Option<String>,
+    },
+    /// The last migration's progress (`GET /migration`).
+    Migration,
 }
 
 impl CtlCommand {
@@ -58,6 +77,23 @@ impl CtlCommand {
                     "mem_file_path": dir.join("memory"),
                 });
                 return ("PUT", "/snapshot/create", body.to_string());
+            }
+            CtlCommand::Migrate {
+                to,
+                downtime_ms,
+                local,
+                token,
+            } => {
+                let token = token
+                    .clone()
+                    .or_else(|| std::env::var("EMBER_MIGRATION_TOKEN").ok());
+                let body = serde_json::json!({
+                    "destination_url": to,
+                    "downtime_ms": downtime_ms,
+                    "local": local,
+                    "token": token,
+                });
+                return ("PUT", "/migration/send", body.to_string());
             }
             other => other.fixed_request(),
         };
@@ -74,6 +110,8 @@ impl CtlCommand {
             CtlCommand::Config => ("GET", "/vm/config", ""),
             CtlCommand::FlushMetrics => ("PUT", "/actions", r#"{"action_type":"FlushMetrics"}"#),
             CtlCommand::Snapshot { .. } => ("PUT", "/snapshot/create", ""),
+            CtlCommand::Migrate { .. } => ("PUT", "/migration/send", ""),
+            CtlCommand::Migration => ("GET", "/migration", ""),
         }
     }
 }
@@ -94,12 +132,37 @@ pub fn run(args: &CtlArgs) -> i32 {
 }
 
 fn call(args: &CtlArgs) -> Result<Option<String>, String> {
+    let (method, target, body) = args.command.request();
+    let answer = send(args, method, target, &body)?;
+    if !matches!(args.command, CtlCommand::Migrate { .. }) {
+        return Ok(answer);
+    }
+    // Followed to its end: the VM runs at the destination, or here again.
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let status = match send(args, "GET", "/migration", "") {
+            Ok(Some(status)) => status,
+            // The source ember exits once the VM runs at the destination.
+            Err(_) | Ok(None) => return Ok(Some("{\"state\": \"completed\"}".into())),
+        };
+        let json: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
+        match json["state"].as_str() {
+            Some("completed") => return Ok(Some(status)),
+            Some("failed") => {
+                let why = json["error"].as_str().unwrap_or("unknown reason");
+                return Err(format!("the migration failed: {why} (the VM runs on here)"));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn send(args: &CtlArgs, method: &str, target: &str, body: &str) -> Result<Option<String>, String> {
     let path = args.api_sock.display();
     let mut stream = UnixStream::connect(&args.api_sock).map_err(|e| {
         format!("cannot connect to the API socket {path} ({e}): is ember running with --api-sock?")
     })?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
-    let (method, target, body) = args.command.request();
     let request = format!(
         "{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",

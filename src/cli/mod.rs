@@ -4,6 +4,7 @@ mod api_run;
 pub mod bench;
 pub mod ctl;
 pub mod exec;
+mod incoming;
 pub mod jail;
 pub mod panic_report;
 pub mod run;

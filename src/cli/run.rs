@@ -26,8 +26,8 @@ pub struct RunArgs {
     #[arg(
         long,
         value_name = "PATH",
-        required_unless_present_any = ["api_sock", "restore"],
-        conflicts_with = "restore"
+        required_unless_present_any = ["api_sock", "restore", "incoming"],
+        conflicts_with_all = ["restore", "incoming"]
     )]
     pub kernel: Option<PathBuf>,
 
@@ -36,6 +36,22 @@ pub struct RunArgs {
     /// `--serial` chooses the console; the rest of the shape is the snapshot's.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["api_sock", "initrd", "rootfs", "disks"])]
     pub restore: Option<PathBuf>,
+
+    /// Wait at URL (unix:PATH or tcp:HOST:PORT) for a VM migrating from another ember, and run
+    /// it (docs/migration.md). `--net tap=NAME,id=ID` puts interface ID on another TAP;
+    /// `--serial` chooses the console; the rest of the shape is the source's.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["api_sock", "restore", "initrd", "rootfs", "disks"])]
+    pub incoming: Option<String>,
+
+    /// The secret a migration's two ends share (required over TCP; `--incoming`, or the
+    /// destination's `PUT /migration/receive` token). Also read from EMBER_MIGRATION_TOKEN.
+    #[arg(long, value_name = "TOKEN")]
+    pub migration_token: Option<String>,
+
+    /// Guest memory in a memfd, shared: a migration to another ember on this host hands it
+    /// over instead of copying it (local mode).
+    #[arg(long)]
+    pub shared_memory: bool,
 
     /// Serve Firecracker's REST API on this Unix socket (docs/api.md).
     #[arg(long, value_name = "PATH")]
@@ -302,6 +318,7 @@ impl RunArgs {
         }
         config.vcpus = self.cpus;
         config.memory_mib = self.memory;
+        config.shared_memory = self.shared_memory;
         config.console = self.serial.clone();
         config.boot_protocol = match self.boot_protocol {
             Protocol::Auto => BootProtocol::Auto,
@@ -334,8 +351,13 @@ pub enum RunError {
     #[error("--restore")]
     Restore(#[source] Box<ember::vmm::RestoreError>),
     /// A `--net` override without `id=`.
-    #[error("--net with --restore overrides an interface of the snapshot: name it with id=")]
+    #[error(
+        "--net with --restore or --incoming overrides an interface of the VM: name it with id="
+    )]
     RestoreNetNeedsId,
+    /// `--incoming`.
+    #[error("--incoming")]
+    Incoming(#[source] Box<ember::migration::MigrationError>),
 }
 
 /// The `ember run` flag behind the library setting an error names, for the one-line report.
@@ -366,9 +388,10 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
         .store(args.panic_selftest, std::sync::atomic::Ordering::Relaxed);
     // Looked up now: the main thread's filter refuses it later.
     let pvm_host = ember::exit::host_is_pvm();
-    let (mut vm, config) = match &args.restore {
-        Some(dir) => restore(args, dir)?,
-        None => {
+    let (mut vm, config) = match (&args.restore, &args.incoming) {
+        (Some(dir), _) => restore(args, dir)?,
+        (None, Some(url)) => super::incoming::incoming(args, url)?,
+        (None, None) => {
             let config = args.to_config().map_err(ember::StartError::from)?;
             (Vm::start(&config)?, config)
         }
@@ -411,15 +434,7 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
 
 /// `--restore DIR`: the snapshot's VM with this run's console and TAP overrides, resumed.
 fn restore(args: &RunArgs, dir: &std::path::Path) -> Result<(Vm, VmConfig), RunError> {
-    let overrides: Vec<(String, String)> = args
-        .nets
-        .iter()
-        .map(|spec| {
-            let net = spec.to_config().map_err(ember::StartError::from)?;
-            let id = net.id.clone().ok_or(RunError::RestoreNetNeedsId)?;
-            Ok((id, net.tap))
-        })
-        .collect::<Result<_, RunError>>()?;
+    let overrides = tap_overrides(args)?;
     let paths = ember::vmm::persist::SnapshotPaths::in_dir(dir);
     let console = args.serial.clone();
     let seccomp = args.seccomp == Switch::On;
@@ -430,22 +445,24 @@ fn restore(args: &RunArgs, dir: &std::path::Path) -> Result<(Vm, VmConfig), RunE
             config.console = console;
             config.seccomp = seccomp;
             config.metrics_path = metrics_path;
-            for (id, tap) in &overrides {
-                match config.nets.iter_mut().find(|n| n.id() == id.as_str()) {
-                    // The interface keeps its id (and MAC) on the new TAP.
-                    Some(net) => {
-                        net.id = Some(id.clone());
-                        net.tap = tap.clone();
-                    }
-                    None => return Err(format!("the snapshot has no network interface {id}")),
-                }
-            }
-            Ok(())
+            config.override_taps(&overrides)
         },
         true,
     )
     .map_err(|e| RunError::Restore(Box::new(e)))?;
     Ok((vm, config))
+}
+
+/// `--net` flags as overrides of a restored or migrated VM's interfaces (each names its `id`).
+pub(super) fn tap_overrides(args: &RunArgs) -> Result<Vec<(String, String)>, RunError> {
+    args.nets
+        .iter()
+        .map(|spec| {
+            let net = spec.to_config().map_err(ember::StartError::from)?;
+            let id = net.id.clone().ok_or(RunError::RestoreNetNeedsId)?;
+            Ok((id, net.tap))
+        })
+        .collect()
 }
 
 /// Prints what ended the VM (one line, when it is news; a second saying what to do, when
@@ -460,7 +477,7 @@ pub(super) fn report(reason: &ExitReason, pvm_host: bool) -> i32 {
         log::debug!("guest RIP at exit: {rip:#x}");
     }
     match reason {
-        ExitReason::Reset | ExitReason::PowerOff => {
+        ExitReason::Reset | ExitReason::PowerOff | ExitReason::Migrated => {
             log::info!("{reason}");
             exit_code::SUCCESS
         }

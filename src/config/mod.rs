@@ -175,6 +175,10 @@ pub struct VmConfig {
     /// Seccomp filters on ember's vCPU and event-loop threads (on unless debugging).
     #[serde(default = "default_true")]
     pub seccomp: bool,
+    /// Guest memory in a memfd mapped shared instead of anonymous memory, so a migration to
+    /// another ember on this host hands it over (its descriptor) instead of copying it.
+    #[serde(default)]
+    pub shared_memory: bool,
     /// Where the VMM writes a line of metrics (JSON) when asked to flush them (the API's
     /// `PUT /metrics`); `None`: nowhere.
     #[serde(default)]
@@ -224,6 +228,7 @@ impl VmConfig {
             vsock: None,
             boot_timer: false,
             seccomp: true,
+            shared_memory: false,
             metrics_path: None,
             #[cfg(debug_assertions)]
             seccomp_selftest: None,
@@ -241,6 +246,20 @@ impl VmConfig {
             config.disks.insert(0, root);
         }
         config
+    }
+
+    /// Puts each interface `id` of `overrides` on its new TAP (a restore's or a migration's
+    /// network overrides); the interface keeps its id and MAC.
+    pub fn override_taps(&mut self, overrides: &[(String, String)]) -> Result<(), String> {
+        for (id, tap) in overrides {
+            let Some(net) = self.nets.iter_mut().find(|n| n.id() == id.as_str()) else {
+                return Err(format!("the VM has no network interface {id}"));
+            };
+            net.mac = Some(net.mac());
+            net.id = Some(id.clone());
+            net.tap = tap.clone();
+        }
+        Ok(())
     }
 
     /// Checks everything that can be checked before touching KVM.

@@ -32,6 +32,9 @@ pub struct MappedImage {
     len: u64,
     pos: u64,
     mapped: u64,
+    /// Copy every segment: guest memory is shared (a memfd another process may map), and a
+    /// private mapping of the image would not be part of it.
+    copy_only: bool,
 }
 
 impl MappedImage {
@@ -43,7 +46,14 @@ impl MappedImage {
             len,
             pos: 0,
             mapped: 0,
+            copy_only: false,
         })
+    }
+
+    /// Copies every segment instead of mapping it (guest memory that is shared).
+    pub fn copy_only(mut self, copy_only: bool) -> Self {
+        self.copy_only = copy_only;
+        self
     }
 
     /// Bytes that went into guest memory as mappings rather than copies.
@@ -164,7 +174,8 @@ impl ReadVolatile for MappedImage {
         let whole = len.saturating_sub(head) / PAGE_SIZE * PAGE_SIZE;
         // A seek may have put `pos` anywhere (the image is untrusted): nothing past the end maps.
         let body_offset = self.pos.saturating_add(head as u64);
-        let mappable = whole >= MIN_MAPPED_BYTES
+        let mappable = !self.copy_only
+            && whole >= MIN_MAPPED_BYTES
             && body_offset % PAGE_SIZE as u64 == 0
             && body_offset
                 .checked_add(whole as u64)

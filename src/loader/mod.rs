@@ -122,7 +122,8 @@ pub fn load_kernel(
     };
 
     let kernel = if is_elf {
-        let mut image = MappedImage::new(file).map_err(read_err)?;
+        let shared = crate::vstate::memory::memory_fd(mem).is_some();
+        let mut image = MappedImage::new(file).map_err(read_err)?.copy_only(shared);
         let result =
             Elf::load(mem, None, &mut image, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
         LoadedKernel {

@@ -38,7 +38,9 @@ use crate::sandbox::ThreadKind;
 use crate::sandbox::seccomp::{self, ThreadFilter};
 use crate::timing::{Phase, Timeline};
 use crate::vstate::kvm::KvmContext;
-use crate::vstate::memory::{create_guest_memory, map_guest_memory_file};
+use crate::vstate::memory::{
+    create_guest_memory, create_shared_guest_memory, map_guest_memory_file,
+};
 use crate::vstate::vcpu::{self, BootEntry, Vcpu};
 use crate::vstate::vcpu_state::{msrs_to_save, restore_vcpu};
 use crate::vstate::vm::Vm;
@@ -50,6 +52,9 @@ pub enum GuestRam<'a> {
     Fresh,
     /// A snapshot's memory file, mapped privately (a restore).
     File(&'a std::fs::File),
+    /// Memory already mapped and filled: a migration's destination, with the TAPs it opened
+    /// when it accepted the VM (`None`: open them now).
+    Given(GuestMemoryMmap, Option<Vec<Tap>>),
 }
 
 /// A VM of the configured shape, not yet booted or restored, with no thread started.
@@ -78,7 +83,7 @@ pub fn start(config: &VmConfig) -> Result<VmHandle, StartError> {
 pub fn shape(config: &VmConfig, ram: GuestRam<'_>) -> Result<Shaped, StartError> {
     match ram {
         GuestRam::Fresh => config.validate()?,
-        GuestRam::File(_) => config.validate_shape()?,
+        GuestRam::File(_) | GuestRam::Given(..) => config.validate_shape()?,
     }
     // Disks first: a locked or missing image is the user's error, worth reporting before KVM's.
     let disks = config
@@ -86,11 +91,18 @@ pub fn shape(config: &VmConfig, ram: GuestRam<'_>) -> Result<Shaped, StartError>
         .iter()
         .map(|d| Ok((DiskFile::open(&d.path, d.read_only, d.direct)?, d.serial())))
         .collect::<Result<Vec<_>, StartError>>()?;
-    let taps = config
-        .nets
-        .iter()
-        .map(|n| Ok((Tap::open(&n.tap)?, n.mac())))
-        .collect::<Result<Vec<_>, StartError>>()?;
+    let (ram, opened_taps) = match ram {
+        GuestRam::Given(memory, taps) => (GuestRam::Given(memory, None), taps),
+        other => (other, None),
+    };
+    let taps = match opened_taps {
+        Some(taps) => taps,
+        None => open_taps(config)?,
+    };
+    let taps: Vec<_> = taps
+        .into_iter()
+        .zip(config.nets.iter().map(|n| n.mac()))
+        .collect();
     let vsock = match &config.vsock {
         Some(v) => Some(Vsock::new(v.guest_cid, &v.uds_path)?),
         None => None,
@@ -107,8 +119,10 @@ pub fn shape(config: &VmConfig, ram: GuestRam<'_>) -> Result<Shaped, StartError>
     // Opened now: the thread that measures the overhead at teardown may not open files then.
     let smaps = std::fs::File::open("/proc/self/smaps").ok();
     let memory = match ram {
+        GuestRam::Fresh if config.shared_memory => create_shared_guest_memory(config.memory_mib)?,
         GuestRam::Fresh => create_guest_memory(config.memory_mib)?,
         GuestRam::File(file) => map_guest_memory_file(config.memory_mib, file)?,
+        GuestRam::Given(memory, _) => memory,
     };
     let vm = Vm::new(&kvm)?;
     timeline.mark(Phase::VmCreated);
@@ -189,6 +203,11 @@ pub fn shape(config: &VmConfig, ram: GuestRam<'_>) -> Result<Shaped, StartError>
         console,
         smaps,
     })
+}
+
+/// Opens every network interface's TAP, in `config.nets` order.
+pub fn open_taps(config: &VmConfig) -> Result<Vec<Tap>, StartError> {
+    config.nets.iter().map(|n| Ok(Tap::open(&n.tap)?)).collect()
 }
 
 /// Stage 2 for a fresh boot: the kernel and its boot data in guest memory, and every vCPU's

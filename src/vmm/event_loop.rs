@@ -269,6 +269,34 @@ impl EventLoopHandle {
     }
 }
 
+/// A device's subscriber that does nothing once a stop is requested: events that epoll returned
+/// in the same batch as the stop (a queue notification, a TAP's readiness) are not served, so
+/// no device touches guest memory, a disk or a TAP after the VM was stopped (after a migration
+/// they belong to the destination).
+struct UntilStopped {
+    inner: Subscriber,
+    stop: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for UntilStopped {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .init(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if self.stop.load(Ordering::Acquire) {
+            return;
+        }
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .process(events, ops);
+    }
+}
+
 /// Starts the `ember-events` thread serving `subscribers`; if the loop cannot start or dies,
 /// `on_failure` is told why (it ends the VM).
 pub fn start(
@@ -285,10 +313,13 @@ pub fn start(
         control: control.clone(),
     };
     manager.add_subscriber(Arc::new(Mutex::new(listener)));
-    for subscriber in subscribers {
-        manager.add_subscriber(subscriber);
-    }
     let stop = Arc::new(AtomicBool::new(false));
+    for subscriber in subscribers {
+        manager.add_subscriber(Arc::new(Mutex::new(UntilStopped {
+            inner: subscriber,
+            stop: stop.clone(),
+        })));
+    }
     let thread_stop = stop.clone();
     let thread = std::thread::Builder::new()
         .name("ember-events".into())

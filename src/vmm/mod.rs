@@ -6,6 +6,7 @@ pub mod devices;
 pub mod event_loop;
 mod exit;
 pub mod metrics;
+mod migrate;
 pub mod persist;
 mod platform;
 mod snapshot;
@@ -180,6 +181,10 @@ pub struct VmHandle {
     debug_codes: Vec<(u8, Duration)>,
     /// The counters as the VM ended.
     final_metrics: Metrics,
+    /// An outgoing migration's pre-copy, while it runs.
+    migration: Option<crate::migration::source::Outgoing>,
+    /// The last migration's progress.
+    migration_status: crate::migration::SharedStatus,
 }
 
 impl VmHandle {
@@ -191,6 +196,8 @@ impl VmHandle {
             timeline: Vec::new(),
             debug_codes: Vec::new(),
             final_metrics: Metrics::default(),
+            migration: None,
+            migration_status: crate::migration::SharedStatus::default(),
         }
     }
 
@@ -451,6 +458,7 @@ impl VmHandle {
     /// Stops every thread: vCPUs first (so no device sees another access), then the event
     /// loop. Idempotent.
     fn teardown(&mut self) -> ExitReason {
+        self.abandon_migration();
         if let Some(mut running) = self.running.take() {
             running.timeline.mark(Phase::ExitRequested);
             running.control.exit(&running.vcpu_threads);

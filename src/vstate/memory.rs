@@ -68,6 +68,49 @@ pub fn map_guest_memory_file(
     mib: u64,
     file: &std::fs::File,
 ) -> Result<GuestMemoryMmap, MemoryError> {
+    map_file(mib, file, libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+}
+
+/// Maps `mib` MiB of fresh guest RAM in a memfd, shared: [`memory_fd`] gives the descriptor a
+/// migration hands to another ember on this host, which maps the same pages.
+pub fn create_shared_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let total: u64 = guest_ranges(mib)?
+        .iter()
+        .map(|(_, size)| *size as u64)
+        .sum();
+    let fd = memfd_create(GUEST_RAM_NAME).map_err(|e| MemoryError::File(e.to_string()))?;
+    fd.set_len(total)
+        .map_err(|e| MemoryError::File(e.to_string()))?;
+    map_file(mib, &fd, libc::MAP_SHARED | libc::MAP_NORESERVE)
+}
+
+/// Maps `mib` MiB of guest RAM shared from `file`, the memfd another ember handed over.
+pub fn map_shared_guest_memory(
+    mib: u64,
+    file: &std::fs::File,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    map_file(mib, file, libc::MAP_SHARED | libc::MAP_NORESERVE)
+}
+
+/// The descriptor behind shared guest memory, `None` for anonymous or private memory.
+pub fn memory_fd(mem: &GuestMemoryMmap) -> Option<&std::fs::File> {
+    let region = mem.iter().next()?;
+    let shared = std::ops::Deref::deref(region).flags() & libc::MAP_SHARED != 0;
+    shared.then(|| region.file_offset().map(|f| f.file()))?
+}
+
+fn memfd_create(name: &CStr) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a NUL-terminated name and valid flags; the result is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+fn map_file(mib: u64, file: &std::fs::File, flags: i32) -> Result<GuestMemoryMmap, MemoryError> {
     use std::sync::Arc;
     use vm_memory::mmap::MmapRegionBuilder;
     use vm_memory::{FileOffset, GuestRegionMmap};
@@ -90,7 +133,7 @@ pub fn map_guest_memory_file(
         let region = MmapRegionBuilder::new(size)
             .with_file_offset(FileOffset::from_arc(file.clone(), offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_mmap_flags(flags)
             .build()
             .map_err(|e| MemoryError::File(format!("{e:?}")))?;
         let region = GuestRegionMmap::new(region, start)
@@ -140,7 +183,7 @@ pub fn write_guest_memory_file(mem: &GuestMemoryMmap, file: &std::fs::File) -> s
     Ok(())
 }
 
-fn is_zero(bytes: &[u8]) -> bool {
+pub(crate) fn is_zero(bytes: &[u8]) -> bool {
     let (head, words, tail) = {
         // SAFETY: u64 has no invalid bit patterns; align_to splits at aligned boundaries.
         unsafe { bytes.align_to::<u64>() }

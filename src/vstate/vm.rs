@@ -121,20 +121,14 @@ impl Vm {
     /// Takes (and clears) KVM's dirty log of every slot: the pages written since the last call
     /// or since the log was turned on.
     pub fn take_dirty_log(&self, mem: &GuestMemoryMmap) -> Result<DirtyPages, VmError> {
-        let mut pages = DirtyPages::empty(mem);
-        for (slot, (region, dirty)) in mem.iter().zip(&mut pages.regions).enumerate() {
-            let len = usize::try_from(region.len())
-                .map_err(|_| VmError::DirtyLog(Errno::new(libc::EOVERFLOW)))?;
-            let slot = u32::try_from(slot).unwrap_or(u32::MAX);
-            let bits = self
-                .fd
-                .get_dirty_log(slot, len)
-                .map_err(VmError::DirtyLog)?;
-            for (word, got) in dirty.bits.iter_mut().zip(bits) {
-                *word = got;
-            }
+        self.dirty_log().take(mem)
+    }
+
+    /// A handle that takes the dirty log from another thread (a migration's pre-copy).
+    pub fn dirty_log(&self) -> DirtyLog {
+        DirtyLog {
+            fd: self.fd.clone(),
         }
-        Ok(pages)
     }
 
     fn set_memory_slots(&self, mem: &GuestMemoryMmap, flags: u32) -> Result<(), VmError> {
@@ -174,6 +168,32 @@ impl Vm {
         self.fd
             .create_vcpu(u64::from(index))
             .map_err(|source| VmError::CreateVcpu { index, source })
+    }
+}
+
+/// Takes KVM's dirty log of a VM's slots from any thread.
+#[derive(Clone)]
+pub struct DirtyLog {
+    fd: Arc<VmFd>,
+}
+
+impl DirtyLog {
+    /// See [`Vm::take_dirty_log`].
+    pub fn take(&self, mem: &GuestMemoryMmap) -> Result<DirtyPages, VmError> {
+        let mut pages = DirtyPages::empty(mem);
+        for (slot, (region, dirty)) in mem.iter().zip(&mut pages.regions).enumerate() {
+            let len = usize::try_from(region.len())
+                .map_err(|_| VmError::DirtyLog(Errno::new(libc::EOVERFLOW)))?;
+            let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+            let bits = self
+                .fd
+                .get_dirty_log(slot, len)
+                .map_err(VmError::DirtyLog)?;
+            for (word, got) in dirty.bits.iter_mut().zip(bits) {
+                *word = got;
+            }
+        }
+        Ok(pages)
     }
 }
 

@@ -103,6 +103,16 @@ impl MmioTransport {
         Ok(())
     }
 
+    /// Lets another VMM take the device's backend (a migration's hand-over; the VM is paused).
+    pub fn release_backend(&mut self) -> std::io::Result<()> {
+        self.device.release_backend()
+    }
+
+    /// Takes the backend back (the migration failed).
+    pub fn reclaim_backend(&mut self) -> std::io::Result<()> {
+        self.device.reclaim_backend()
+    }
+
     /// Guest mistakes refused so far.
     pub fn guest_errors(&self) -> u64 {
         self.errors.count()

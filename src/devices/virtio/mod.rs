@@ -80,6 +80,15 @@ pub trait VirtioDevice: Send {
     fn replace_disk(&mut self, _disk: block::DiskFile) -> Result<(), String> {
         Err("this device has no disk".into())
     }
+    /// Lets another VMM take the device's backend (a migration's hand-over; the VM is paused):
+    /// a disk is flushed and unlocked. Undone by [`VirtioDevice::reclaim_backend`].
+    fn release_backend(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// Takes the backend back after [`VirtioDevice::release_backend`] (the migration failed).
+    fn reclaim_backend(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
     /// Before a save, on the event loop: gives back to the guest's rings whatever the device
     /// took from them and still holds, so nothing is in flight.
     fn prepare_save(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) {}

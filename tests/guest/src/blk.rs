@@ -324,6 +324,19 @@ impl Blk {
                 count,
                 qd,
             } => self.bench(boot, mode, bytes, qd, count),
+            BlkOp::Ticks { sectors } => {
+                let mut tick: u64 = 0;
+                loop {
+                    tick += 1;
+                    fill(SECTOR, tick as u8);
+                    let status = self.transfer(T_OUT, tick % sectors, 1, Layout::Direct);
+                    if !matches!(status, Status::Byte(0)) {
+                        report!("blk", n, ".ticks=", Dec(tick), ":", status);
+                        cpu::halt_forever();
+                    }
+                    report!("tick=", Dec(tick));
+                }
+            }
             BlkOp::FlushedHalt => {
                 report!("blk", n, ".flushed-halt=ready");
                 cpu::halt_forever();

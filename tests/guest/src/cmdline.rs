@@ -272,6 +272,11 @@ pub enum BlkOp {
         qd: u64,
     },
     FlushedHalt,
+    /// Forever: write tick `i` (from 1) to sector `i % sectors` with seed `i`, then report
+    /// `tick=i` (a guest that writes its disk and console while it migrates).
+    Ticks {
+        sectors: u64,
+    },
 }
 
 /// Calls `f` with every `guest.blk` item as `(N, op)`, in command-line order; items that do not
@@ -320,6 +325,7 @@ fn blk_op(item: &[u8]) -> Option<(usize, BlkOp)> {
             seed: c.try_into().ok()?,
             indirect: name[0] == b'i',
         },
+        (b"ticks", 1) if a > 0 => BlkOp::Ticks { sectors: a },
         (b"discard", 2) => BlkOp::Discard {
             sector: a,
             count: b,

@@ -513,6 +513,14 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    fn release_backend(&mut self) -> std::io::Result<()> {
+        self.disk.release()
+    }
+
+    fn reclaim_backend(&mut self) -> std::io::Result<()> {
+        self.disk.relock()
+    }
+
     fn save_state(&self) -> crate::devices::virtio::state::VirtioDeviceState {
         self.save_device_state()
     }

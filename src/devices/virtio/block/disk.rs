@@ -178,6 +178,19 @@ impl DiskFile {
         self.file.sync_data()
     }
 
+    /// Hands the image over to another VMM (a migration's destination): every completed write
+    /// on stable storage, then both locks released. The file stays open, so [`DiskFile::relock`]
+    /// can take it back.
+    pub fn release(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        unlock(&self.file)
+    }
+
+    /// Takes the locks back after [`DiskFile::release`] (a migration that failed).
+    pub fn relock(&mut self) -> std::io::Result<()> {
+        lock(&self.file, self.read_only)
+    }
+
     /// Deallocates `[offset, offset + len)`: it reads back as zeros and stops using disk blocks.
     pub fn punch_hole(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -242,6 +255,23 @@ fn lock(file: &File, read_only: bool) -> std::io::Result<()> {
     };
     // SAFETY: flock on a descriptor we own; the result is checked.
     if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Releases both locks [`lock`] took.
+fn unlock(file: &File) -> std::io::Result<()> {
+    // SAFETY: `flock` is plain data; all zeroes (the whole file from offset 0) is valid.
+    let mut range: libc::flock = unsafe { std::mem::zeroed() };
+    range.l_type = i16::try_from(libc::F_UNLCK).unwrap_or(0);
+    range.l_whence = i16::try_from(libc::SEEK_SET).unwrap_or(0);
+    // SAFETY: fcntl on a descriptor we own with a valid `flock`; the result is checked.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &raw const range) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: flock on a descriptor we own; the result is checked.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
