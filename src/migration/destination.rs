@@ -110,8 +110,13 @@ fn take_vm(
         .filter_map(|(tap, net)| Some((duplicate(tap.as_raw_fd())?, net.mac())))
         .collect();
     protocol::write_message(channel, Kind::Ready, &[])?;
+    let mut payload = Vec::new();
     let state = loop {
-        let message = protocol::read_message(channel)?;
+        let kind = protocol::read_message_into(channel, &mut payload)?;
+        let message = protocol::Message {
+            kind,
+            payload: std::mem::take(&mut payload),
+        };
         match message.kind {
             Kind::Pages if hello.memory_fd => {
                 return Err(ProtocolError::Payload("pages in local mode".into()).into());
@@ -119,6 +124,7 @@ fn take_vm(
             Kind::Pages => {
                 write_pages(&guest, &message.payload)?;
                 status.update(|s| s.bytes_sent += message.payload.len() as u64);
+                payload = message.payload;
             }
             Kind::State => break message.payload,
             Kind::Failed | Kind::Refused => {

@@ -7,7 +7,7 @@
 //! exchange and what each end guarantees.
 
 pub mod channel;
-pub(crate) mod destination;
+pub mod destination;
 pub mod protocol;
 pub(crate) mod source;
 

@@ -26,10 +26,12 @@ use crate::config::VmConfig;
 pub const MAGIC: [u8; 4] = *b"EMIG";
 /// The protocol this ember speaks, and the only one it accepts.
 pub const PROTOCOL_VERSION: u16 = 1;
-/// Largest payload: a batch of pages (8 MiB of data and its run headers) or a state.
+/// Largest payload: a batch of pages (its data and run headers) or a state (a snapshot's, at
+/// most 16 MiB).
 pub const MAX_PAYLOAD: u32 = 17 << 20;
-/// Largest batch of page data in one [`Kind::Pages`] message.
-pub const PAGES_BATCH: usize = 8 << 20;
+/// Page data in one [`Kind::Pages`] message, about: small enough that each batch is still in
+/// the cache when it is checksummed and sent (or received and written).
+pub const PAGES_BATCH: usize = 1 << 20;
 /// Largest text in a [`Kind::Refused`] or [`Kind::Failed`] message.
 const MAX_REASON: usize = 1024;
 /// A message header's length.
@@ -186,17 +188,28 @@ pub fn parse_header(header: &[u8; HEADER_LEN]) -> Result<(Kind, u32, u32), Proto
     Ok((kind, len, word(12)))
 }
 
-/// Reads one message, checked; `buf` is reused for its payload.
+/// Reads one message, checked.
 pub fn read_message(input: &mut impl Read) -> Result<Message, ProtocolError> {
+    let mut payload = Vec::new();
+    let kind = read_message_into(input, &mut payload)?;
+    Ok(Message { kind, payload })
+}
+
+/// Reads one message, checked, into `payload` (reused: a stream of page batches does not
+/// allocate, and fault in, a fresh buffer for each).
+pub fn read_message_into(
+    input: &mut impl Read,
+    payload: &mut Vec<u8>,
+) -> Result<Kind, ProtocolError> {
     let mut raw = [0u8; HEADER_LEN];
     input.read_exact(&mut raw)?;
     let (kind, len, crc) = parse_header(&raw)?;
-    let mut payload = vec![0u8; len as usize];
-    input.read_exact(&mut payload)?;
-    if crc32fast::hash(&payload) != crc {
+    payload.resize(len as usize, 0);
+    input.read_exact(payload)?;
+    if crc32fast::hash(payload) != crc {
         return Err(ProtocolError::Checksum);
     }
-    Ok(Message { kind, payload })
+    Ok(kind)
 }
 
 /// Reads a message of `kind`; a [`Kind::Failed`] or [`Kind::Refused`] becomes the other end's

@@ -58,6 +58,7 @@ pub fn run(action: Action, bsp_id: u8, mut nets: Nets, boot: &BootInfo) -> ! {
             cpu::reset()
         }
         Action::Count => count(),
+        Action::Dirty => dirty(boot),
         Action::PowerOff => shutdown::poweroff(),
         Action::CtrlAltDel => shutdown::wait_then_poweroff(),
     }
@@ -78,6 +79,58 @@ fn count() -> ! {
     report!("count=", Hex(COUNTER_ADDR));
     crate::user::run(count_forever, COUNTER_ADDR);
     cpu::halt_forever()
+}
+
+/// Where [`dirty`] starts: above the guest image and the block data buffer.
+const DIRTY_BASE: u64 = 32 << 20;
+
+/// Dirties guest RAM: one store in every page of the RAM entry above [`DIRTY_BASE`] (none with
+/// `guest.dirty=0`: an idle guest), then
+/// `guest.dirty=MIB` MiB per second (default 10), page after page and round again, halting
+/// between bursts (the LAPIC tick wakes it each millisecond or so, the TSC sets the pace), so
+/// the vCPU leaves the host's CPUs to the VMM as a mostly idle guest would; the counter at
+/// [`COUNTER_ADDR`] counts the bursts (it moves once the first pass is done).
+fn dirty(boot: &BootInfo) -> ! {
+    let rate = cmdline::dirty_rate(boot.cmdline());
+    let end = boot
+        .e820()
+        .iter()
+        .find(|r| r.kind == 1 && r.start <= DIRTY_BASE && DIRTY_BASE < r.start + r.size)
+        .map(|r| r.start + r.size);
+    let Some(end) = end.filter(|&end| end >= DIRTY_BASE + (1 << 20)) else {
+        report!("guest: no RAM at ", Hex(DIRTY_BASE), " for guest.action=dirty");
+        cpu::halt_forever()
+    };
+    report!("dirty=", crate::serial::Dec(rate));
+    let store = |page: u64, value: u64| {
+        // SAFETY: `page` is in the RAM entry [DIRTY_BASE, end), which only this action uses.
+        unsafe { (page as *mut u64).write_volatile(value) };
+    };
+    // `guest.dirty=0`: an idle guest, nothing written.
+    for page in (DIRTY_BASE..end).step_by(4096).take_while(|_| rate > 0) {
+        store(page, u64::MAX);
+    }
+    let counter = COUNTER_ADDR as *mut u64;
+    let hz = crate::clock::tsc_hz().max(1);
+    let start = cpu::rdtsc();
+    let (mut page, mut written, mut bursts) = (DIRTY_BASE, 0u64, 0u64);
+    apic::start_tick(idt::TICK_VECTOR);
+    loop {
+        let elapsed = cpu::rdtsc().wrapping_sub(start);
+        let due = (elapsed as u128 * u128::from(rate) * 256 / u128::from(hz)) as u64;
+        while written < due {
+            store(page, written);
+            written += 1;
+            page += 4096;
+            if page >= end {
+                page = DIRTY_BASE;
+            }
+        }
+        bursts += 1;
+        // SAFETY: COUNTER_ADDR is guest RAM no one else uses.
+        unsafe { counter.write_volatile(bursts) };
+        crate::clock::wait_halting(1000, || false);
+    }
 }
 
 /// Interrupt-driven echo: COM1 IRQ 4 -> I/O APIC pin 4 -> this CPU's LAPIC -> `on_serial_irq`.

@@ -16,6 +16,8 @@ pub enum Action {
     Hostile,
     /// Count forever in ring 3 at [`crate::actions::COUNTER_ADDR`] (pause and snapshot tests).
     Count,
+    /// Dirty RAM at `guest.dirty=MIB` MiB/s in ring 3, counting too (the migration benchmark).
+    Dirty,
     /// Power off through the ACPI sleep control register (`shutdown.rs`).
     PowerOff,
     /// Wait for Ctrl-Alt-Del on the i8042 keyboard, then power off (`shutdown.rs`).
@@ -33,6 +35,7 @@ impl Action {
             Action::Net => "net",
             Action::Hostile => "hostile",
             Action::Count => "count",
+            Action::Dirty => "dirty",
             Action::PowerOff => "poweroff",
             Action::CtrlAltDel => "ctrl-alt-del",
         }
@@ -47,6 +50,7 @@ impl Action {
             Action::Net,
             Action::Hostile,
             Action::Count,
+            Action::Dirty,
             Action::PowerOff,
             Action::CtrlAltDel,
         ]
@@ -91,6 +95,17 @@ pub fn action(cmdline: &[u8]) -> Result<Action, &[u8]> {
         }
     }
     action
+}
+
+/// The last `guest.dirty=` value (MiB per second), decimal; 10 when absent or bad.
+pub fn dirty_rate(cmdline: &[u8]) -> u64 {
+    let mut rate = 10;
+    for (key, value) in words(cmdline).filter_map(key_value) {
+        if key == b"guest.dirty" {
+            rate = number(value).unwrap_or(10);
+        }
+    }
+    rate
 }
 
 /// Calls `f` with every operation, in command-line order.
