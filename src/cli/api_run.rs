@@ -47,6 +47,7 @@ impl Launcher for CliLauncher {
             config.console = base.console.clone();
             config.seccomp = base.seccomp;
             config.metrics_path = base.metrics_path.clone();
+            config.track_dirty_pages = base.track_dirty_pages;
             for (id, tap) in overrides {
                 let Some(net) = config.nets.iter_mut().find(|n| n.id() == id.as_str()) else {
                     return Err(format!("the snapshot has no network interface {id}"));

@@ -5,6 +5,7 @@ pub mod console;
 pub mod devices;
 pub mod event_loop;
 mod exit;
+pub mod fold;
 pub mod metrics;
 pub mod persist;
 mod platform;
@@ -121,6 +122,11 @@ struct Running {
     smaps: Option<std::fs::File>,
     /// `VmConfig::metrics_path`: a line on request and one at the end.
     metrics_file: Option<metrics::MetricsFile>,
+    /// `VmConfig::track_dirty_pages`: the slots log dirty pages, Diff snapshots can be taken.
+    tracking: bool,
+    /// Pages written since the last snapshot that a failed snapshot took from the records: the
+    /// next one adds them back, so that a Diff after a failure misses nothing.
+    untaken: Option<crate::guest_memory::DirtyPages>,
     vm: vstate::vm::Vm,
     memory: GuestMemoryMmap,
 }

@@ -3,7 +3,7 @@
 
 use std::ffi::CStr;
 
-use crate::guest_memory::GuestMemoryMmap;
+use crate::guest_memory::{DirtyPages, GuestMemoryMmap};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::smaps;
@@ -138,6 +138,49 @@ pub fn write_guest_memory_file(mem: &GuestMemoryMmap, file: &std::fs::File) -> s
         offset += region.len();
     }
     Ok(())
+}
+
+/// Writes the pages `dirty` names to `file` (truncated first, then as long as a full memory
+/// file): a Diff snapshot's memory. Every dirty page is written, all-zero ones included (they
+/// must overwrite what the base holds there); every other page is a hole. Returns the bytes
+/// written. The VM must be paused.
+pub fn write_dirty_pages_file(
+    mem: &GuestMemoryMmap,
+    dirty: &DirtyPages,
+    file: &std::fs::File,
+) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let total: u64 = mem.iter().map(GuestMemoryRegion::len).sum();
+    let shaped_alike = dirty.regions.len() == mem.num_regions()
+        && dirty
+            .regions
+            .iter()
+            .zip(mem.iter())
+            .all(|(d, r)| d.start == r.start_addr().0 && d.len == r.len());
+    if !shaped_alike {
+        return Err(std::io::Error::other(
+            "the dirty-page record does not match guest memory",
+        ));
+    }
+    file.set_len(0)?;
+    file.set_len(total)?;
+    let mut written = 0;
+    let mut offset = 0u64;
+    for (region, record) in mem.iter().zip(&dirty.regions) {
+        let len = usize::try_from(region.len()).map_err(std::io::Error::other)?;
+        // SAFETY: as in `write_guest_memory_file`: a live mapping of `len` bytes owned by `mem`,
+        // not written while the VM is paused, only read here.
+        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr().cast_const(), len) };
+        for (start, run) in record.runs() {
+            // Runs are clipped to their region, so these fit in `bytes`.
+            let from = usize::try_from(start - record.start).map_err(std::io::Error::other)?;
+            let to = from + usize::try_from(run).map_err(std::io::Error::other)?;
+            file.write_all_at(&bytes[from..to], offset + from as u64)?;
+            written += run;
+        }
+        offset += region.len();
+    }
+    Ok(written)
 }
 
 fn is_zero(bytes: &[u8]) -> bool {

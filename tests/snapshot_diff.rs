@@ -1,0 +1,223 @@
+//! Diff snapshots with the test guest: a Full snapshot, the guest runs on, a Diff (only the
+//! pages written since) folded onto the Full is, byte for byte, the Full snapshot taken at the
+//! Diff's moment, and both restore to the same guest. A Diff is refused without dirty page
+//! tracking, and cannot be restored before it is folded.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::console_lines::{lines, wait_for};
+use common::{kvm_available, test_guest};
+use ember::vmm::fold::{self, data_ranges};
+use ember::vmm::persist::{MemoryKind, PersistError, SnapshotPaths};
+use ember::{ConsoleConfig, ExitReason, Vm, VmConfig};
+
+/// Where `guest.action=count` keeps its counter (tests/guest/src/actions.rs).
+const COUNTER_ADDR: u64 = 0x4000;
+
+fn config(cmdline: &str) -> VmConfig {
+    let mut config = VmConfig::new(test_guest());
+    config.cmdline = cmdline.to_owned();
+    config.console = ConsoleConfig::Pipe;
+    config.track_dirty_pages = true;
+    config
+}
+
+fn snapshot_dir(tag: &str) -> SnapshotPaths {
+    let dir = std::env::temp_dir().join(format!("ember-diff-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    SnapshotPaths::in_dir(&dir)
+}
+
+fn remove(paths: &SnapshotPaths) {
+    let _ = std::fs::remove_dir_all(paths.state.parent().unwrap());
+}
+
+fn counter(vm: &Vm) -> u64 {
+    let mut bytes = [0u8; 8];
+    vm.read_memory(COUNTER_ADDR, &mut bytes).unwrap();
+    u64::from_le_bytes(bytes)
+}
+
+fn wait_moving(vm: &Vm, above: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = counter(vm);
+        if now > above {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "the counter stays at {now}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Bytes of `path` that are data, not holes.
+fn data_bytes(path: &PathBuf) -> u64 {
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len();
+    data_ranges(&file, len).unwrap().iter().map(|r| r.1).sum()
+}
+
+fn restore_paused(paths: &SnapshotPaths) -> Vm {
+    let (vm, _) = Vm::restore(
+        paths,
+        |c| {
+            c.console = ConsoleConfig::Pipe;
+            Ok(())
+        },
+        false,
+    )
+    .unwrap();
+    vm
+}
+
+#[test]
+fn a_diff_folded_onto_its_base_is_the_full_snapshot_of_its_moment() {
+    if !kvm_available() {
+        return;
+    }
+    let config = config("guest.action=count");
+    let mut vm = Vm::start(&config).unwrap();
+    let output = lines(vm.take_console().unwrap().output);
+    wait_for(&output, "action=count");
+    wait_moving(&vm, 0);
+    // Time A: a Full snapshot, the base.
+    vm.pause().unwrap();
+    let at_a = counter(&vm);
+    let base = snapshot_dir("base");
+    vm.snapshot(&config, &base).unwrap();
+    // The guest counts on; time B: a Diff, and a Full of the same moment to compare with.
+    vm.resume().unwrap();
+    wait_moving(&vm, at_a);
+    std::thread::sleep(Duration::from_millis(100));
+    vm.pause().unwrap();
+    let at_b = counter(&vm);
+    assert!(at_b > at_a);
+    let diff = snapshot_dir("diff");
+    vm.snapshot_of(&config, &diff, MemoryKind::Diff).unwrap();
+    let full_b = snapshot_dir("fullb");
+    vm.snapshot(&config, &full_b).unwrap();
+    assert_eq!(counter(&vm), at_b, "the snapshots ran the guest");
+    assert_eq!(vm.stop(), ExitReason::Stopped);
+
+    let diff_len = std::fs::metadata(&diff.memory).unwrap().len();
+    assert_eq!(
+        diff_len,
+        std::fs::metadata(&full_b.memory).unwrap().len(),
+        "a diff is as long as a full memory file"
+    );
+    let (diff_data, full_data) = (data_bytes(&diff.memory), data_bytes(&full_b.memory));
+    eprintln!("counting guest: Full {full_data} bytes of data, Diff {diff_data}");
+    assert!(
+        diff_data > 0 && diff_data < full_data,
+        "diff {diff_data} bytes, full {full_data}"
+    );
+
+    // A Diff alone is not a VM.
+    let Err(refused) = Vm::restore(&diff, |_| Ok(()), false) else {
+        panic!("a Diff restored without its base");
+    };
+    let message = ember::error_chain(&refused);
+    assert!(message.contains("fold it onto its base"), "{message}");
+
+    let folded = fold::fold(&base, &diff).unwrap();
+    assert_eq!(folded.bytes, diff_data);
+    let (folded_memory, full_memory) = (
+        std::fs::read(&base.memory).unwrap(),
+        std::fs::read(&full_b.memory).unwrap(),
+    );
+    assert!(
+        folded_memory == full_memory,
+        "the folded memory differs from the Full one at {:?}",
+        folded_memory
+            .iter()
+            .zip(&full_memory)
+            .position(|(a, b)| a != b)
+    );
+    assert!(
+        fold::fold(&base, &full_b).is_err(),
+        "a Full is not folded onto anything"
+    );
+
+    // Both restore to time B and count on from there.
+    let mut from_fold = restore_paused(&base);
+    let mut from_full = restore_paused(&full_b);
+    assert_eq!(counter(&from_fold), at_b);
+    assert_eq!(counter(&from_full), at_b);
+    from_fold.resume().unwrap();
+    from_full.resume().unwrap();
+    wait_moving(&from_fold, at_b);
+    wait_moving(&from_full, at_b);
+    assert_eq!(from_fold.stop(), ExitReason::Stopped);
+    assert_eq!(from_full.stop(), ExitReason::Stopped);
+    for paths in [base, diff, full_b] {
+        remove(&paths);
+    }
+}
+
+#[test]
+fn an_idle_guests_diff_is_a_sliver_of_a_full_snapshot() {
+    if !kvm_available() {
+        return;
+    }
+    // The echo guest waits for console input: idle but for the one line it is sent.
+    let config = config("guest.action=echo");
+    let mut vm = Vm::start(&config).unwrap();
+    let console = vm.take_console().unwrap();
+    let (mut input, output) = (console.input, lines(console.output));
+    wait_for(&output, "echo=ready");
+    vm.pause().unwrap();
+    let full = snapshot_dir("idlefull");
+    vm.snapshot(&config, &full).unwrap();
+    vm.resume().unwrap();
+    std::io::Write::write_all(&mut input, b"ping\n").unwrap();
+    wait_for(&output, "ping");
+    std::thread::sleep(Duration::from_millis(200));
+    vm.pause().unwrap();
+    let diff = snapshot_dir("idlediff");
+    vm.snapshot_of(&config, &diff, MemoryKind::Diff).unwrap();
+    // Nothing ran since: a second Diff holds nothing.
+    let empty = snapshot_dir("idleempty");
+    vm.snapshot_of(&config, &empty, MemoryKind::Diff).unwrap();
+    vm.stop();
+    let (full_data, diff_data) = (data_bytes(&full.memory), data_bytes(&diff.memory));
+    eprintln!("idle guest: Full {full_data} bytes of data, Diff {diff_data}");
+    assert!(
+        diff_data > 0 && diff_data * 10 <= full_data,
+        "diff {diff_data} bytes, full {full_data}"
+    );
+    assert_eq!(
+        data_bytes(&empty.memory),
+        0,
+        "a diff of a paused VM is empty"
+    );
+    for paths in [full, diff, empty] {
+        remove(&paths);
+    }
+}
+
+#[test]
+fn a_diff_needs_tracking() {
+    if !kvm_available() {
+        return;
+    }
+    let mut config = config("guest.action=halt");
+    config.track_dirty_pages = false;
+    let mut vm = Vm::start(&config).unwrap();
+    let output = lines(vm.take_console().unwrap().output);
+    wait_for(&output, "action=halt");
+    vm.pause().unwrap();
+    let paths = snapshot_dir("untracked");
+    let refused = vm.snapshot_of(&config, &paths, MemoryKind::Diff);
+    assert!(
+        matches!(refused, Err(PersistError::NotTracking)),
+        "{refused:?}"
+    );
+    vm.snapshot(&config, &paths)
+        .expect("a Full needs no tracking");
+    vm.stop();
+    remove(&paths);
+}
