@@ -8,8 +8,9 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::api_client::{call, wait_for_socket};
 use common::console_lines::{lines, wait_for};
-use common::{kvm_available, test_guest};
+use common::{Ember, GUEST_TIMEOUT, kvm_available, test_guest};
 use ember::vmm::fold::{self, data_ranges};
 use ember::vmm::persist::{MemoryKind, PersistError, SnapshotPaths};
 use ember::{ConsoleConfig, ExitReason, Vm, VmConfig};
@@ -220,4 +221,98 @@ fn a_diff_needs_tracking() {
         .expect("a Full needs no tracking");
     vm.stop();
     remove(&paths);
+}
+
+/// Over the API and the command line: a Diff is refused (400, naming track_dirty_pages) by an
+/// ember started without tracking; one started with `--track-dirty-pages` takes a Full, then a
+/// Diff; the Diff will not load alone; `ember snapshot fold` folds it onto the Full, which loads
+/// in a fresh ember and answers where the guest was at the Diff.
+#[test]
+fn diffs_over_the_api_fold_with_the_cli_and_load() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ember-diff-api-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (base, diff) = (dir.join("base"), dir.join("diff"));
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::create_dir_all(&diff).unwrap();
+    let create = |kind: &str, into: &std::path::Path| {
+        format!(
+            r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            into.join("vmstate").display(),
+            into.join("memory").display()
+        )
+    };
+    let paused = r#"{"state": "Paused"}"#;
+    let resumed = r#"{"state": "Resumed"}"#;
+    let guest = test_guest().to_str().unwrap().to_owned();
+    let echo = |socket: &std::path::Path, track: bool| {
+        let mut args = vec!["run", "--kernel", &guest, "--cmdline", "guest.action=echo"];
+        args.extend(["--api-sock", socket.to_str().unwrap()]);
+        if track {
+            args.push("--track-dirty-pages");
+        }
+        let mut vm = Ember::spawn(&args);
+        vm.expect_line(GUEST_TIMEOUT, |l| l == "echo=ready");
+        wait_for_socket(socket, "/");
+        vm
+    };
+
+    let socket = dir.join("untracked.sock");
+    let vm = echo(&socket, false);
+    assert_eq!(call(&socket, "PATCH", "/vm", paused).status, 204);
+    call(&socket, "PUT", "/snapshot/create", &create("Diff", &diff))
+        .assert_fault(400, "enable track_dirty_pages");
+    vm.stop(GUEST_TIMEOUT);
+
+    let socket = dir.join("tracked.sock");
+    let mut vm = echo(&socket, true);
+    let machine = call(&socket, "GET", "/vm/config", "").json();
+    assert_eq!(machine["machine-config"]["track_dirty_pages"], true);
+    assert_eq!(call(&socket, "PATCH", "/vm", paused).status, 204);
+    let full = call(&socket, "PUT", "/snapshot/create", &create("Full", &base));
+    assert_eq!(full.status, 204, "{full:?}");
+    assert_eq!(call(&socket, "PATCH", "/vm", resumed).status, 204);
+    vm.send(b"between\n");
+    vm.expect_line(GUEST_TIMEOUT, |l| l == "between");
+    assert_eq!(call(&socket, "PATCH", "/vm", paused).status, 204);
+    let created = call(&socket, "PUT", "/snapshot/create", &create("Diff", &diff));
+    assert_eq!(created.status, 204, "{created:?}");
+    vm.stop(GUEST_TIMEOUT);
+
+    let load = |from: &std::path::Path| {
+        format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+            from.join("vmstate").display(),
+            from.join("memory").display()
+        )
+    };
+    let socket = dir.join("unfolded.sock");
+    let mut args = vec!["run", "--api-sock", socket.to_str().unwrap()];
+    let unfolded = Ember::spawn(&args);
+    wait_for_socket(&socket, "/");
+    call(&socket, "PUT", "/snapshot/load", &load(&diff)).assert_fault(400, "fold it onto its base");
+    unfolded.stop(GUEST_TIMEOUT);
+
+    let folded = std::process::Command::new(common::ember())
+        .args(["snapshot", "fold", "--base"])
+        .arg(&base)
+        .arg("--diff")
+        .arg(&diff)
+        .output()
+        .unwrap();
+    assert!(folded.status.success(), "{folded:?}");
+    assert!(String::from_utf8_lossy(&folded.stdout).starts_with("folded "));
+
+    let socket = dir.join("folded.sock");
+    args[2] = socket.to_str().unwrap();
+    let mut restored = Ember::spawn(&args);
+    wait_for_socket(&socket, "/");
+    let loaded = call(&socket, "PUT", "/snapshot/load", &load(&base));
+    assert_eq!(loaded.status, 204, "{loaded:?}");
+    restored.send(b"after fold\n");
+    restored.expect_line(GUEST_TIMEOUT, |l| l == "after fold");
+    restored.stop(GUEST_TIMEOUT);
+    let _ = std::fs::remove_dir_all(dir);
 }
