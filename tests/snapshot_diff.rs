@@ -17,6 +17,8 @@ use ember::{ConsoleConfig, ExitReason, Vm, VmConfig};
 
 /// Where `guest.action=count` keeps its counter (tests/guest/src/actions.rs).
 const COUNTER_ADDR: u64 = 0x4000;
+/// Where the test writes into guest memory from the host: free RAM at 32 MiB.
+const PATTERN_ADDR: u64 = 32 << 20;
 
 fn config(cmdline: &str) -> VmConfig {
     let mut config = VmConfig::new(test_guest());
@@ -90,7 +92,10 @@ fn a_diff_folded_onto_its_base_is_the_full_snapshot_of_its_moment() {
     let at_a = counter(&vm);
     let base = snapshot_dir("base");
     vm.snapshot(&config, &base).unwrap();
-    // The guest counts on; time B: a Diff, and a Full of the same moment to compare with.
+    // The guest counts on, and ember writes into its memory (as a device does): time B, a
+    // Diff, and a Full of the same moment to compare with.
+    vm.write_memory(PATTERN_ADDR, &[0x5a; 3 * 4096 + 17])
+        .unwrap();
     vm.resume().unwrap();
     wait_moving(&vm, at_a);
     std::thread::sleep(Duration::from_millis(100));
@@ -112,8 +117,9 @@ fn a_diff_folded_onto_its_base_is_the_full_snapshot_of_its_moment() {
     );
     let (diff_data, full_data) = (data_bytes(&diff.memory), data_bytes(&full_b.memory));
     eprintln!("counting guest: Full {full_data} bytes of data, Diff {diff_data}");
+    // The counter's page and the pattern's four at least.
     assert!(
-        diff_data > 0 && diff_data < full_data,
+        diff_data >= 5 * 4096 && diff_data < full_data,
         "diff {diff_data} bytes, full {full_data}"
     );
 
@@ -126,18 +132,7 @@ fn a_diff_folded_onto_its_base_is_the_full_snapshot_of_its_moment() {
 
     let folded = fold::fold(&base, &diff).unwrap();
     assert_eq!(folded.bytes, diff_data);
-    let (folded_memory, full_memory) = (
-        std::fs::read(&base.memory).unwrap(),
-        std::fs::read(&full_b.memory).unwrap(),
-    );
-    assert!(
-        folded_memory == full_memory,
-        "the folded memory differs from the Full one at {:?}",
-        folded_memory
-            .iter()
-            .zip(&full_memory)
-            .position(|(a, b)| a != b)
-    );
+    assert_same_bytes(&base.memory, &full_b.memory);
     assert!(
         fold::fold(&base, &full_b).is_err(),
         "a Full is not folded onto anything"
@@ -155,6 +150,67 @@ fn a_diff_folded_onto_its_base_is_the_full_snapshot_of_its_moment() {
     assert_eq!(from_fold.stop(), ExitReason::Stopped);
     assert_eq!(from_full.stop(), ExitReason::Stopped);
     for paths in [base, diff, full_b] {
+        remove(&paths);
+    }
+}
+
+/// Resumes `vm`, lets it count past `above`, pauses it; returns the count.
+fn run_a_while(vm: &mut Vm, above: u64) -> u64 {
+    vm.resume().unwrap();
+    wait_moving(vm, above);
+    std::thread::sleep(Duration::from_millis(50));
+    vm.pause().unwrap();
+    counter(vm)
+}
+
+fn assert_same_bytes(folded: &PathBuf, full: &PathBuf) {
+    let (folded, full) = (std::fs::read(folded).unwrap(), std::fs::read(full).unwrap());
+    assert_eq!(folded.len(), full.len());
+    let first = folded.iter().zip(&full).position(|(a, b)| a != b);
+    assert!(
+        first.is_none(),
+        "the folded memory differs from the Full one at {first:?}"
+    );
+}
+
+#[test]
+fn two_diffs_fold_into_one_diff_and_that_onto_the_base() {
+    if !kvm_available() {
+        return;
+    }
+    let config = config("guest.action=count");
+    let mut vm = Vm::start(&config).unwrap();
+    let output = lines(vm.take_console().unwrap().output);
+    wait_for(&output, "action=count");
+    wait_moving(&vm, 0);
+    vm.pause().unwrap();
+    let base = snapshot_dir("chainbase");
+    vm.snapshot(&config, &base).unwrap();
+    let at_a = counter(&vm);
+    let at_b = run_a_while(&mut vm, at_a);
+    let first = snapshot_dir("chain1");
+    vm.snapshot_of(&config, &first, MemoryKind::Diff).unwrap();
+    vm.write_memory(PATTERN_ADDR + (1 << 20), &[0xc3; 8192])
+        .unwrap();
+    let at_c = run_a_while(&mut vm, at_b);
+    let second = snapshot_dir("chain2");
+    vm.snapshot_of(&config, &second, MemoryKind::Diff).unwrap();
+    let full_c = snapshot_dir("chainfull");
+    vm.snapshot(&config, &full_c).unwrap();
+    vm.stop();
+
+    fold::fold(&first, &second).unwrap();
+    let merged = ember::vmm::persist::read_snapshot(&first.state).unwrap();
+    assert_eq!(merged.memory, MemoryKind::Diff, "two diffs make a diff");
+    assert_eq!(merged.diff_bytes, Some(data_bytes(&first.memory)));
+    fold::fold(&base, &first).unwrap();
+    assert_same_bytes(&base.memory, &full_c.memory);
+    let mut restored = restore_paused(&base);
+    assert_eq!(counter(&restored), at_c);
+    restored.resume().unwrap();
+    wait_moving(&restored, at_c);
+    restored.stop();
+    for paths in [base, first, second, full_c] {
         remove(&paths);
     }
 }

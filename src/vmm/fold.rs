@@ -48,11 +48,21 @@ pub enum FoldError {
     /// Base and diff are one file.
     #[error("the base and the diff are the same file: {0}")]
     SameFile(PathBuf),
-    /// The diff's filesystem cannot tell its holes from its data page by page.
+    /// The diff's data is not what its state says it wrote: its holes were lost or moved.
     #[error(
-        "{0} is on a filesystem that does not report holes page by page: fold it on tmpfs, ext4, XFS or btrfs"
+        "{path} holds {found} bytes of data but its snapshot wrote {recorded}: its holes were lost (a copy that does not keep sparse files, or a filesystem that does not report holes page by page); fold it where it was written (tmpfs, ext4, XFS, btrfs)"
     )]
-    NoHoles(PathBuf),
+    NoHoles {
+        /// The memory file.
+        path: PathBuf,
+        /// Its data bytes now.
+        found: u64,
+        /// What the snapshot wrote.
+        recorded: u64,
+    },
+    /// A Diff state without its count of data bytes.
+    #[error("{0} is a Diff snapshot without its data size: it is damaged")]
+    NoDiffSize(PathBuf),
     /// The diff's state is not a Diff.
     #[error("{0} is not a Diff snapshot: there is nothing to fold")]
     NotDiff(PathBuf),
@@ -88,8 +98,22 @@ pub fn fold(base: &SnapshotPaths, diff: &SnapshotPaths) -> Result<Folded, FoldEr
             expected,
         });
     }
-    let folded = fold_memory(&base.memory, &diff.memory)?;
+    let recorded = state
+        .diff_bytes
+        .ok_or_else(|| FoldError::NoDiffSize(diff.state.clone()))?;
+    if base_state.memory == MemoryKind::Diff {
+        let recorded = base_state
+            .diff_bytes
+            .ok_or_else(|| FoldError::NoDiffSize(base.state.clone()))?;
+        check_data(&base.memory, recorded)?;
+    }
+    let folded = fold_memory(&base.memory, &diff.memory, recorded)?;
     state.memory = base_state.memory;
+    state.diff_bytes = match base_state.memory {
+        MemoryKind::Full => None,
+        // Two diffs folded: what the base holds now.
+        MemoryKind::Diff => Some(data_bytes(&base.memory)?),
+    };
     // A new file renamed over the old: the base's state is whole at every moment.
     let partial = base.state.with_extension("folding");
     persist::write_snapshot(&state, &partial)?;
@@ -102,8 +126,10 @@ pub fn fold(base: &SnapshotPaths, diff: &SnapshotPaths) -> Result<Folded, FoldEr
 }
 
 /// Copies the data ranges of the memory file `diff` onto the memory file `base` (the same
-/// size), in place, and syncs it: the memory-file half of [`fold`].
-pub fn fold_memory(base: &Path, diff: &Path) -> Result<Folded, FoldError> {
+/// size), in place, and syncs it: the memory-file half of [`fold`]. `recorded` is the diff's
+/// data size as its snapshot wrote it (`VmSnapshot::diff_bytes`): a diff whose data ranges add
+/// up to anything else is refused, the base untouched.
+pub fn fold_memory(base: &Path, diff: &Path, recorded: u64) -> Result<Folded, FoldError> {
     let file_error = |what, path: &Path| {
         let path = path.to_owned();
         move |source| FoldError::File { what, path, source }
@@ -128,15 +154,19 @@ pub fn fold_memory(base: &Path, diff: &Path) -> Result<Folded, FoldError> {
         });
     }
     let ranges = data_ranges(&from, from_meta.len()).map_err(file_error("read", diff))?;
-    // A filesystem without SEEK_HOLE calls the whole file data (its holes would be copied as
-    // zeros over the base); one with blocks above a page calls the zeros around a written
-    // page data. Either would corrupt the base: refuse them.
+    // Holes copied as zeros (a dense copy, a filesystem without SEEK_HOLE or with blocks over a
+    // page) or zero pages turned into holes (deduplication) would corrupt the base: the data
+    // must be exactly, and only, the pages the snapshot wrote.
     let data: u64 = ranges.iter().map(|(_, len)| len).sum();
     let aligned = ranges.iter().all(|&(start, len)| {
         start % PAGE_SIZE == 0 && (len % PAGE_SIZE == 0 || start + len == from_meta.len())
     });
-    if from_meta.blksize() > PAGE_SIZE || data > from_meta.blocks() * 512 || !aligned {
-        return Err(FoldError::NoHoles(diff.to_owned()));
+    if data != recorded || !aligned {
+        return Err(FoldError::NoHoles {
+            path: diff.to_owned(),
+            found: data,
+            recorded,
+        });
     }
     let mut buffer = vec![0u8; 1 << 20];
     for &(start, len) in &ranges {
@@ -192,6 +222,31 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option
     Ok(u64::try_from(at).ok())
 }
 
+/// Refuses a memory file whose data is not `recorded` bytes.
+fn check_data(path: &Path, recorded: u64) -> Result<(), FoldError> {
+    let found = data_bytes(path)?;
+    if found != recorded {
+        return Err(FoldError::NoHoles {
+            path: path.to_owned(),
+            found,
+            recorded,
+        });
+    }
+    Ok(())
+}
+
+fn data_bytes(path: &Path) -> Result<u64, FoldError> {
+    let read_error = |source| FoldError::File {
+        what: "read",
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::open(path).map_err(read_error)?;
+    let len = file.metadata().map_err(read_error)?.len();
+    let ranges = data_ranges(&file, len).map_err(read_error)?;
+    Ok(ranges.iter().map(|(_, len)| len).sum())
+}
+
 fn file_len(path: &Path) -> Result<u64, FoldError> {
     std::fs::metadata(path)
         .map(|m| m.len())
@@ -239,7 +294,14 @@ mod tests {
                 (63 * PAGE_SIZE, PAGE_SIZE)
             ]
         );
-        let folded = fold_memory(&base, &diff).unwrap();
+        assert!(
+            matches!(
+                fold_memory(&base, &diff, 4 * PAGE_SIZE),
+                Err(FoldError::NoHoles { .. })
+            ),
+            "a diff with other data than its snapshot wrote"
+        );
+        let folded = fold_memory(&base, &diff, 5 * PAGE_SIZE).unwrap();
         assert_eq!(folded.bytes, 5 * PAGE_SIZE);
         assert_eq!(folded.ranges, 3);
         let bytes = std::fs::read(&base).unwrap();
@@ -267,16 +329,23 @@ mod tests {
         sparse(&base, 8 * PAGE_SIZE, &[(0, 1)]);
         sparse(&diff, 16 * PAGE_SIZE, &[(0, 2)]);
         assert!(matches!(
-            fold_memory(&base, &diff),
+            fold_memory(&base, &diff, PAGE_SIZE),
             Err(FoldError::Sizes { .. })
         ));
         assert!(matches!(
-            fold_memory(&base, &base),
+            fold_memory(&base, &base, PAGE_SIZE),
             Err(FoldError::SameFile(_))
         ));
         assert!(matches!(
-            fold_memory(&base, &dir.join("missing")),
+            fold_memory(&base, &dir.join("missing"), PAGE_SIZE),
             Err(FoldError::File { .. })
+        ));
+        // A diff copied densely: its holes now read as data.
+        let dense = dir.join("dense");
+        std::fs::write(&dense, std::fs::read(&base).unwrap()).unwrap();
+        assert!(matches!(
+            fold_memory(&base, &dense, PAGE_SIZE),
+            Err(FoldError::NoHoles { .. })
         ));
         assert_eq!(std::fs::read(&base).unwrap()[0], 1, "the base is untouched");
         let _ = std::fs::remove_dir_all(dir);

@@ -290,6 +290,18 @@ impl VmHandle {
             .map_err(|_| LifecycleError::OutsideMemory(addr))
     }
 
+    /// Writes `buf` into guest memory at guest-physical `addr` (data for the guest, a test's
+    /// pattern): recorded as written, so the next Diff snapshot holds it. Fails as
+    /// [`VmHandle::read_memory`] does.
+    pub fn write_memory(&self, addr: u64, buf: &[u8]) -> Result<(), LifecycleError> {
+        use vm_memory::{Bytes, GuestAddress};
+        let running = self.running.as_ref().ok_or(LifecycleError::Ended)?;
+        running
+            .memory
+            .write_slice(buf, GuestAddress(addr))
+            .map_err(|_| LifecycleError::OutsideMemory(addr))
+    }
+
     /// Appends the current metrics to the configured metrics file (`VmConfig::metrics_path`);
     /// does nothing without one. A last line is written when the VM ends.
     pub fn flush_metrics(&mut self) -> std::io::Result<()> {

@@ -78,6 +78,12 @@ pub struct VmSnapshot {
     /// added (and older snapshots read as Full).
     #[serde(default, skip_serializing_if = "MemoryKind::is_full")]
     pub memory: MemoryKind,
+    /// A Diff's bytes of data in its memory file (the pages it holds): a fold checks that the
+    /// file's data ranges add up to it, so that a diff whose holes were lost (copied densely,
+    /// or on a filesystem that rounds data to large blocks or drops zero pages) is refused
+    /// rather than folded wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_bytes: Option<u64>,
 }
 
 /// A snapshot that cannot be taken or applied.

@@ -39,7 +39,7 @@ impl VmHandle {
         let mut snapshot = Self::save_state(running, config)?;
         snapshot.memory = kind;
         let dirty = Self::take_dirty(running)?;
-        let written = Self::write_snapshot_files(running, &snapshot, paths, dirty.as_ref());
+        let written = Self::write_snapshot_files(running, &mut snapshot, paths, dirty.as_ref());
         if written.is_err() {
             // Nothing was saved: the pages stay owed to the next snapshot.
             if let Some(running) = self.running.as_mut() {
@@ -72,7 +72,7 @@ impl VmHandle {
 
     fn write_snapshot_files(
         running: &Running,
-        snapshot: &persist::VmSnapshot,
+        snapshot: &mut persist::VmSnapshot,
         paths: &persist::SnapshotPaths,
         dirty: Option<&crate::guest_memory::DirtyPages>,
     ) -> Result<(), persist::PersistError> {
@@ -85,8 +85,10 @@ impl VmHandle {
         };
         match (snapshot.memory, dirty) {
             (MemoryKind::Diff, Some(dirty)) => {
-                vstate::memory::write_dirty_pages_file(&running.memory, dirty, &memory)
-                    .map_err(memory_error)?;
+                let written =
+                    vstate::memory::write_dirty_pages_file(&running.memory, dirty, &memory)
+                        .map_err(memory_error)?;
+                snapshot.diff_bytes = Some(written);
             }
             (MemoryKind::Diff, None) => return Err(PersistError::NotTracking),
             (MemoryKind::Full, _) => {
@@ -139,6 +141,7 @@ impl VmHandle {
             ioapic,
             virtio,
             memory: persist::MemoryKind::Full,
+            diff_bytes: None,
         };
         Ok(snapshot)
     }
