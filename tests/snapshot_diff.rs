@@ -64,17 +64,22 @@ fn data_bytes(path: &PathBuf) -> u64 {
     data_ranges(&file, len).unwrap().iter().map(|r| r.1).sum()
 }
 
-fn restore_paused(paths: &SnapshotPaths) -> Vm {
-    let (vm, _) = Vm::restore(
+/// Restores `paths`, paused; the restored VM tracks dirty pages when `track`.
+fn restore_paused(paths: &SnapshotPaths, track: bool) -> (Vm, VmConfig) {
+    Vm::restore(
         paths,
         |c| {
+            assert!(
+                !c.track_dirty_pages,
+                "tracking is the restoring side's choice"
+            );
             c.console = ConsoleConfig::Pipe;
+            c.track_dirty_pages = track;
             Ok(())
         },
         false,
     )
-    .unwrap();
-    vm
+    .unwrap()
 }
 
 #[test]
@@ -139,17 +144,36 @@ fn a_diff_folded_onto_its_base_is_the_full_snapshot_of_its_moment() {
     );
 
     // Both restore to time B and count on from there.
-    let mut from_fold = restore_paused(&base);
-    let mut from_full = restore_paused(&full_b);
+    let (mut from_fold, restored_config) = restore_paused(&base, true);
+    let (mut from_full, _) = restore_paused(&full_b, false);
     assert_eq!(counter(&from_fold), at_b);
     assert_eq!(counter(&from_full), at_b);
     from_fold.resume().unwrap();
     from_full.resume().unwrap();
     wait_moving(&from_fold, at_b);
     wait_moving(&from_full, at_b);
-    assert_eq!(from_fold.stop(), ExitReason::Stopped);
+    from_full.pause().unwrap();
+    let untracked = from_full.snapshot_of(&restored_config, &diff, MemoryKind::Diff);
+    assert!(
+        matches!(untracked, Err(PersistError::NotTracking)),
+        "restored without tracking, no Diff: {untracked:?}"
+    );
     assert_eq!(from_full.stop(), ExitReason::Stopped);
-    for paths in [base, diff, full_b] {
+
+    // A VM restored with tracking takes Diffs against the snapshot it came from.
+    from_fold.pause().unwrap();
+    let at_c = counter(&from_fold);
+    let (diff_c, full_c) = (snapshot_dir("diffc"), snapshot_dir("fullc"));
+    from_fold
+        .snapshot_of(&restored_config, &diff_c, MemoryKind::Diff)
+        .unwrap();
+    from_fold.snapshot(&restored_config, &full_c).unwrap();
+    assert_eq!(from_fold.stop(), ExitReason::Stopped);
+    fold::fold(&base, &diff_c).unwrap();
+    assert_same_bytes(&base.memory, &full_c.memory);
+    let (again, _) = restore_paused(&base, false);
+    assert_eq!(counter(&again), at_c);
+    for paths in [base, diff, full_b, diff_c, full_c] {
         remove(&paths);
     }
 }
@@ -205,7 +229,7 @@ fn two_diffs_fold_into_one_diff_and_that_onto_the_base() {
     assert_eq!(merged.diff_bytes, Some(data_bytes(&first.memory)));
     fold::fold(&base, &first).unwrap();
     assert_same_bytes(&base.memory, &full_c.memory);
-    let mut restored = restore_paused(&base);
+    let (mut restored, _) = restore_paused(&base, false);
     assert_eq!(counter(&restored), at_c);
     restored.resume().unwrap();
     wait_moving(&restored, at_c);
@@ -333,8 +357,18 @@ fn diffs_over_the_api_fold_with_the_cli_and_load() {
     vm.send(b"between\n");
     vm.expect_line(GUEST_TIMEOUT, |l| l == "between");
     assert_eq!(call(&socket, "PATCH", "/vm", paused).status, 204);
-    let created = call(&socket, "PUT", "/snapshot/create", &create("Diff", &diff));
-    assert_eq!(created.status, 204, "{created:?}");
+    let created = std::process::Command::new(common::ember())
+        .args([
+            "ctl",
+            "--api-sock",
+            socket.to_str().unwrap(),
+            "snapshot",
+            "--diff",
+        ])
+        .arg(&diff)
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{created:?}");
     vm.stop(GUEST_TIMEOUT);
 
     let load = |from: &std::path::Path| {
