@@ -384,6 +384,17 @@ fn diffs_over_the_api_fold_with_the_cli_and_load() {
     wait_for_socket(&socket, "/");
     call(&socket, "PUT", "/snapshot/load", &load(&diff)).assert_fault(400, "fold it onto its base");
     unfolded.stop(GUEST_TIMEOUT);
+    let restore = std::process::Command::new(common::ember())
+        .args(["run", "--restore"])
+        .arg(&diff)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&restore.stderr);
+    assert_eq!(restore.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.lines().count() == 1 && stderr.contains("fold it onto its base"),
+        "{stderr}"
+    );
 
     let folded = std::process::Command::new(common::ember())
         .args(["snapshot", "fold", "--base"])

@@ -148,8 +148,9 @@ impl VmHandle {
 
     /// Restores a VM from a snapshot in this process: the saved shape rebuilt (with
     /// `adjust` applied to its configuration first: the console, TAP names, dirty page
-    /// tracking, which starts off; an `Err` from it refuses the restore; a Diff is refused), guest memory mapped privately from the memory file, the saved
-    /// state applied. It stays paused unless `resume`.
+    /// tracking, which starts off; an `Err` from it refuses the restore), guest memory mapped
+    /// privately from the memory file, the saved state applied. It stays paused unless
+    /// `resume`. A Diff snapshot is refused: it must be folded onto its base first.
     pub fn restore(
         paths: &persist::SnapshotPaths,
         adjust: impl FnOnce(&mut crate::VmConfig) -> Result<(), String>,
