@@ -301,6 +301,44 @@ mod tests {
     }
 
     #[test]
+    fn a_diff_holds_the_dirty_pages_zero_ones_included_and_nothing_else() {
+        let _one_at_a_time = MAPPING.lock().unwrap_or_else(|e| e.into_inner());
+        use crate::guest_memory::DirtyPages;
+        use std::os::unix::fs::FileExt;
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = create_guest_memory(8).unwrap();
+        mem.write_obj(0x1122_u16, GuestAddress(0x5000)).unwrap();
+        DirtyPages::clear_vmm_writes(&mem);
+        // Page 0x2000 written with zeros (it must overwrite a base), 0x7f_f000 with data.
+        mem.write_slice(&[0; 16], GuestAddress(0x2000)).unwrap();
+        mem.write_obj(9u8, GuestAddress(0x7f_ffff)).unwrap();
+        let dirty = DirtyPages::take_vmm_writes(&mem);
+        let path = std::env::temp_dir().join(format!("ember-memdiff-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        assert_eq!(write_dirty_pages_file(&mem, &dirty, &file).unwrap(), 0x2000);
+        assert_eq!(file.metadata().unwrap().len(), 8 << 20);
+        let ranges = crate::vmm::fold::data_ranges(&file, 8 << 20).unwrap();
+        assert_eq!(ranges, vec![(0x2000, 0x1000), (0x7f_f000, 0x1000)]);
+        let mut byte = [1u8];
+        file.read_exact_at(&mut byte, 0x5000).unwrap();
+        assert_eq!(byte, [0], "a page written before the record is a hole");
+        file.read_exact_at(&mut byte, 0x7f_ffff).unwrap();
+        assert_eq!(byte, [9]);
+        let other = create_guest_memory(16).unwrap();
+        assert!(
+            write_dirty_pages_file(&other, &dirty, &file).is_err(),
+            "a record of other memory"
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
     fn memory_above_the_gap_gets_two_regions() {
         let mem = create_guest_memory(4096).unwrap();
         assert_eq!(mem.num_regions(), 2);
