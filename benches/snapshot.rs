@@ -5,7 +5,10 @@
 //! `echo=ready`; 128 MiB and 2 GiB; and 10 clones of one snapshot (its disk read-only) restored
 //! at once.
 //!
-//! `cargo bench --bench snapshot [-- --runs N]` (default 20).
+//! First, snapshot creation alone: Full and Diff snapshots of a 128 MiB guest that tracks dirty
+//! pages, to tmpfs, the Diff with 0 to 64 MiB written since the last snapshot.
+//!
+//! `cargo bench --bench snapshot [-- --runs N] [--creation-only]` (default 20 runs).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -17,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::test_guest;
 use ember::bench::stats::Summary;
-use ember::vmm::persist::SnapshotPaths;
+use ember::vmm::persist::{MemoryKind, SnapshotPaths};
 use ember::{ConsoleConfig, DiskConfig, Vm, VmConfig};
 
 fn ms(d: Duration) -> String {
@@ -106,15 +109,71 @@ fn summary(what: &str, samples: &[Duration]) {
     );
 }
 
+/// Full and Diff creation times of a paused 128 MiB echo guest tracking dirty pages, into
+/// `dir` on tmpfs. Each Diff follows a snapshot, with `dirty` MiB written by ember between
+/// (what the guest itself wrote meanwhile: a few pages).
+fn creation(dir: &Path, runs: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let paths = SnapshotPaths::in_dir(dir);
+    let mut config = VmConfig::new(test_guest());
+    config.cmdline = "guest.action=echo".into();
+    config.console = ConsoleConfig::Pipe;
+    config.memory_mib = 128;
+    config.track_dirty_pages = true;
+    let mut vm = Vm::start(&config).unwrap();
+    let mut output = BufReader::new(vm.take_console().unwrap().output);
+    let mut line = String::new();
+    while output.read_line(&mut line).unwrap() > 0 && line.trim_end() != "echo=ready" {
+        line.clear();
+    }
+    vm.pause().unwrap();
+    let take = |vm: &mut Vm, kind| {
+        let start = Instant::now();
+        vm.snapshot_of(&config, &paths, kind).unwrap();
+        start.elapsed()
+    };
+    let full: Vec<Duration> = (0..runs).map(|_| take(&mut vm, MemoryKind::Full)).collect();
+    summary("128 MiB Full (idle guest)", &full);
+    let diff: Vec<Duration> = (0..runs).map(|_| take(&mut vm, MemoryKind::Diff)).collect();
+    summary("128 MiB Diff, nothing written", &diff);
+    // 1 MiB from 8 MiB up, away from the test guest's own pages.
+    let ones = vec![0xa5u8; 1 << 20];
+    let write = |vm: &Vm, mib: u64| {
+        for i in 0..mib {
+            vm.write_memory((8 << 20) + (i << 20), &ones).unwrap();
+        }
+    };
+    for dirty in [1u64, 16, 64] {
+        let mut samples = Vec::new();
+        for _ in 0..runs {
+            write(&vm, dirty);
+            samples.push(take(&mut vm, MemoryKind::Diff));
+        }
+        summary(&format!("128 MiB Diff, {dirty} MiB written"), &samples);
+    }
+    // Every page of guest memory holding data: the Full that writes all 128 MiB.
+    write(&vm, 120);
+    let full: Vec<Duration> = (0..runs).map(|_| take(&mut vm, MemoryKind::Full)).collect();
+    summary("128 MiB Full (120 MiB of data)", &full);
+    vm.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 fn main() {
     let mut runs = 20;
+    let mut creation_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--runs" {
             runs = args.next().and_then(|v| v.parse().ok()).unwrap_or(runs);
         }
+        creation_only |= arg == "--creation-only";
     }
     let root = scratch();
+    creation(&root.join("creation"), runs);
+    if creation_only {
+        return;
+    }
     let guest = test_guest().to_str().unwrap().to_owned();
     for mib in [128u64, 2048] {
         let dir = root.join(format!("{mib}"));

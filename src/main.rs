@@ -43,6 +43,13 @@ fn main() -> ExitCode {
                 exit_code::ERROR
             }
         },
+        Command::Snapshot(command) => match cli::snapshot::run(command) {
+            Ok(()) => exit_code::SUCCESS,
+            Err(e) => {
+                eprintln!("ember: {}", error_chain(&e));
+                exit_code::ERROR
+            }
+        },
         Command::Bench(command) => match cli::bench::run(command) {
             Ok(()) => exit_code::SUCCESS,
             Err(e) => {

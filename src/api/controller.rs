@@ -378,11 +378,11 @@ impl<L: Launcher> Controller<L> {
         create: &crate::api::snapshot_model::SnapshotCreate,
     ) -> Result<ApiResponse, ApiResponse> {
         use crate::api::snapshot_model::SnapshotType;
-        if create.snapshot_type == SnapshotType::Diff {
-            return Err(ApiResponse::bad_request(
-                "Diff snapshots are not supported by ember: take a Full one",
-            ));
-        }
+        use crate::vmm::persist::MemoryKind;
+        let kind = match create.snapshot_type {
+            SnapshotType::Full => MemoryKind::Full,
+            SnapshotType::Diff => MemoryKind::Diff,
+        };
         if create.version.is_some() {
             return Err(ApiResponse::bad_request(
                 "ember writes its own snapshot format version: leave version out",
@@ -396,7 +396,14 @@ impl<L: Launcher> Controller<L> {
                 "the microVM must be paused before a snapshot: PATCH /vm {\"state\": \"Paused\"}",
             ));
         }
-        vm.snapshot(&config, &create.snapshot_path, &create.mem_file_path)
+        if kind == MemoryKind::Diff && !config.track_dirty_pages {
+            return Err(ApiResponse::bad_request(
+                "a Diff snapshot needs dirty page tracking, which this microVM does not have: \
+                 enable track_dirty_pages (PUT /machine-config before InstanceStart, or \
+                 PUT /snapshot/load), or take a Full snapshot",
+            ));
+        }
+        vm.snapshot(&config, &create.snapshot_path, &create.mem_file_path, kind)
             .map_err(|e| ApiResponse::bad_request(format!("cannot create the snapshot: {e}")))?;
         Ok(ApiResponse::no_content())
     }
@@ -407,6 +414,10 @@ impl<L: Launcher> Controller<L> {
     ) -> Result<ApiResponse, ApiResponse> {
         let memory = load.memory_file().map_err(ApiResponse::bad_request)?;
         let this = self.before_boot()?;
+        // The launcher restores with this process's settings: tracking is one of them (asked
+        // for by the load, or on for every VM of this process: `ember run --track-dirty-pages`).
+        let mut base = this.config.clone();
+        base.track_dirty_pages |= load.tracks_dirty_pages();
         if this.boot_source_set || !this.config.disks.is_empty() || !this.config.nets.is_empty() {
             return Err(ApiResponse::bad_request(
                 "a snapshot is loaded before any other configuration: start a fresh ember",
@@ -420,7 +431,7 @@ impl<L: Launcher> Controller<L> {
         let (vm, config) = this
             .launcher
             .restore(
-                &this.config,
+                &base,
                 &load.snapshot_path,
                 &memory,
                 &overrides,

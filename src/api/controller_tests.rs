@@ -50,8 +50,15 @@ impl ManagedVm for MockVm {
         self.calls.push(format!("limit {id} {kind:?}"));
         Ok(())
     }
-    fn snapshot(&mut self, _config: &VmConfig, state: &Path, _memory: &Path) -> Result<(), String> {
-        self.calls.push(format!("snapshot {}", state.display()));
+    fn snapshot(
+        &mut self,
+        _config: &VmConfig,
+        state: &Path,
+        _memory: &Path,
+        kind: crate::vmm::persist::MemoryKind,
+    ) -> Result<(), String> {
+        self.calls
+            .push(format!("snapshot {kind:?} {}", state.display()));
         Ok(())
     }
 }
@@ -410,7 +417,10 @@ fn snapshots_need_a_paused_vm_and_loads_a_fresh_instance() {
         204
     );
     let diff = r#"{"snapshot_type": "Diff", "snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"}"#;
-    assert_eq!(call(&mut c, "PUT", "/snapshot/create", diff).status, 400);
+    assert_fault(
+        &call(&mut c, "PUT", "/snapshot/create", diff),
+        "enable track_dirty_pages",
+    );
     assert_eq!(call(&mut c, "PUT", "/snapshot/create", create).status, 204);
 
     let mut fresh = controller();
@@ -425,4 +435,46 @@ fn snapshots_need_a_paused_vm_and_loads_a_fresh_instance() {
         400,
         "twice"
     );
+}
+
+#[test]
+fn diff_snapshots_follow_track_dirty_pages_from_machine_config_or_load() {
+    let diff = r#"{"snapshot_type": "Diff", "snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"}"#;
+    let paused = r#"{"state": "Paused"}"#;
+    let mut c = controller();
+    let machine = r#"{"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}"#;
+    assert_eq!(call(&mut c, "PUT", "/machine-config", machine).status, 204);
+    let boot = r#"{"kernel_image_path": "/proc/self/exe"}"#;
+    assert_eq!(call(&mut c, "PUT", "/boot-source", boot).status, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(call(&mut c, "PUT", "/actions", start).status, 204);
+    assert!(
+        c.launcher.started[0].track_dirty_pages,
+        "the VM is built tracking"
+    );
+    let config = body(&call(&mut c, "GET", "/vm/config", ""));
+    assert_eq!(config["machine-config"]["track_dirty_pages"], true);
+    assert_eq!(call(&mut c, "PATCH", "/vm", paused).status, 204);
+    assert_eq!(call(&mut c, "PUT", "/snapshot/create", diff).status, 204);
+    assert_eq!(
+        c.vm().unwrap().calls.last().unwrap(),
+        "snapshot Diff /tmp/s"
+    );
+
+    for (load, tracks) in [
+        (
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "track_dirty_pages": true}"#,
+            true,
+        ),
+        (
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "enable_diff_snapshots": true}"#,
+            true,
+        ),
+        (r#"{"snapshot_path": "/s", "mem_file_path": "/m"}"#, false),
+    ] {
+        let mut fresh = controller();
+        assert_eq!(call(&mut fresh, "PUT", "/snapshot/load", load).status, 204);
+        let status = call(&mut fresh, "PUT", "/snapshot/create", diff).status;
+        assert_eq!(status == 204, tracks, "{load}");
+    }
 }

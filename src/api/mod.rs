@@ -47,8 +47,15 @@ pub trait ManagedVm {
         kind: RateLimited,
         limiter: &crate::config::RateLimiterConfig,
     ) -> Result<(), String>;
-    /// Snapshots the (paused) VM built from `config`: state to `state`, memory to `memory`.
-    fn snapshot(&mut self, config: &VmConfig, state: &Path, memory: &Path) -> Result<(), String>;
+    /// Snapshots the (paused) VM built from `config`: state to `state`, memory (all of it, or
+    /// only the pages written since the last snapshot) to `memory`.
+    fn snapshot(
+        &mut self,
+        config: &VmConfig,
+        state: &Path,
+        memory: &Path,
+        kind: crate::vmm::persist::MemoryKind,
+    ) -> Result<(), String>;
     /// Starts migrating the VM built from `config` (`PUT /migration/send`).
     fn start_migration(
         &mut self,

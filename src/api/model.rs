@@ -42,7 +42,7 @@ pub struct MachineConfig {
     /// Simultaneous multithreading: only false.
     #[serde(default)]
     pub smt: bool,
-    /// Dirty page tracking (for snapshots): only false.
+    /// Dirty page tracking, for Diff snapshots.
     #[serde(default)]
     pub track_dirty_pages: bool,
     /// CPU template: only "None".
@@ -94,9 +94,6 @@ impl MachineConfigUpdate {
         if self.smt == Some(true) {
             return refuse("smt is not supported by ember");
         }
-        if self.track_dirty_pages == Some(true) {
-            return refuse("track_dirty_pages is not supported by ember");
-        }
         check_none_or("cpu_template", self.cpu_template.as_deref())?;
         check_none_or("huge_pages", self.huge_pages.as_deref())?;
         if let Some(vcpus) = self.vcpu_count {
@@ -104,6 +101,9 @@ impl MachineConfigUpdate {
         }
         if let Some(mib) = self.mem_size_mib {
             config.memory_mib = mib;
+        }
+        if let Some(track) = self.track_dirty_pages {
+            config.track_dirty_pages = track;
         }
         Ok(())
     }
@@ -129,7 +129,7 @@ impl MachineConfig {
             vcpu_count: config.vcpus,
             mem_size_mib: config.memory_mib,
             smt: false,
-            track_dirty_pages: false,
+            track_dirty_pages: config.track_dirty_pages,
             cpu_template: None,
             huge_pages: Some("None".into()),
         }

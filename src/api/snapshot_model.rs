@@ -10,7 +10,7 @@ pub enum SnapshotType {
     /// Every page of guest memory.
     #[default]
     Full,
-    /// Only the pages written since the last snapshot (refused: ember takes Full only).
+    /// Only the pages written since the last snapshot (the VM must track dirty pages).
     Diff,
 }
 
@@ -71,7 +71,7 @@ pub struct SnapshotLoad {
     /// Firecracker's older spelling of a File backend.
     #[serde(default)]
     pub mem_file_path: Option<PathBuf>,
-    /// Dirty-page tracking for later Diff snapshots: accepted only as false.
+    /// Track dirty pages in the restored VM, for later Diff snapshots.
     #[serde(default)]
     pub track_dirty_pages: bool,
     /// The older name of `track_dirty_pages`.
@@ -86,13 +86,13 @@ pub struct SnapshotLoad {
 }
 
 impl SnapshotLoad {
+    /// Whether the restored VM tracks dirty pages (either spelling asks for it).
+    pub fn tracks_dirty_pages(&self) -> bool {
+        self.track_dirty_pages || self.enable_diff_snapshots
+    }
+
     /// The memory file, or why this load cannot be done.
     pub fn memory_file(&self) -> Result<PathBuf, String> {
-        if self.track_dirty_pages || self.enable_diff_snapshots {
-            return Err(
-                "dirty page tracking (for Diff snapshots) is not supported by ember".into(),
-            );
-        }
         match (&self.mem_backend, &self.mem_file_path) {
             (Some(_), Some(_)) => Err("give mem_backend or mem_file_path, not both".into()),
             (Some(backend), None) => match backend.backend_type {
@@ -120,6 +120,12 @@ mod tests {
         .unwrap();
         assert_eq!(load.memory_file().unwrap(), PathBuf::from("/m"));
         assert!(load.resume_vm);
+        assert!(!load.tracks_dirty_pages());
+        let older: SnapshotLoad = serde_json::from_str(
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "enable_diff_snapshots": true}"#,
+        )
+        .unwrap();
+        assert!(older.tracks_dirty_pages(), "Firecracker's older name");
         let uffd: SnapshotLoad = serde_json::from_str(
             r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"}}"#,
         )

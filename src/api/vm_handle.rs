@@ -54,12 +54,13 @@ impl ManagedVm for VmHandle {
         config: &crate::VmConfig,
         state: &Path,
         memory: &Path,
+        kind: crate::vmm::persist::MemoryKind,
     ) -> Result<(), String> {
         let paths = crate::vmm::persist::SnapshotPaths {
             state: state.to_owned(),
             memory: memory.to_owned(),
         };
-        VmHandle::snapshot(self, config, &paths).map_err(|e| crate::error_chain(&e))
+        VmHandle::snapshot_of(self, config, &paths, kind).map_err(|e| crate::error_chain(&e))
     }
 
     fn start_migration(

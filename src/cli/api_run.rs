@@ -37,6 +37,7 @@ fn adopt(
     config.console = base.console.clone();
     config.seccomp = base.seccomp;
     config.metrics_path = base.metrics_path.clone();
+    config.track_dirty_pages = base.track_dirty_pages;
     config.override_taps(overrides)
 }
 

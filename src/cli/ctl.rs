@@ -43,6 +43,10 @@ pub enum CtlCommand {
     Snapshot {
         /// An existing directory.
         dir: PathBuf,
+        /// Only the pages written since the last snapshot (the VM must track dirty pages);
+        /// `ember snapshot fold` applies it onto that snapshot.
+        #[arg(long)]
+        diff: bool,
     },
     /// Migrate the VM to an ember waiting at URL (`ember run --incoming URL`, or
     /// `PUT /migration/receive`), then follow it until it ends (`PUT /migration/send`,
@@ -69,10 +73,10 @@ impl CtlCommand {
     /// Method, path and body.
     fn request(&self) -> (&'static str, &'static str, String) {
         let (method, path, body) = match self {
-            CtlCommand::Snapshot { dir } => {
+            CtlCommand::Snapshot { dir, diff } => {
                 let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
                 let body = serde_json::json!({
-                    "snapshot_type": "Full",
+                    "snapshot_type": if *diff { "Diff" } else { "Full" },
                     "snapshot_path": dir.join("vmstate"),
                     "mem_file_path": dir.join("memory"),
                 });

@@ -10,6 +10,7 @@ pub mod panic_report;
 pub mod run;
 pub mod run_loop;
 mod signals;
+pub mod snapshot;
 mod terminal;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +42,9 @@ pub enum Command {
     Exec(exec::ExecArgs),
     /// Copy a file into or out of a running VM through its guest agent: SRC DST, one vm:PATH.
     Cp(exec::CpArgs),
+    /// Work on snapshot files offline: `ember snapshot fold --base DIR --diff DIR`.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Measure ember: `ember bench boot`.
     #[command(subcommand)]
     Bench(bench::BenchCommand),

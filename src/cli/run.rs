@@ -130,6 +130,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = parse_timeout)]
     pub shutdown_timeout: f64,
 
+    /// Record the pages the guest (and ember) write, so that Diff snapshots can be taken
+    /// (`PUT /snapshot/create` with `"snapshot_type": "Diff"`; `ember ctl snapshot --diff`). With
+    /// --api-sock, a snapshot loaded through the API tracks them too.
+    #[arg(long)]
+    pub track_dirty_pages: bool,
+
     /// Write the VM's metrics to PATH, one JSON object per line, every 60 s and at exit.
     #[arg(long, value_name = "PATH")]
     pub metrics_path: Option<PathBuf>,
@@ -308,6 +314,7 @@ impl RunArgs {
             .collect::<Result<_, _>>()?;
         config.vsock = self.vsock.clone();
         config.boot_timer = self.boot_timer;
+        config.track_dirty_pages = self.track_dirty_pages;
         config.seccomp = self.seccomp == Switch::On;
         #[cfg(debug_assertions)]
         {

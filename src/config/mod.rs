@@ -183,6 +183,11 @@ pub struct VmConfig {
     /// `PUT /metrics`); `None`: nowhere.
     #[serde(default)]
     pub metrics_path: Option<PathBuf>,
+    /// Record which guest pages are written (KVM's dirty log and ember's own writes), for Diff
+    /// snapshots. Off by default (the dirty log slows guest writes a little); a restore takes
+    /// it from the load, not from the snapshot.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
     /// Debug builds only: make this thread call a forbidden system call once filtered, to test
     /// that violations are caught.
     #[cfg(debug_assertions)]
@@ -230,6 +235,7 @@ impl VmConfig {
             seccomp: true,
             shared_memory: false,
             metrics_path: None,
+            track_dirty_pages: false,
             #[cfg(debug_assertions)]
             seccomp_selftest: None,
         }

@@ -126,7 +126,13 @@ pub fn shape(config: &VmConfig, ram: GuestRam<'_>) -> Result<Shaped, StartError>
     };
     let vm = Vm::new(&kvm)?;
     timeline.mark(Phase::VmCreated);
-    vm.register_memory(&memory)?;
+    if config.track_dirty_pages {
+        // Tracking starts here: what the boot writes (the kernel, the boot data) counts too.
+        vm.set_dirty_log(&memory, true)?;
+        crate::guest_memory::DirtyPages::clear_vmm_writes(&memory);
+    } else {
+        vm.register_memory(&memory)?;
+    }
     vm.create_irqchip()?;
     timeline.mark(Phase::MemoryMapped);
 
@@ -350,6 +356,8 @@ pub fn run(shaped: Shaped, config: &VmConfig, paused: bool) -> Result<VmHandle, 
         devices: Arc::new(devices),
         smaps,
         metrics_file,
+        tracking: config.track_dirty_pages,
+        untaken: None,
     });
     handle.paused = paused;
     Ok(handle)

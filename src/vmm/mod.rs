@@ -5,6 +5,7 @@ pub mod console;
 pub mod devices;
 pub mod event_loop;
 mod exit;
+pub mod fold;
 pub mod metrics;
 mod migrate;
 pub mod persist;
@@ -122,6 +123,11 @@ struct Running {
     smaps: Option<std::fs::File>,
     /// `VmConfig::metrics_path`: a line on request and one at the end.
     metrics_file: Option<metrics::MetricsFile>,
+    /// `VmConfig::track_dirty_pages`: the slots log dirty pages, Diff snapshots can be taken.
+    tracking: bool,
+    /// Pages written since the last snapshot that a failed snapshot took from the records: the
+    /// next one adds them back, so that a Diff after a failure misses nothing.
+    untaken: Option<crate::guest_memory::DirtyPages>,
     vm: vstate::vm::Vm,
     memory: GuestMemoryMmap,
 }
@@ -288,6 +294,18 @@ impl VmHandle {
         running
             .memory
             .read_slice(buf, GuestAddress(addr))
+            .map_err(|_| LifecycleError::OutsideMemory(addr))
+    }
+
+    /// Writes `buf` into guest memory at guest-physical `addr` (data for the guest, a test's
+    /// pattern): recorded as written, so the next Diff snapshot holds it. Fails as
+    /// [`VmHandle::read_memory`] does.
+    pub fn write_memory(&self, addr: u64, buf: &[u8]) -> Result<(), LifecycleError> {
+        use vm_memory::{Bytes, GuestAddress};
+        let running = self.running.as_ref().ok_or(LifecycleError::Ended)?;
+        running
+            .memory
+            .write_slice(buf, GuestAddress(addr))
             .map_err(|_| LifecycleError::OutsideMemory(addr))
     }
 

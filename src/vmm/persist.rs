@@ -37,6 +37,23 @@ impl SnapshotPaths {
     }
 }
 
+/// What a snapshot's memory file holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryKind {
+    /// Every page of guest memory (zero pages as holes): restorable.
+    #[default]
+    Full,
+    /// Only the pages written since the previous snapshot (the rest holes): folded onto that
+    /// snapshot's memory file (`vmm::fold`) before it restores.
+    Diff,
+}
+
+impl MemoryKind {
+    fn is_full(&self) -> bool {
+        *self == MemoryKind::Full
+    }
+}
+
 /// Everything a snapshot holds but guest memory.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +74,16 @@ pub struct VmSnapshot {
     pub ioapic: IoApicState,
     /// Every virtio transport with its device, by device id, in slot order.
     pub virtio: Vec<(String, MmioState)>,
+    /// Full or Diff. Left out of Full snapshots, so that they read as before this field was
+    /// added (and older snapshots read as Full).
+    #[serde(default, skip_serializing_if = "MemoryKind::is_full")]
+    pub memory: MemoryKind,
+    /// A Diff's bytes of data in its memory file (the pages it holds): a fold checks that the
+    /// file's data ranges add up to it, so that a diff whose holes were lost (copied densely,
+    /// or on a filesystem that rounds data to large blocks or drops zero pages) is refused
+    /// rather than folded wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_bytes: Option<u64>,
 }
 
 /// A snapshot that cannot be taken or applied.
@@ -68,6 +95,16 @@ pub enum PersistError {
     /// The VM has ended.
     #[error("the VM is not running")]
     Ended,
+    /// A Diff snapshot of a VM that does not record the pages written.
+    #[error(
+        "a Diff snapshot needs dirty page tracking: enable track_dirty_pages when the VM starts"
+    )]
+    NotTracking,
+    /// A Diff snapshot's memory holds only some pages: it cannot be restored by itself.
+    #[error(
+        "this snapshot is a Diff (only the pages written since its base): fold it onto its base first (ember snapshot fold)"
+    )]
+    Unfolded,
     /// A vCPU thread could not save its vCPU (it has ended).
     #[error("vCPU {0} could not be saved")]
     VcpuGone(usize),
@@ -77,6 +114,9 @@ pub enum PersistError {
     /// The VM's state.
     #[error(transparent)]
     Vm(#[from] crate::vstate::vm_state::VmStateError),
+    /// KVM's dirty log.
+    #[error(transparent)]
+    DirtyLog(#[from] crate::vstate::vm::VmError),
     /// A device's state.
     #[error(transparent)]
     Device(#[from] crate::devices::StateError),

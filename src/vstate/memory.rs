@@ -3,7 +3,7 @@
 
 use std::ffi::CStr;
 
-use crate::guest_memory::GuestMemoryMmap;
+use crate::guest_memory::{DirtyPages, GuestMemoryMmap};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::smaps;
@@ -183,6 +183,49 @@ pub fn write_guest_memory_file(mem: &GuestMemoryMmap, file: &std::fs::File) -> s
     Ok(())
 }
 
+/// Writes the pages `dirty` names to `file` (truncated first, then as long as a full memory
+/// file): a Diff snapshot's memory. Every dirty page is written, all-zero ones included (they
+/// must overwrite what the base holds there); every other page is a hole. Returns the bytes
+/// written. The VM must be paused.
+pub fn write_dirty_pages_file(
+    mem: &GuestMemoryMmap,
+    dirty: &DirtyPages,
+    file: &std::fs::File,
+) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let total: u64 = mem.iter().map(GuestMemoryRegion::len).sum();
+    let shaped_alike = dirty.regions.len() == mem.num_regions()
+        && dirty
+            .regions
+            .iter()
+            .zip(mem.iter())
+            .all(|(d, r)| d.start == r.start_addr().0 && d.len == r.len());
+    if !shaped_alike {
+        return Err(std::io::Error::other(
+            "the dirty-page record does not match guest memory",
+        ));
+    }
+    file.set_len(0)?;
+    file.set_len(total)?;
+    let mut written = 0;
+    let mut offset = 0u64;
+    for (region, record) in mem.iter().zip(&dirty.regions) {
+        let len = usize::try_from(region.len()).map_err(std::io::Error::other)?;
+        // SAFETY: as in `write_guest_memory_file`: a live mapping of `len` bytes owned by `mem`,
+        // not written while the VM is paused, only read here.
+        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr().cast_const(), len) };
+        for (start, run) in record.runs() {
+            // Runs are clipped to their region, so these fit in `bytes`.
+            let from = usize::try_from(start - record.start).map_err(std::io::Error::other)?;
+            let to = from + usize::try_from(run).map_err(std::io::Error::other)?;
+            file.write_all_at(&bytes[from..to], offset + from as u64)?;
+            written += run;
+        }
+        offset += region.len();
+    }
+    Ok(written)
+}
+
 pub(crate) fn is_zero(bytes: &[u8]) -> bool {
     let (head, words, tail) = {
         // SAFETY: u64 has no invalid bit patterns; align_to splits at aligned boundaries.
@@ -297,6 +340,44 @@ mod tests {
             map_guest_memory_file(16, &file),
             Err(MemoryError::FileSize { .. })
         ));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_diff_holds_the_dirty_pages_zero_ones_included_and_nothing_else() {
+        let _one_at_a_time = MAPPING.lock().unwrap_or_else(|e| e.into_inner());
+        use crate::guest_memory::DirtyPages;
+        use std::os::unix::fs::FileExt;
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = create_guest_memory(8).unwrap();
+        mem.write_obj(0x1122_u16, GuestAddress(0x5000)).unwrap();
+        DirtyPages::clear_vmm_writes(&mem);
+        // Page 0x2000 written with zeros (it must overwrite a base), 0x7f_f000 with data.
+        mem.write_slice(&[0; 16], GuestAddress(0x2000)).unwrap();
+        mem.write_obj(9u8, GuestAddress(0x7f_ffff)).unwrap();
+        let dirty = DirtyPages::take_vmm_writes(&mem);
+        let path = std::env::temp_dir().join(format!("ember-memdiff-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        assert_eq!(write_dirty_pages_file(&mem, &dirty, &file).unwrap(), 0x2000);
+        assert_eq!(file.metadata().unwrap().len(), 8 << 20);
+        let ranges = crate::vmm::fold::data_ranges(&file, 8 << 20).unwrap();
+        assert_eq!(ranges, vec![(0x2000, 0x1000), (0x7f_f000, 0x1000)]);
+        let mut byte = [1u8];
+        file.read_exact_at(&mut byte, 0x5000).unwrap();
+        assert_eq!(byte, [0], "a page written before the record is a hole");
+        file.read_exact_at(&mut byte, 0x7f_ffff).unwrap();
+        assert_eq!(byte, [9]);
+        let other = create_guest_memory(16).unwrap();
+        assert!(
+            write_dirty_pages_file(&other, &dirty, &file).is_err(),
+            "a record of other memory"
+        );
         std::fs::remove_file(path).unwrap();
     }
 

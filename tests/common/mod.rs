@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod api_client;
 pub mod console_lines;
 pub mod netns;
 pub mod packet;

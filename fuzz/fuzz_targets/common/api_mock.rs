@@ -48,7 +48,13 @@ impl ManagedVm for MockVm {
     ) -> Result<(), String> {
         Ok(())
     }
-    fn snapshot(&mut self, _config: &VmConfig, _state: &Path, _memory: &Path) -> Result<(), String> {
+    fn snapshot(
+        &mut self,
+        _config: &VmConfig,
+        _state: &Path,
+        _memory: &Path,
+        _kind: ember::vmm::persist::MemoryKind,
+    ) -> Result<(), String> {
         // Nothing is written: the paths come from the fuzzer.
         Ok(())
     }
