@@ -246,12 +246,12 @@ fn a_config_file_boots_at_once_and_the_socket_keeps_serving() {
 /// A section ember lacks is refused, naming it, and nothing boots.
 #[test]
 fn a_config_file_with_an_unsupported_section_is_refused_clearly() {
-    let dir = scratch("entropy");
+    let dir = scratch("balloon");
     let socket = dir.join("api.sock");
     let file = dir.join("config.json");
     let config = serde_json::json!({
         "boot-source": {"kernel_image_path": "/nonexistent"},
-        "entropy": {"rate_limiter": null},
+        "balloon": {"amount_mib": 1, "deflate_on_oom": false},
     });
     std::fs::write(&file, config.to_string()).unwrap();
     let args = [
@@ -264,7 +264,7 @@ fn a_config_file_with_an_unsupported_section_is_refused_clearly() {
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
     assert_eq!(
         out.stderr.trim(),
-        "ember: entropy is not supported by ember"
+        "ember: balloon is not supported by ember"
     );
     assert!(!socket.exists());
     std::fs::write(
@@ -413,7 +413,8 @@ fn bad_input_is_refused_and_the_vm_keeps_running() {
         r#"{"guest_cid": 3, "uds_path": "/v"}"#,
     )
     .assert_fault(400, "before InstanceStart");
-    call(&socket, "PUT", "/entropy", "{}").assert_fault(400, "entropy");
+    call(&socket, "PUT", "/entropy", "{}").assert_fault(400, "before InstanceStart");
+    call(&socket, "PUT", "/balloon", "{}").assert_fault(400, "balloon");
     call(
         &socket,
         "PUT",
