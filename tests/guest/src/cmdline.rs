@@ -20,6 +20,8 @@ pub enum Action {
     PowerOff,
     /// Wait for Ctrl-Alt-Del on the i8042 keyboard, then power off (`shutdown.rs`).
     CtrlAltDel,
+    /// Report the VM generation ID, then wait for its change notifications (`identity.rs`).
+    Identity,
 }
 
 impl Action {
@@ -35,6 +37,7 @@ impl Action {
             Action::Count => "count",
             Action::PowerOff => "poweroff",
             Action::CtrlAltDel => "ctrl-alt-del",
+            Action::Identity => "identity",
         }
     }
 
@@ -49,6 +52,7 @@ impl Action {
             Action::Count,
             Action::PowerOff,
             Action::CtrlAltDel,
+            Action::Identity,
         ]
         .into_iter()
         .find(|a| a.name().as_bytes() == word)
@@ -91,6 +95,15 @@ pub fn action(cmdline: &[u8]) -> Result<Action, &[u8]> {
         }
     }
     action
+}
+
+/// The value of the last `key=value` word with this key.
+pub fn value<'a>(cmdline: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    words(cmdline)
+        .filter_map(key_value)
+        .filter(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+        .last()
 }
 
 /// Calls `f` with every operation, in command-line order.
