@@ -338,7 +338,17 @@ mod tests {
                 ..Default::default()
             },
         ];
+        assert!(
+            metrics.to_json().get("entropy").is_none(),
+            "no device, no object"
+        );
+        metrics.entropy = Some(EntropyMetrics {
+            entropy_bytes: 64,
+            ..Default::default()
+        });
         let json = metrics.to_json();
+        assert_eq!(json["entropy"]["entropy_bytes"], 64);
+        assert_eq!(json["entropy"]["entropy_rate_limiter_throttled"], 0);
         assert_eq!(json["block_rootfs"]["read_bytes"], 4096);
         assert_eq!(json["vcpu"]["exit_io_out"], 5);
         assert_eq!(json["vcpus"][1]["exit_io_out"], 3);
