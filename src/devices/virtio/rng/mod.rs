@@ -23,8 +23,8 @@ pub use persist::RngState;
 use super::drain::{Pass, drain};
 use super::rate_limiter::{RateLimiter, Timer};
 use super::{
-    LimiterKind, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-    VirtioDevice, return_chain,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
+    return_chain,
 };
 use crate::config::RateLimiterConfig;
 use crate::devices::GuestErrors;
@@ -167,11 +167,9 @@ impl Rng {
         return_chain(queue, mem, head, 0, &self.errors);
     }
 
-    /// Whether a request of `bytes` may be served now; if not, the timer is armed.
+    /// Whether a request of `bytes` may be served now (every request costs an operation, an
+    /// empty one too); if not, the timer is armed.
     fn admit(&mut self, bytes: usize) -> bool {
-        if bytes == 0 {
-            return true;
-        }
         let was_blocked = self.limiter.is_blocked();
         match self.limiter.consume(bytes as u64) {
             Ok(()) => true,
@@ -285,14 +283,6 @@ impl VirtioDevice for Rng {
             Some(queue) if self.stalled => u32::from(self.run_queue(queue, mem)),
             _ => 0,
         }
-    }
-
-    fn set_rate_limiter(
-        &mut self,
-        _which: LimiterKind,
-        _config: Option<&RateLimiterConfig>,
-    ) -> bool {
-        false
     }
 }
 

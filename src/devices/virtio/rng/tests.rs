@@ -181,3 +181,27 @@ fn state_round_trips_and_a_foreign_state_is_refused() {
     assert!(dev.restore_state(&VirtioDeviceState::None).is_err());
     assert!(serde_json::from_str::<VirtioDeviceState>(r#"{"Rng":{"features":1,"x":2}}"#).is_err());
 }
+
+#[test]
+fn every_request_costs_an_operation_an_empty_one_too() {
+    let mem = mem();
+    let vq = MockSplitQueue::new(&mem, 16);
+    vq.add_desc_chains(
+        &[desc(DATA, 0, WRITE, 0), desc(DATA + 0x1000, 0, WRITE, 0)],
+        0,
+    )
+    .unwrap();
+    let mut queue = vq.create_queue().unwrap();
+    let one_per_minute = RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(TokenBucketConfig {
+            size: 1,
+            one_time_burst: None,
+            refill_time: 60_000,
+        }),
+    };
+    let mut dev = Rng::new(Some(&one_per_minute)).unwrap();
+    dev.process_queue(0, &mut queue, &mem);
+    assert_eq!(vq.used().idx().load(), 1, "the second waits for a token");
+    assert_eq!(dev.counters().throttled.load(Ordering::Relaxed), 1);
+}
