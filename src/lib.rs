@@ -56,13 +56,13 @@ pub mod vmm;
 pub mod vstate;
 
 pub use config::{
-    BootProtocol, ConfigError, ConsoleConfig, DEFAULT_CMDLINE, DiskConfig, MacAddr, NetConfig,
-    VmConfig,
+    BootProtocol, ConfigError, ConsoleConfig, DEFAULT_CMDLINE, DiskConfig, EntropyConfig, MacAddr,
+    NetConfig, VmConfig,
 };
 pub use devices::virtio::net::NetStats;
 pub use exit::ExitReason;
 pub use timing::Phase;
-pub use vmm::metrics::{BlockMetrics, NetMetrics, SerialMetrics, VcpuMetrics};
+pub use vmm::metrics::{BlockMetrics, EntropyMetrics, NetMetrics, SerialMetrics, VcpuMetrics};
 pub use vmm::{Console, LifecycleError, Metrics, StartError, StopTrigger, VmHandle};
 
 /// The embedding API's entry point: `Vm::start(&config)`.

@@ -77,10 +77,13 @@ fn the_go_sdk_sequence_configures_and_boots_the_guest() {
     );
     assert_eq!(answer.status, 204, "{answer:?}");
     let boot = format!(
-        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 guest.action=halt"}}"#,
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 guest.rng=16 guest.action=halt"}}"#,
         guest_path()
     );
     assert_eq!(call(&socket, "PUT", "/boot-source", &boot).status, 204);
+    let entropy = r#"{"rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}}"#;
+    let answer = call(&socket, "PUT", "/entropy", entropy);
+    assert_eq!((answer.status, answer.body.as_str()), (204, ""));
     let drive = format!(
         r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": false}}"#,
         rootfs.display()
@@ -105,16 +108,22 @@ fn the_go_sdk_sequence_configures_and_boots_the_guest() {
     assert!(cmdline.contains("root=/dev/vda rw"), "{cmdline}");
     assert_eq!(
         cmdline.matches("virtio_mmio.device=").count(),
-        2,
-        "{cmdline}"
+        3,
+        "disk, interface, entropy: {cmdline}"
     );
     let mem = vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("mem_kib="));
     let kib: u64 = mem["mem_kib=".len()..].parse().unwrap();
     assert!((250 * 1024..=256 * 1024).contains(&kib), "{mem}");
     vm.expect_line(GUEST_TIMEOUT, |l| l == "cpus_up=2");
+    let rng = vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("rng="));
+    assert!(
+        rng.starts_with("rng=16:") && rng.len() == "rng=16:".len() + 32,
+        "{rng}"
+    );
     vm.expect_line(GUEST_TIMEOUT, |l| l == "action=halt");
     assert_eq!(call(&socket, "GET", "/", "").json()["state"], "Running");
     let config = call(&socket, "GET", "/vm/config", "").json();
+    assert_eq!(config["entropy"]["rate_limiter"]["ops"]["size"], 100);
     assert_eq!(config["drives"][0]["drive_id"], "rootfs");
     assert_eq!(config["network-interfaces"][0]["iface_id"], "eth0");
     assert_eq!(config["machine-config"]["vcpu_count"], 2);
@@ -179,12 +188,12 @@ fn a_config_file_boots_at_once_and_the_socket_keeps_serving() {
 /// A section ember lacks is refused, naming it, and nothing boots.
 #[test]
 fn a_config_file_with_an_unsupported_section_is_refused_clearly() {
-    let dir = scratch("entropy");
+    let dir = scratch("balloon");
     let socket = dir.join("api.sock");
     let file = dir.join("config.json");
     let config = serde_json::json!({
         "boot-source": {"kernel_image_path": "/nonexistent"},
-        "entropy": {"rate_limiter": null},
+        "balloon": {"amount_mib": 1, "deflate_on_oom": false},
     });
     std::fs::write(&file, config.to_string()).unwrap();
     let args = [
@@ -197,7 +206,7 @@ fn a_config_file_with_an_unsupported_section_is_refused_clearly() {
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
     assert_eq!(
         out.stderr.trim(),
-        "ember: entropy is not supported by ember"
+        "ember: balloon is not supported by ember"
     );
     assert!(!socket.exists());
     std::fs::write(
@@ -346,7 +355,8 @@ fn bad_input_is_refused_and_the_vm_keeps_running() {
         r#"{"guest_cid": 3, "uds_path": "/v"}"#,
     )
     .assert_fault(400, "before InstanceStart");
-    call(&socket, "PUT", "/entropy", "{}").assert_fault(400, "entropy");
+    call(&socket, "PUT", "/entropy", "{}").assert_fault(400, "before InstanceStart");
+    call(&socket, "PUT", "/balloon", "{}").assert_fault(400, "balloon");
     call(
         &socket,
         "PUT",

@@ -1,7 +1,7 @@
 //! A hostile guest against every device ember exposes (docs/test-guest.md, "Hostile mode"):
 //! the test guest's `guest.action=hostile` attacks the ports, the MMIO windows and the virtqueues
-//! of one writable disk and one network interface for 30 s while the host side sends it large
-//! UDP datagrams. ember must not crash or hang (the guest reaches `hostile=done`, resets, and
+//! of one writable disk, one network interface and the entropy device for 30 s while the host
+//! side sends it large UDP datagrams. ember must not crash or hang (the guest reaches `hostile=done`, resets, and
 //! ember exits 0), its memory (VmRSS) and open descriptors must not grow, its rate-limited
 //! guest-error log must stay small, and after the attack both devices must still serve the
 //! guest's proper driver (a disk write, flush and read; an ARP exchange). A second run keeps the
@@ -172,6 +172,8 @@ fn setup(tag: &str, seed: u64, arg: &str) -> (NetNs, Image, std::process::Comman
         // The io_uring engine: requests in flight while the guest resets, aliases and floods.
         .arg(format!("path={},engine=io_uring", image.0.display()))
         .args(["--net", &format!("tap=tap0,mac={GUEST_MAC}")])
+        // The entropy device: its queue and registers are attacked as every virtio device's.
+        .arg("--entropy")
         .arg("--cmdline")
         .arg(format!("guest.action=hostile guest.hostile={arg}"));
     (ns, image, command)
@@ -197,7 +199,7 @@ fn expect_start(vm: &mut Ember, params: &str) {
     let line = vm.expect_line(GUEST_TIMEOUT, |l| l.starts_with("guest: hostile"));
     assert_eq!(
         line,
-        format!("guest: hostile seed={params} devices=2 blk=1 net=1 area={AREA}"),
+        format!("guest: hostile seed={params} devices=3 blk=1 net=1 area={AREA}"),
         "the guest found the disk and the network interface"
     );
 }

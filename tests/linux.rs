@@ -1,9 +1,10 @@
 //! Real Linux kernels under ember: ours (ELF via PVH, and bzImage via the 64-bit protocol) and
 //! Debian's stock cloud kernel print the command line and e820 map ember gave them and find both
 //! vCPUs in the ACPI MADT (ours also finds the MP table, but with ACPI it takes the MADT);
-//! the PVM-quirks kernel reaches busybox init and powers off. On a host with hardware KVM (no
-//! `kvm_pvm`), the normal kernel also boots to userspace; on a PVM host, where it cannot, ember
-//! says so and names the pvm build. A test the host cannot run prints `SKIPPED <test>: <why>`.
+//! the PVM-quirks kernel reaches busybox init and powers off; Linux binds vmgenid, the GED and
+//! virtio-rng, and each clone of a snapshot takes the GED interrupt. On a host with hardware
+//! KVM (no `kvm_pvm`), the normal kernel also boots to userspace; on a PVM host, where it
+//! cannot, ember says so and names the pvm build. A test the host cannot run prints `SKIPPED <test>: <why>`.
 //!
 //! The guests come from `resources/` (built once, cached in `~/.cache/ember`, rebuilt when
 //! their inputs change). Linux runs under instruction emulation on PVM hosts, so one boot keeps
@@ -505,6 +506,24 @@ impl Console {
         self.input.write_all(text.as_bytes()).unwrap();
     }
 
+    /// The first output line (not the shell's echo of a command) that starts with `prefix`,
+    /// without it.
+    fn value(&self, timeout: Duration, prefix: &str) -> String {
+        let start = std::time::Instant::now();
+        let mut seen = Vec::new();
+        loop {
+            let left = timeout.saturating_sub(start.elapsed());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line[prefix.len()..].to_owned(),
+                Ok(line) => seen.push(line),
+                Err(e) => panic!(
+                    "no {prefix:?} line ({e}); last lines {:?}",
+                    seen.iter().rev().take(20).collect::<Vec<_>>()
+                ),
+            }
+        }
+    }
+
     fn expect(&self, timeout: Duration, wanted: &str) -> Duration {
         let start = std::time::Instant::now();
         let mut seen = Vec::new();
@@ -570,6 +589,82 @@ fn linux_booted_once_runs_commands_right_after_a_restore() {
             took.as_millis()
         );
         vm.stop();
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// What a Linux guest says of its identity: the GED interrupts it took, the random bytes it
+/// read from the virtio-rng device (`/dev/hwrng`), and the ACPI errors it logged.
+fn identity_of(console: &mut Console) -> (String, String, String) {
+    console.send(concat!(
+        "echo \"ged=$(grep Ged /proc/interrupts | tr -s ' ' | cut -d' ' -f3)\";",
+        " echo \"hwrng=$(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n')\";",
+        " echo \"acpi-errors=$(dmesg | grep -c -e AE_ -e 'ACPI Error')\"\n",
+    ));
+    let timeout = Duration::from_secs(120);
+    let ged = console.value(timeout, "ged=");
+    let hwrng = console.value(timeout, "hwrng=");
+    let errors = console.value(timeout, "acpi-errors=");
+    (ged, hwrng, errors)
+}
+
+/// Linux binds its `vmgenid` driver to the DSDT's VGEN device, its GED driver to the event
+/// device, and `hw_random` to virtio-rng; each clone restored from a snapshot takes the GED's
+/// interrupt once (its `_EVT` notifies VGEN, and the driver reads the new ID) and reads random
+/// bytes of its own.
+#[test]
+fn linux_binds_vmgenid_and_virtio_rng_and_each_clone_is_notified() {
+    if !kvm_available() {
+        return;
+    }
+    let (kernel, cmdline) = userspace_kernel();
+    let initrd = artifact("build-rootfs.sh", &[], "initramfs.cpio");
+    let _turn = take_turn();
+    let mut config = ember::VmConfig::new(&kernel);
+    config.initrd = Some(initrd);
+    config.cmdline = format!("{cmdline} ember.shell");
+    config.console = ember::ConsoleConfig::Pipe;
+    config.memory_mib = 256;
+    config.entropy = Some(ember::EntropyConfig::default());
+    let mut vm = ember::Vm::start(&config).unwrap();
+    let mut console = Console::of(&mut vm);
+    console.expect(Duration::from_secs(300), "EMBER-GUEST-READY");
+    console.send(concat!(
+        "echo \"bound=$(ls /sys/bus/acpi/drivers/vmgenid | grep -c VMGENCTR)",
+        " $(cat /sys/class/misc/hw_random/rng_current)\"\n",
+    ));
+    assert_eq!(
+        console.value(Duration::from_secs(120), "bound="),
+        "1 virtio_rng.0"
+    );
+    let (ged, booted_random, errors) = identity_of(&mut console);
+    assert_eq!((ged.as_str(), errors.as_str()), ("0", "0"));
+    assert_eq!(booted_random.len(), 32, "{booted_random}");
+    vm.pause().unwrap();
+    let dir = std::env::temp_dir().join(format!("ember-linux-id-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let paths = ember::vmm::persist::SnapshotPaths::in_dir(&dir);
+    vm.snapshot(&config, &paths).unwrap();
+    vm.stop();
+
+    let mut randoms = std::collections::HashSet::from([booted_random]);
+    for _ in 0..2 {
+        let (mut clone, _) = ember::Vm::restore(
+            &paths,
+            |c| {
+                c.console = ember::ConsoleConfig::Pipe;
+                Ok(())
+            },
+            true,
+        )
+        .unwrap();
+        let mut console = Console::of(&mut clone);
+        let (ged, random, errors) = identity_of(&mut console);
+        assert_eq!(ged, "1", "the clone took the GED's interrupt once");
+        assert_eq!(errors, "0", "no ACPI error evaluating _EVT");
+        assert!(randoms.insert(random.clone()), "{random} read before");
+        clone.stop();
     }
     let _ = std::fs::remove_dir_all(dir);
 }

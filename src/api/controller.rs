@@ -132,6 +132,9 @@ impl<L: Launcher> Controller<L> {
         if let Some(vsock) = &file.vsock {
             self.put_vsock(vsock).map_err(fault)?;
         }
+        if let Some(entropy) = &file.entropy {
+            self.put_entropy(entropy).map_err(fault)?;
+        }
         self.instance_start().map(drop).map_err(fault)
     }
 
@@ -175,6 +178,7 @@ impl<L: Launcher> Controller<L> {
             ApiRequest::PutLogger(l) => self.put_logger(&l),
             ApiRequest::PutMetrics(m) => self.put_metrics(&m),
             ApiRequest::PutVsock(v) => self.put_vsock(&v),
+            ApiRequest::PutEntropy(e) => self.put_entropy(&e),
             ApiRequest::Action(ActionType::InstanceStart) => self.instance_start(),
             ApiRequest::CreateSnapshot(create) => self.create_snapshot(&create),
             ApiRequest::LoadSnapshot(load) => self.load_snapshot(&load),
@@ -360,6 +364,19 @@ impl<L: Launcher> Controller<L> {
         candidate.vsock = Some(device.clone());
         check_devices(&candidate)?;
         this.config.vsock = Some(device);
+        Ok(ApiResponse::no_content())
+    }
+
+    /// The entropy device, replacing one configured before (Firecracker's rule for `PUT`).
+    fn put_entropy(
+        &mut self,
+        entropy: &crate::config::EntropyConfig,
+    ) -> Result<ApiResponse, ApiResponse> {
+        let this = self.before_boot()?;
+        let mut candidate = this.config.clone();
+        candidate.entropy = Some(entropy.clone());
+        check_devices(&candidate)?;
+        this.config.entropy = Some(entropy.clone());
         Ok(ApiResponse::no_content())
     }
 

@@ -478,3 +478,27 @@ fn diff_snapshots_follow_track_dirty_pages_from_machine_config_or_load() {
         assert_eq!(status == 204, tracks, "{load}");
     }
 }
+
+#[test]
+fn entropy_is_put_before_boot_shown_in_the_config_and_refused_after() {
+    let mut c = controller();
+    configure(&mut c);
+    assert_fault(&call(&mut c, "PUT", "/entropy", r#"{"rate": 1}"#), "rate");
+    let limited = r#"{"rate_limiter": {"bandwidth": {"size": 1024, "refill_time": 100}}}"#;
+    assert_eq!(call(&mut c, "PUT", "/entropy", limited).status, 204);
+    let config = body(&call(&mut c, "GET", "/vm/config", ""));
+    assert_eq!(config["entropy"]["rate_limiter"]["bandwidth"]["size"], 1024);
+    // A second PUT replaces the first, as for every device.
+    assert_eq!(call(&mut c, "PUT", "/entropy", "{}").status, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(call(&mut c, "PUT", "/actions", start).status, 204);
+    let started = &c.launcher.started[0];
+    assert_eq!(
+        started.entropy,
+        Some(crate::config::EntropyConfig::default())
+    );
+    assert_fault(
+        &call(&mut c, "PUT", "/entropy", "{}"),
+        "before InstanceStart",
+    );
+}

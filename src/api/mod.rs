@@ -133,6 +133,8 @@ pub enum ApiRequest {
     GetVmConfig,
     /// `PUT /vsock`.
     PutVsock(model::Vsock),
+    /// `PUT /entropy`.
+    PutEntropy(crate::config::EntropyConfig),
     /// `PUT /snapshot/create`.
     CreateSnapshot(snapshot_model::SnapshotCreate),
     /// `PUT /snapshot/load`.

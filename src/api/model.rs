@@ -520,9 +520,9 @@ pub struct FullConfig {
     /// virtio-vsock.
     #[serde(default)]
     pub vsock: Option<Vsock>,
-    /// Not supported.
+    /// virtio-rng (`PUT /entropy`): `{}` or `{"rate_limiter": ...}` adds it.
     #[serde(default)]
-    pub entropy: Option<Value>,
+    pub entropy: Option<crate::config::EntropyConfig>,
     /// Not supported.
     #[serde(rename = "mmds-config", default)]
     pub mmds_config: Option<Value>,
@@ -544,7 +544,6 @@ impl FullConfig {
     /// Refuses any section ember does not support.
     pub fn check_unsupported(&self) -> Result<(), Refused> {
         unsupported("balloon", &self.balloon)?;
-        unsupported("entropy", &self.entropy)?;
         unsupported("mmds-config", &self.mmds_config)?;
         unsupported("cpu-config", &self.cpu_config)?;
         unsupported("pmem", &self.pmem)?;
@@ -570,6 +569,7 @@ impl FullConfig {
                 uds_path: v.uds_path.clone(),
                 vsock_id: None,
             }),
+            entropy: config.entropy.clone(),
             ..FullConfig::default()
         }
     }
@@ -642,10 +642,10 @@ mod tests {
         let c: FullConfig =
             serde_json::from_str(r#"{"vsock": null, "balloon": {}, "pmem": []}"#).unwrap();
         c.check_unsupported().unwrap();
-        let c: FullConfig = serde_json::from_str(r#"{"entropy": {"rate_limiter": null}}"#).unwrap();
+        let c: FullConfig = serde_json::from_str(r#"{"balloon": {"amount_mib": 1}}"#).unwrap();
         assert_eq!(
             c.check_unsupported().unwrap_err().0,
-            "entropy is not supported by ember"
+            "balloon is not supported by ember"
         );
         assert!(serde_json::from_str::<FullConfig>(r#"{"bogus": null}"#).is_err());
     }

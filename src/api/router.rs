@@ -9,7 +9,6 @@ use super::{ApiRequest, ApiResponse};
 /// Firecracker endpoints ember does not implement: refused by name, never silently accepted.
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("/balloon", "the balloon device"),
-    ("/entropy", "the entropy device"),
     ("/mmds", "MMDS"),
     ("/cpu-config", "CPU templates"),
     ("/pmem", "pmem devices"),
@@ -99,6 +98,7 @@ pub fn route(method: &str, target: &str, payload: &[u8]) -> Result<ApiRequest, A
         ("PATCH", "vm", "") => ApiRequest::PatchVm(body::<model::Vm>(payload)?.state),
         ("GET", "vm", "config") => no_body(payload, ApiRequest::GetVmConfig)?,
         ("PUT", "vsock", "") => ApiRequest::PutVsock(body(payload)?),
+        ("PUT", "entropy", "") => ApiRequest::PutEntropy(body(payload)?),
         ("PUT", "snapshot", "create") => ApiRequest::CreateSnapshot(body(payload)?),
         ("PUT", "snapshot", "load") => ApiRequest::LoadSnapshot(body(payload)?),
         ("PUT", "migration", "send") => ApiRequest::SendMigration(body(payload)?),

@@ -30,6 +30,8 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// Parsed once per process: the size of `ember run`'s options does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a kernel in a new microVM, its serial console on this terminal.

@@ -120,6 +120,19 @@ pub struct RunArgs {
     #[arg(long, value_parser = parse_vsock, value_name = "SPEC")]
     pub vsock: Option<ember::config::VsockConfig>,
 
+    /// A virtio-rng device: random bytes from the host for the guest's generator (Linux's
+    /// virtio-rng driver). `--entropy` is unlimited; `--entropy=bw=SIZE/MS[/BURST],ops=..`
+    /// limits its bytes and requests, as for --disk.
+    #[arg(
+        long,
+        value_parser = parse_entropy,
+        value_name = "LIMITS",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = ""
+    )]
+    pub entropy: Option<ember::config::EntropyConfig>,
+
     /// Enable the boot timer (Firecracker-compatible): a guest write of 123 to 0xC000_0000 logs
     /// the time since ember started (at --log-level info).
     #[arg(long)]
@@ -201,6 +214,10 @@ fn parse_serial(value: &str) -> Result<ConsoleConfig, String> {
 }
 
 fn parse_vsock(value: &str) -> Result<ember::config::VsockConfig, String> {
+    value.parse()
+}
+
+fn parse_entropy(value: &str) -> Result<ember::config::EntropyConfig, String> {
     value.parse()
 }
 
@@ -313,6 +330,7 @@ impl RunArgs {
             .map(NetSpec::to_config)
             .collect::<Result<_, _>>()?;
         config.vsock = self.vsock.clone();
+        config.entropy = self.entropy.clone();
         config.boot_timer = self.boot_timer;
         config.track_dirty_pages = self.track_dirty_pages;
         config.seccomp = self.seccomp == Switch::On;
@@ -521,6 +539,29 @@ mod tests {
         assert!(parse_disk("readonly=on").is_err());
         assert!(parse_disk("path=/img,ro").is_err());
         assert!(parse_disk("path=/img,readonly=maybe").is_err());
+    }
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        use clap::Parser;
+        let argv = [&["ember", "run", "--kernel", "/k"], args].concat();
+        match crate::cli::Cli::try_parse_from(argv)?.command {
+            crate::cli::Command::Run(run) => Ok(run),
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn entropy_takes_no_value_or_limits_after_an_equals_sign() {
+        assert_eq!(run_args(&[]).unwrap().entropy, None);
+        let plain = run_args(&["--entropy", "--cpus", "2"]).unwrap();
+        assert_eq!(plain.entropy, Some(ember::EntropyConfig::default()));
+        assert_eq!(plain.cpus, 2);
+        let limited = run_args(&["--entropy=bw=4096/100"])
+            .unwrap()
+            .entropy
+            .unwrap();
+        assert_eq!(limited.rate_limiter.unwrap().bandwidth.unwrap().size, 4096);
+        assert!(run_args(&["--entropy=speed=1"]).is_err());
     }
 
     #[test]

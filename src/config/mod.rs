@@ -1,5 +1,6 @@
 //! What a VM is made of: plain data, checked by [`VmConfig::validate`] before anything is built.
 
+mod entropy;
 mod net;
 mod rate_limiter;
 mod vsock;
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
+pub use entropy::EntropyConfig;
 pub use net::{MAX_NET_ID_LEN, MAX_TAP_NAME_LEN, MacAddr, MacParseError, NetConfig};
 pub use rate_limiter::{IoEngine, RateLimiterConfig, TokenBucketConfig, parse_bucket};
 pub use vsock::VsockConfig;
@@ -169,6 +171,9 @@ pub struct VmConfig {
     /// virtio-vsock with its host side on a Unix socket.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// virtio-rng: random bytes from the host for the guest's generator.
+    #[serde(default)]
+    pub entropy: Option<EntropyConfig>,
     /// The Firecracker-compatible boot timer at 0xC000_0000.
     #[serde(default)]
     pub boot_timer: bool,
@@ -231,6 +236,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            entropy: None,
             boot_timer: false,
             seccomp: true,
             shared_memory: false,
@@ -290,7 +296,7 @@ impl VmConfig {
         if self.cmdline.len() >= CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
         }
-        let devices = self.disks.len() + self.nets.len() + usize::from(self.vsock.is_some());
+        let devices = self.virtio_devices();
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -329,7 +335,18 @@ impl VmConfig {
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
         }
+        if let Some(entropy) = &self.entropy {
+            entropy.validate()?;
+        }
         Ok(())
+    }
+
+    /// How many virtio-mmio slots the VM uses: disks, network interfaces, vsock, entropy.
+    pub fn virtio_devices(&self) -> usize {
+        self.disks.len()
+            + self.nets.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.entropy.is_some())
     }
 }
 

@@ -2,6 +2,7 @@
 //! `EventFd`) and its backend, which keeps each one testable without a VM.
 
 pub mod bus;
+pub mod entropy;
 pub mod legacy;
 pub mod pseudo;
 pub mod state;

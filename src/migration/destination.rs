@@ -143,7 +143,7 @@ fn take_vm(
     let snapshot: VmSnapshot = crate::snapshot::decode(&state)
         .map_err(|e| ProtocolError::Payload(format!("state: {e}")))?;
     let mut shaped = builder::shape(&config, GuestRam::Given(guest, Some(taps)))?;
-    builder::restore(&mut shaped, &snapshot)?;
+    builder::restore(&mut shaped, &snapshot, builder::Identity::Keep)?;
     let mut handle = builder::run(shaped, &config, true)?;
     protocol::write_message(channel, Kind::Restored, &[])?;
     // The source may still give up here (then it runs the VM on): only `Go` hands it over.

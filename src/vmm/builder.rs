@@ -15,7 +15,7 @@ use linux_loader::cmdline::Cmdline;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::console::Console;
-use super::devices::{DeviceManager, VSOCK_ID, VirtioEntry, VirtioKind, lock};
+use super::devices::{DeviceManager, ENTROPY_ID, VSOCK_ID, VirtioEntry, VirtioKind, lock};
 use super::event_loop::{self, Subscriber};
 use super::exit::ExitState;
 use super::metrics::MetricsFile;
@@ -31,6 +31,7 @@ use crate::devices::bus::Buses;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, DiskFile};
 use crate::devices::virtio::net::{Net, Tap};
+use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::exit::ExitReason;
 use crate::loader::{self, LoadedKernel};
@@ -175,6 +176,11 @@ pub fn shape(config: &VmConfig, ram: GuestRam<'_>) -> Result<Shaped, StartError>
         };
         devices.push((VSOCK_ID.to_owned(), kind, Box::new(vsock)));
     }
+    if let Some(entropy) = &config.entropy {
+        let rng = Rng::new(entropy.rate_limiter.as_ref())?;
+        let kind = VirtioKind::Rng(rng.counters());
+        devices.push((ENTROPY_ID.to_owned(), kind, Box::new(rng)));
+    }
     let disk_configs = disk_configs.chain(std::iter::repeat(None));
     for ((slot, (id, kind, device)), disk) in devices.into_iter().enumerate().zip(disk_configs) {
         let transport = virtio::attach(device, slot, &vm, &memory, &mut buses, &mut subscribers)?;
@@ -220,6 +226,7 @@ pub fn open_taps(config: &VmConfig) -> Result<Vec<Tap>, StartError> {
 /// boot state (the boot vCPU at the kernel's entry point).
 pub fn boot(shaped: &mut Shaped, config: &VmConfig) -> Result<(), StartError> {
     let kernel = load_kernel_and_tables(config, &shaped.memory)?;
+    lock(&shaped.devices.vmgenid).write(&shaped.memory)?;
     shaped.timeline.mark(Phase::KernelLoaded);
     if let (Some(from), Some(to)) = (
         shaped.timeline.get(Phase::DevicesReady),
@@ -242,9 +249,14 @@ pub fn boot(shaped: &mut Shaped, config: &VmConfig) -> Result<(), StartError> {
 
 /// Stage 2 for a restore: the snapshot's state applied to a VM of its shape (built by [`shape`]
 /// from `snapshot.config`, with guest memory mapped from the snapshot's memory file). Order:
-/// the VM's clock, every vCPU, then the devices; each part checks its state before it changes
-/// anything, and any failure leaves a VM that is dropped, never run.
-pub fn restore(shaped: &mut Shaped, snapshot: &VmSnapshot) -> Result<(), PersistError> {
+/// the VM's clock, every vCPU, then the devices, then (for a clone) a new VM generation ID;
+/// each part checks its state before it changes anything, and any failure leaves a VM that is
+/// dropped, never run.
+pub fn restore(
+    shaped: &mut Shaped,
+    snapshot: &VmSnapshot,
+    identity: Identity,
+) -> Result<(), PersistError> {
     if snapshot.vcpus.len() != shaped.vcpus.len() {
         return Err(PersistError::Shape(format!(
             "{} vCPU states for {} vCPUs",
@@ -276,7 +288,21 @@ pub fn restore(shaped: &mut Shaped, snapshot: &VmSnapshot) -> Result<(), Persist
     for (entry, (_, state)) in devices.virtio.iter().zip(&snapshot.virtio) {
         entry.lock().restore(state)?;
     }
+    // Last, once the I/O APIC routes the event interrupt again: a clone's guest must not go on
+    // with the snapshot's random state. The interrupt waits in the LAPIC until a vCPU runs.
+    if identity == Identity::Renew {
+        lock(&devices.vmgenid).regenerate(&shaped.memory)?;
+    }
     Ok(())
+}
+
+/// Whether a restored VM is a new one or the same one moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Identity {
+    /// A clone from a snapshot (maybe one of many): a new VM generation ID.
+    Renew,
+    /// The VM itself, migrated: it keeps its generation ID (nothing was duplicated).
+    Keep,
 }
 
 /// Stage 3: filters, one thread per vCPU, then the event loop; the VM runs (or, with `paused`,
@@ -429,8 +455,7 @@ fn load_kernel_and_tables(
             .insert_str(config.cmdline.trim())
             .map_err(StartError::Cmdline)?;
     }
-    let virtio_devices =
-        config.disks.len() + config.nets.len() + usize::from(config.vsock.is_some());
+    let virtio_devices = config.virtio_devices();
     virtio::add_to_cmdline(&mut cmdline, virtio_devices)?;
     let cmdline = cmdline.as_cstring().map_err(StartError::Cmdline)?;
     let cmdline_bytes = cmdline.as_bytes_with_nul();

@@ -5,17 +5,18 @@
 //! them to act (Ctrl-Alt-Del, a disk swap) and, later, save and restore their state. The ids are
 //! what the API, snapshots and migration name devices by: `serial0`, `i8042`, `ioapic`,
 //! `debug_port`, `boot_timer`, each disk's id (`rootfs` for `--rootfs`) and each network
-//! interface's id, and `vsock`.
+//! interface's id, `vsock` and `entropy`.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::devices::legacy::serial::SerialCounters;
 use crate::devices::legacy::{I8042, IoApic, SerialDevice};
-use crate::devices::pseudo::BootTimer;
 use crate::devices::pseudo::debug_port::{DebugCodes, DebugPort};
+use crate::devices::pseudo::{BootTimer, VmGenId};
 use crate::devices::virtio::block::BlockCounters;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::NetCounters;
+use crate::devices::virtio::rng::RngCounters;
 use crate::devices::virtio::vsock::VsockCounters;
 
 /// Id of COM1.
@@ -28,6 +29,8 @@ pub const IOAPIC_ID: &str = "ioapic";
 pub const DEBUG_PORT_ID: &str = "debug_port";
 /// Id of the vsock device.
 pub const VSOCK_ID: &str = "vsock";
+/// Id of the entropy device (virtio-rng).
+pub const ENTROPY_ID: &str = "entropy";
 /// Id of the boot timer.
 pub const BOOT_TIMER_ID: &str = "boot_timer";
 
@@ -50,6 +53,8 @@ pub enum VirtioKind {
         /// Its counters.
         counters: Arc<VsockCounters>,
     },
+    /// virtio-rng.
+    Rng(Arc<RngCounters>),
 }
 
 /// One virtio-mmio slot.
@@ -91,7 +96,9 @@ pub struct DeviceManager {
     pub debug_codes: DebugCodes,
     /// The boot timer, when configured.
     pub boot_timer: Option<Arc<Mutex<BootTimer>>>,
-    /// virtio devices, in slot order (disks first, then network interfaces, then vsock).
+    /// The VM generation ID (in guest memory; renewed by a restore).
+    pub vmgenid: Mutex<VmGenId>,
+    /// virtio devices, in slot order (disks first, then network interfaces, then vsock, then entropy).
     pub virtio: Vec<VirtioEntry>,
 }
 

@@ -67,6 +67,25 @@ pub struct NetMetrics {
     pub guest_errors: u64,
 }
 
+/// The entropy device's counters (Firecracker's `entropy` object).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct EntropyMetrics {
+    /// Requests refused (not a chain of writable buffers inside guest memory).
+    pub entropy_event_fails: u64,
+    /// Requests served.
+    pub entropy_event_count: u64,
+    /// Random bytes given to the guest.
+    pub entropy_bytes: u64,
+    /// Requests the host's generator could not serve.
+    pub host_rng_fails: u64,
+    /// Requests the rate limiter held back.
+    pub entropy_rate_limiter_throttled: u64,
+    /// Times the rate limiter's timer resumed the queue.
+    pub rate_limiter_event_count: u64,
+    /// Register and queue mistakes the guest made on the transport.
+    pub guest_errors: u64,
+}
+
 /// COM1's counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct SerialMetrics {
@@ -114,6 +133,8 @@ pub struct Metrics {
     pub block: BTreeMap<String, BlockMetrics>,
     /// Network interfaces by id.
     pub net: BTreeMap<String, NetMetrics>,
+    /// The entropy device, if the VM has one.
+    pub entropy: Option<EntropyMetrics>,
     /// COM1 (`serial0`).
     pub uart: SerialMetrics,
     /// Refused I/O APIC register accesses.
@@ -179,6 +200,17 @@ impl Metrics {
                     };
                     metrics.net.insert(entry.id.clone(), net);
                 }
+                VirtioKind::Rng(c) => {
+                    metrics.entropy = Some(EntropyMetrics {
+                        entropy_event_fails: load(&c.bad_requests),
+                        entropy_event_count: load(&c.requests),
+                        entropy_bytes: load(&c.bytes),
+                        host_rng_fails: load(&c.host_rng_fails),
+                        entropy_rate_limiter_throttled: load(&c.throttled),
+                        rate_limiter_event_count: load(&c.timer_events),
+                        guest_errors,
+                    });
+                }
                 // Not in the metrics file yet: its counters are on the device manager.
                 VirtioKind::Vsock { .. } => {}
             }
@@ -216,6 +248,9 @@ impl Metrics {
         }
         for (id, net) in &self.net {
             object.insert(format!("net_{id}"), json!(net));
+        }
+        if let Some(entropy) = &self.entropy {
+            object.insert("entropy".into(), json!(entropy));
         }
         object.insert("uart".into(), json!(self.uart));
         object.insert(
@@ -303,7 +338,17 @@ mod tests {
                 ..Default::default()
             },
         ];
+        assert!(
+            metrics.to_json().get("entropy").is_none(),
+            "no device, no object"
+        );
+        metrics.entropy = Some(EntropyMetrics {
+            entropy_bytes: 64,
+            ..Default::default()
+        });
         let json = metrics.to_json();
+        assert_eq!(json["entropy"]["entropy_bytes"], 64);
+        assert_eq!(json["entropy"]["entropy_rate_limiter_throttled"], 0);
         assert_eq!(json["block_rootfs"]["read_bytes"], 4096);
         assert_eq!(json["vcpu"]["exit_io_out"], 5);
         assert_eq!(json["vcpus"][1]["exit_io_out"], 3);

@@ -218,14 +218,19 @@ impl VmHandle {
         was_paused: bool,
     ) -> MigrationError {
         outgoing.connection.shutdown();
-        if let Some(running) = self.running.as_ref() {
+        if let Some(running) = self.running.as_mut() {
             for entry in running.devices.virtio.iter().filter(|e| e.disk.is_some()) {
                 if let Err(why) = reclaim_disk(&mut entry.lock()) {
                     log::warn!("migration: cannot lock disk {} again: {why}", entry.id);
                 }
             }
             if outgoing.log.is_some() {
-                let _ = running.vm.set_dirty_log(&running.memory, false);
+                if running.tracking {
+                    // Pre-copy took the pages a Diff snapshot would need: the next one holds all.
+                    running.untaken = Some(DirtyPages::all(&running.memory));
+                } else {
+                    let _ = running.vm.set_dirty_log(&running.memory, false);
+                }
             }
         }
         if !was_paused {

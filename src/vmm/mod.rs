@@ -67,6 +67,9 @@ pub enum StartError {
     /// The ACPI tables.
     #[error(transparent)]
     Acpi(#[from] crate::arch::x86_64::acpi::AcpiError),
+    /// The VM generation ID.
+    #[error(transparent)]
+    VmGenId(#[from] crate::devices::pseudo::vmgenid::VmGenIdError),
     /// Writing boot data into guest memory.
     #[error("cannot write the {0} into guest memory")]
     GuestMemory(&'static str),
@@ -88,6 +91,9 @@ pub enum StartError {
     /// A TAP device.
     #[error(transparent)]
     Tap(#[from] crate::devices::virtio::net::TapError),
+    /// The entropy device.
+    #[error(transparent)]
+    Rng(#[from] crate::devices::virtio::rng::RngError),
     /// The vsock device's socket.
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
@@ -416,7 +422,7 @@ impl VmHandle {
                 .iter()
                 .filter_map(|v| match &v.kind {
                     VirtioKind::Net { tap, counters } => Some((tap.clone(), counters.snapshot())),
-                    VirtioKind::Block(_) | VirtioKind::Vsock { .. } => None,
+                    VirtioKind::Block(_) | VirtioKind::Vsock { .. } | VirtioKind::Rng(_) => None,
                 })
                 .collect(),
             None => self

@@ -120,6 +120,9 @@ pub enum PersistError {
     /// A device's state.
     #[error(transparent)]
     Device(#[from] crate::devices::StateError),
+    /// The clone's new VM generation ID.
+    #[error(transparent)]
+    VmGenId(#[from] crate::devices::pseudo::vmgenid::VmGenIdError),
     /// The snapshot file.
     #[error(transparent)]
     Format(#[from] crate::snapshot::SnapshotError),

@@ -1,6 +1,6 @@
 //! The platform devices every VM has: the I/O APIC, COM1, the i8042 (reset line and keyboard),
-//! the ACPI sleep registers (power-off), the port-0x80 debug port and, when asked for, the boot
-//! timer; on the buses, in the device manager, and served by the
+//! the ACPI sleep registers (power-off), the VM generation ID with its event interrupt, the
+//! port-0x80 debug port and, when asked for, the boot timer; on the buses, in the device manager, and served by the
 //! event loop where they take host input.
 
 use std::sync::{Arc, Mutex};
@@ -14,14 +14,14 @@ use super::event_loop::{ConsoleInput, Subscriber};
 use super::exit::ExitState;
 use crate::arch::x86_64::ioapic_id;
 use crate::arch::x86_64::layout::{
-    ACPI_SLEEP_CONTROL_PORT, BOOT_TIMER_START, COM1_IRQ, COM1_PORT, DEBUG_PORT, I8042_DATA_PORT,
-    I8042_KBD_IRQ, IOAPIC_START,
+    ACPI_SLEEP_CONTROL_PORT, BOOT_TIMER_START, COM1_IRQ, COM1_PORT, DEBUG_PORT, GED_IRQ,
+    I8042_DATA_PORT, I8042_KBD_IRQ, IOAPIC_START, VMGENID_START,
 };
 use crate::config::VmConfig;
 use crate::devices::bus::Buses;
 use crate::devices::legacy::{AcpiPm, I8042, IoApic, SerialDevice};
 use crate::devices::pseudo::debug_port::DebugCodes;
-use crate::devices::pseudo::{BootTimer, DebugPort};
+use crate::devices::pseudo::{BootTimer, DebugPort, VmGenId};
 use crate::exit::ExitReason;
 use crate::timing::Timeline;
 use crate::vstate::vm::Vm;
@@ -34,6 +34,7 @@ pub struct Platform {
     debug_port: Arc<Mutex<DebugPort>>,
     debug_codes: DebugCodes,
     boot_timer: Option<Arc<Mutex<BootTimer>>>,
+    vmgenid: Mutex<VmGenId>,
 }
 
 impl Platform {
@@ -48,6 +49,7 @@ impl Platform {
             debug_port: self.debug_port,
             debug_codes: self.debug_codes,
             boot_timer: self.boot_timer,
+            vmgenid: self.vmgenid,
             virtio,
         }
     }
@@ -128,6 +130,13 @@ pub fn create(
     } else {
         None
     };
+    // Always there, as on Firecracker: a boot costs one getrandom and one irqfd.
+    let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::Eventfd)?;
+    vm.register_irqfd(&ged_irq, GED_IRQ)?;
+    let vmgenid = Mutex::new(VmGenId::new(
+        vm_memory::GuestAddress(VMGENID_START),
+        ged_irq,
+    )?);
     let debug_codes = DebugCodes::default();
     let debug_port = Arc::new(Mutex::new(DebugPort::new(debug_codes.clone())));
     buses
@@ -140,6 +149,7 @@ pub fn create(
         debug_port,
         debug_codes,
         boot_timer,
+        vmgenid,
     };
     Ok((platform, ends.embedder))
 }

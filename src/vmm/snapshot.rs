@@ -166,7 +166,7 @@ impl VmHandle {
         adjust(&mut config).map_err(RestoreError::Refused)?;
         let memory = persist::open_memory_file(&paths.memory)?;
         let mut shaped = builder::shape(&config, builder::GuestRam::File(&memory))?;
-        builder::restore(&mut shaped, &snapshot)?;
+        builder::restore(&mut shaped, &snapshot, builder::Identity::Renew)?;
         let handle = builder::run(shaped, &config, !resume)?;
         Ok((handle, config))
     }

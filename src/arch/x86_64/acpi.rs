@@ -10,7 +10,8 @@
 
 use crate::guest_memory::GuestMemoryMmap;
 use acpi_tables::aml::{
-    Device, EISAName, IO, Interrupt, Memory32Fixed, Name, Package, ResourceTemplate,
+    Arg, Device, EISAName, Equal, IO, If, Interrupt, Memory32Fixed, Method, Name, Notify, Package,
+    Path, ResourceTemplate, Return,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -24,7 +25,8 @@ use super::addr32;
 use super::ioapic_id;
 use super::layout::{
     ACPI_END, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_START, APIC_START, COM1_IRQ,
-    COM1_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_KBD_IRQ, IOAPIC_START,
+    COM1_PORT, GED_IRQ, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_KBD_IRQ, IOAPIC_START,
+    VMGENID_START,
 };
 use crate::devices::legacy::acpi_pm::S5_SLEEP_TYPE;
 
@@ -154,8 +156,57 @@ fn dsdt(virtio: &[(u64, u32)]) -> Sdt {
         )
         .to_aml_bytes(&mut aml);
     }
+    vmgenid(&mut aml);
     dsdt.append_slice(&aml);
     dsdt
+}
+
+/// The VM generation ID device and the generic event device that notifies it.
+///
+/// `VGEN` is what Linux's `vmgenid` driver binds to (it matches `VMGENCTR` or
+/// `VM_GEN_COUNTER`) and evaluates `ADDR` on: a package of the ID's address, low then high 32
+/// bits. A hardware-reduced platform has no GPE block for the notification, so it comes as
+/// Firecracker sends it: the GED (`ACPI0013`) owns an interrupt, and Linux's GED driver runs
+/// `_EVT` with the interrupt's number when it fires, which notifies `VGEN` (the driver then
+/// reads the new ID).
+fn vmgenid(aml: &mut Vec<u8>) {
+    let low = addr32(VMGENID_START);
+    let high = u32::try_from(VMGENID_START >> 32).unwrap_or(0);
+    Device::new(
+        "_SB_.VGEN".into(),
+        vec![
+            &Name::new("_HID".into(), &"VMGENCTR"),
+            &Name::new("_CID".into(), &"VM_GEN_COUNTER"),
+            &Name::new("_DDN".into(), &"VM_Gen_Counter"),
+            &Method::new(
+                "ADDR".into(),
+                0,
+                false,
+                vec![&Return::new(&Package::new(vec![&low, &high]))],
+            ),
+        ],
+    )
+    .to_aml_bytes(aml);
+    let interrupt = Interrupt::new(true, true, false, false, GED_IRQ);
+    let vgen = Path::new("\\_SB_.VGEN");
+    Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &Name::new("_HID".into(), &"ACPI0013"),
+            &Name::new("_UID".into(), &0u8),
+            &Name::new("_CRS".into(), &ResourceTemplate::new(vec![&interrupt])),
+            &Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![&If::new(
+                    &Equal::new(&Arg(0), &GED_IRQ),
+                    vec![&Notify::new(&vgen, &0x80u8)],
+                )],
+            ),
+        ],
+    )
+    .to_aml_bytes(aml);
 }
 
 /// A virtio-mmio device's register window.
@@ -362,6 +413,37 @@ mod tests {
             has(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x01, 0, 0, 0]),
             "keyboard on IRQ 1"
         );
+    }
+
+    #[test]
+    fn dsdt_describes_the_vm_generation_id_and_the_event_device_that_notifies_it() {
+        let (bytes, rsdp) = build(1, &[]).unwrap();
+        let dsdt = table_at(&bytes, u64_at(fadt_of(&bytes, rsdp), 140));
+        assert_eq!(sum(dsdt), 0);
+        let body = &dsdt[36..];
+        let find = |needle: &[u8]| body.windows(needle.len()).position(|w| w == needle);
+        let string = |s: &str| [&[0x0d], s.as_bytes(), &[0]].concat();
+        for name in ["VMGENCTR", "VM_GEN_COUNTER", "VM_Gen_Counter", "ACPI0013"] {
+            assert!(find(&string(name)).is_some(), "{name}");
+        }
+        // NameOp _HID StringPrefix "VMGENCTR", inside Device(VGEN) (ExtOpPrefix DeviceOp).
+        let vgen = find(b"VGEN").unwrap();
+        assert_eq!(body[vgen - 5..vgen], *b"._SB_", "DualNamePrefix _SB_ VGEN");
+        assert!(find(&[[0x08].as_slice(), b"_HID", &string("VMGENCTR")].concat()).is_some());
+        // Method ADDR, no arguments: Return (Package (2) { DWordPrefix low, Zero }).
+        let addr = find(b"ADDR").unwrap();
+        assert_eq!(body[addr + 4], 0, "ADDR takes no arguments");
+        let low = u32::try_from(VMGENID_START).unwrap().to_le_bytes();
+        let ret = [
+            0xa4, 0x12, 0x08, 0x02, 0x0c, low[0], low[1], low[2], low[3], 0x00,
+        ];
+        assert_eq!(body[addr + 5..addr + 5 + ret.len()], ret);
+        // The GED's interrupt (extended descriptor, GSI 3) and its _EVT: If (Arg0 == 3)
+        // Notify (\_SB_.VGEN, 0x80).
+        assert!(find(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x03, 0, 0, 0]).is_some());
+        let notify = [[0x86, b'\\', 0x2e].as_slice(), b"_SB_VGEN", &[0x0a, 0x80]].concat();
+        assert!(find(&notify).is_some(), "Notify(\\_SB_.VGEN, 0x80)");
+        assert!(find(&[0x93, 0x68, 0x0a, 0x03]).is_some(), "LEqual(Arg0, 3)");
     }
 
     #[test]

@@ -31,8 +31,12 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables (RSDP first found by a scan, then XSDT, FADT, MADT, DSDT), in the BIOS area.
 pub const ACPI_START: u64 = 0xe0000;
-/// End of the ACPI tables' slot (exclusive): the MP table follows.
-pub const ACPI_END: u64 = MPTABLE_START;
+/// End of the ACPI tables' slot (exclusive): the VM generation ID follows.
+pub const ACPI_END: u64 = VMGENID_START;
+/// The VM generation ID (16 bytes, `devices/pseudo/vmgenid.rs`), on a page of its own in the
+/// e820-reserved BIOS area: guest memory (so snapshots carry it) the guest's allocator never
+/// hands out. The DSDT's `VGEN` device gives this address to the guest.
+pub const VMGENID_START: u64 = 0xef000;
 /// MP floating pointer and table, in the BIOS area where Linux scans for them.
 pub const MPTABLE_START: u64 = 0xf0000;
 /// End of the BIOS area (exclusive).
@@ -72,6 +76,9 @@ pub const I8042_COMMAND_PORT: u16 = 0x64;
 
 /// I/O APIC input pins: GSIs 0-23, reserved for ember's I/O APIC in KVM's split irqchip.
 pub const IOAPIC_PINS: u8 = 24;
+/// The ACPI generic event device's interrupt (GSI), which tells the guest its VM generation ID
+/// changed: COM2's ISA line, free on ember (there is no COM2, and virtio lines start at 5).
+pub const GED_IRQ: u32 = 3;
 /// i8042 keyboard interrupt (IOAPIC pin and GSI), as on a PC.
 pub const I8042_KBD_IRQ: u32 = 1;
 /// Hardware-reduced ACPI sleep control register (the FADT's SLEEP_CONTROL_REG); the sleep status

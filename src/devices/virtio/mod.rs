@@ -10,6 +10,7 @@ pub mod drain;
 pub mod mmio;
 pub mod net;
 pub mod rate_limiter;
+pub mod rng;
 pub mod state;
 pub mod vsock;
 

@@ -7,6 +7,7 @@ use virtio_queue::Queue;
 
 pub use super::block::BlockState;
 pub use super::net::NetState;
+pub use super::rng::RngState;
 
 /// One virtqueue: virtio-queue's `QueueState`, field for field.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +90,8 @@ pub enum VirtioDeviceState {
     Block(BlockState),
     /// virtio-net.
     Net(NetState),
+    /// virtio-rng.
+    Rng(RngState),
 }
 
 impl VirtioDeviceState {
@@ -98,6 +101,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::None => "a stateless device",
             VirtioDeviceState::Block(_) => "virtio-blk",
             VirtioDeviceState::Net(_) => "virtio-net",
+            VirtioDeviceState::Rng(_) => "virtio-rng",
         }
     }
 }

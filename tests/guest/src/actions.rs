@@ -1,7 +1,7 @@
 //! What the guest does after its reports: the port/MMIO operations of the command line, then the
 //! final action (reset, triple fault, halt, the interrupt-driven serial echo, the network
-//! responder, the hostile mode followed by a reset, an ACPI power-off, or waiting for
-//! Ctrl-Alt-Del and then powering off).
+//! responder, the hostile mode followed by a reset, an ACPI power-off, waiting for
+//! Ctrl-Alt-Del and then powering off, or reporting the VM's identity as it changes).
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -9,7 +9,7 @@ use crate::bootinfo::BootInfo;
 use crate::cmdline::{self, Action, Op};
 use crate::net::{self, Nets};
 use crate::serial::{self, Hex};
-use crate::{apic, cpu, hostile, idt, report, shutdown};
+use crate::{apic, cpu, hostile, identity, idt, report, shutdown};
 
 /// Where `guest.action=count` keeps its counter: a u64 in low RAM the VMM does not use, read by
 /// the host through the embedding API.
@@ -45,7 +45,13 @@ pub fn run_ops(cmdline: &[u8]) {
 
 /// Reports `action=` and carries the action out (`nets`: the net devices, for the responder;
 /// `boot`: the memory map and command line, for the hostile mode).
-pub fn run(action: Action, bsp_id: u8, mut nets: Nets, boot: &BootInfo) -> ! {
+pub fn run(
+    action: Action,
+    bsp_id: u8,
+    mut nets: Nets,
+    rng: Option<identity::Rng>,
+    boot: &BootInfo,
+) -> ! {
     report!("action=", action.name());
     match action {
         Action::Reset => cpu::reset(),
@@ -61,6 +67,7 @@ pub fn run(action: Action, bsp_id: u8, mut nets: Nets, boot: &BootInfo) -> ! {
         Action::Dirty => dirty(boot),
         Action::PowerOff => shutdown::poweroff(),
         Action::CtrlAltDel => shutdown::wait_then_poweroff(),
+        Action::Identity => identity::run(boot, bsp_id, rng),
     }
 }
 

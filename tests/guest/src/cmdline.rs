@@ -22,6 +22,8 @@ pub enum Action {
     PowerOff,
     /// Wait for Ctrl-Alt-Del on the i8042 keyboard, then power off (`shutdown.rs`).
     CtrlAltDel,
+    /// Report the VM generation ID, then wait for its change notifications (`identity.rs`).
+    Identity,
 }
 
 impl Action {
@@ -38,6 +40,7 @@ impl Action {
             Action::Dirty => "dirty",
             Action::PowerOff => "poweroff",
             Action::CtrlAltDel => "ctrl-alt-del",
+            Action::Identity => "identity",
         }
     }
 
@@ -53,6 +56,7 @@ impl Action {
             Action::Dirty,
             Action::PowerOff,
             Action::CtrlAltDel,
+            Action::Identity,
         ]
         .into_iter()
         .find(|a| a.name().as_bytes() == word)
@@ -106,6 +110,15 @@ pub fn dirty_rate(cmdline: &[u8]) -> u64 {
         }
     }
     rate
+}
+
+/// The value of the last `key=value` word with this key.
+pub fn value<'a>(cmdline: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    words(cmdline)
+        .filter_map(key_value)
+        .filter(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+        .last()
 }
 
 /// Calls `f` with every operation, in command-line order.

@@ -1,6 +1,7 @@
 //! The interrupt descriptor table: the 32 exception vectors report `guest: panic` and halt (#UD
 //! first checks whether it is ring 3 coming back, see user.rs), one vector serves the serial IRQ
-//! (echo mode), one the virtio-mmio IRQs, one the LAPIC timer tick, one is the LAPIC's spurious
+//! (echo mode), one the virtio-mmio IRQs, one the LAPIC timer tick, one the ACPI GED's IRQ (a
+//! new VM generation ID), one is the LAPIC's spurious
 //! vector. Every other vector is not present, so raising it ends up as a reported `#GP`/`#NP`.
 
 use core::arch::{asm, global_asm};
@@ -14,6 +15,8 @@ pub const SERIAL_VECTOR: u8 = 0x30;
 pub const VIRTIO_VECTOR: u8 = 0x31;
 /// Vector of the LAPIC timer tick that wakes `hlt` loops waiting with a timeout.
 pub const TICK_VECTOR: u8 = 0x32;
+/// Vector of the ACPI generic event device's interrupt (a new VM generation ID).
+pub const GED_VECTOR: u8 = 0x33;
 /// The local APIC's spurious-interrupt vector (needs no EOI).
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
@@ -29,6 +32,7 @@ unsafe extern "C" {
     fn irq_serial_stub();
     fn irq_virtio_stub();
     fn irq_tick_stub();
+    fn irq_ged_stub();
     fn irq_spurious_stub();
 }
 
@@ -79,6 +83,7 @@ global_asm!(
     irq_stub irq_serial_stub, {serial_irq}
     irq_stub irq_virtio_stub, {virtio_irq}
     irq_stub irq_tick_stub, {tick_irq}
+    irq_stub irq_ged_stub, {ged_irq}
 
     irq_spurious_stub:
     iretq
@@ -96,6 +101,7 @@ global_asm!(
     serial_irq = sym crate::actions::on_serial_irq,
     virtio_irq = sym crate::virtio::on_irq,
     tick_irq = sym on_tick,
+    ged_irq = sym crate::identity::on_ged_irq,
     options(att_syntax)
 );
 
@@ -123,6 +129,7 @@ pub fn init() {
     set_gate(SERIAL_VECTOR, irq_serial_stub as *const () as u64);
     set_gate(VIRTIO_VECTOR, irq_virtio_stub as *const () as u64);
     set_gate(TICK_VECTOR, irq_tick_stub as *const () as u64);
+    set_gate(GED_VECTOR, irq_ged_stub as *const () as u64);
     set_gate(SPURIOUS_VECTOR, irq_spurious_stub as *const () as u64);
     // #UD is also how ring 3 comes back (user.rs).
     set_gate(6, crate::user::user_ud_entry as *const () as u64);

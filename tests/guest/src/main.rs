@@ -25,6 +25,7 @@ mod cpu;
 mod data;
 mod entry;
 mod hostile;
+mod identity;
 mod idt;
 mod mem;
 mod minimal;
@@ -98,11 +99,12 @@ extern "C" fn rust_main(protocol: u32, info: u64) -> ! {
     actions::run_ops(boot.cmdline());
     blk::run(&boot, bsp_id);
     let nets = net::run(&boot, bsp_id, action == Ok(cmdline::Action::Net));
+    let rng = identity::setup(&boot, bsp_id, action.ok());
     let action = action.unwrap_or_else(|bad| {
         report!("guest: bad guest.action ", bad, ", using reset");
         cmdline::Action::Reset
     });
-    actions::run(action, bsp_id, nets, &boot)
+    actions::run(action, bsp_id, nets, rng, &boot)
 }
 
 #[panic_handler]

@@ -86,6 +86,18 @@ pub struct Hex16(pub u64);
 /// A number written in decimal.
 pub struct Dec(pub u64);
 
+/// Bytes written as two lowercase hex digits each, without prefix or separator.
+pub struct HexBytes<'a>(pub &'a [u8]);
+
+impl Put for HexBytes<'_> {
+    fn put(&self) {
+        for &b in self.0 {
+            put_byte(b"0123456789abcdef"[(b >> 4) as usize]);
+            put_byte(b"0123456789abcdef"[(b & 0xf) as usize]);
+        }
+    }
+}
+
 impl Put for Hex {
     fn put(&self) {
         put_bytes(b"0x");

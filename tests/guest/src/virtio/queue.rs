@@ -41,6 +41,8 @@ pub struct Queue {
     /// Heads put in the avail ring after `avail_idx` but not yet published.
     staged: u16,
     last_used: u16,
+    /// Length the device reported for the last chain taken by [`Queue::submit`].
+    last_len: u32,
 }
 
 /// How a request ended.
@@ -118,6 +120,7 @@ impl Queue {
             avail_idx: 0,
             staged: 0,
             last_used: 0,
+            last_len: 0,
         })
     }
 
@@ -259,6 +262,11 @@ impl Queue {
         }
     }
 
+    /// Bytes the device said it wrote into the last chain [`Queue::submit`] waited for.
+    pub fn last_len(&self) -> u32 {
+        self.last_len
+    }
+
     fn used_idx(&self) -> u16 {
         // SAFETY: the used ring lives in our queue area.
         unsafe { get(self.used + 2) }
@@ -267,7 +275,8 @@ impl Queue {
     /// Takes the next used element and returns its descriptor id; re-arms `used_event` for the
     /// element after it.
     fn pop_used(&mut self) -> u32 {
-        let (id, _) = self.used_elem(0);
+        let (id, len) = self.used_elem(0);
+        self.last_len = len;
         self.last_used = self.last_used.wrapping_add(1);
         // SAFETY: the rings live in our queue area.
         unsafe { put(self.avail + 4 + 2 * self.size as u64, self.last_used) };
