@@ -130,7 +130,11 @@ fn map_file(mib: u64, file: &std::fs::File, flags: i32) -> Result<GuestMemoryMma
     let mut regions = Vec::with_capacity(ranges.len());
     let mut offset = 0u64;
     for (start, size) in ranges {
-        let region = MmapRegionBuilder::new(size)
+        // With a bitmap as long as the region: `MmapRegionBuilder::new` gives an empty one,
+        // which would drop every record of ember's own writes (Diff snapshots, migrations).
+        let bitmap =
+            <vm_memory::bitmap::AtomicBitmap as vm_memory::bitmap::NewBitmap>::with_len(size);
+        let region = MmapRegionBuilder::new_with_bitmap(size, bitmap)
             .with_file_offset(FileOffset::from_arc(file.clone(), offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
@@ -295,6 +299,38 @@ pub fn overhead_kib(mem: &GuestMemoryMmap, smaps: &std::fs::File) -> std::io::Re
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_kind_of_guest_memory_records_ember_s_writes() {
+        use crate::guest_memory::DirtyPages;
+        use vm_memory::{Bytes, GuestAddress};
+        let file = tempfile(2 << 20);
+        let kinds = [
+            super::create_guest_memory(2).unwrap(),
+            super::create_shared_guest_memory(2).unwrap(),
+            super::map_guest_memory_file(2, &file).unwrap(),
+        ];
+        for mem in kinds {
+            DirtyPages::clear_vmm_writes(&mem);
+            mem.write_slice(&[1; 8], GuestAddress(0x3000)).unwrap();
+            let written = DirtyPages::take_vmm_writes(&mem);
+            assert_eq!(written.runs(), vec![(0x3000, 0x1000)]);
+        }
+    }
+
+    fn tempfile(len: u64) -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("ember-memfile-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(len).unwrap();
+        let _ = std::fs::remove_file(&path);
+        file
+    }
+
     use super::*;
 
     /// The smaps tests measure the whole process: tests that map memory wait for each other.
