@@ -82,6 +82,16 @@ fn take_vm(
             "a VM with a vsock device cannot migrate yet".into(),
         ));
     }
+    let kvm = crate::vstate::kvm::KvmContext::open(&config.kvm_device)
+        .map_err(crate::vmm::StartError::from)?;
+    if config.vcpus > kvm.max_vcpus() {
+        return Err(MigrationError::Unsupported(format!(
+            "the VM has {} vCPUs, this host's KVM takes at most {}",
+            config.vcpus,
+            kvm.max_vcpus()
+        )));
+    }
+    drop(kvm);
     for disk in &config.disks {
         std::fs::metadata(&disk.path).map_err(|source| MigrationError::Disk {
             id: disk.device_id(),
