@@ -120,25 +120,21 @@ fn take_vm(
         .filter_map(|(tap, net)| Some((duplicate(tap.as_raw_fd())?, net.mac())))
         .collect();
     protocol::write_message(channel, Kind::Ready, &[])?;
-    let mut payload = Vec::new();
     let state = loop {
-        let kind = protocol::read_message_into(channel, &mut payload)?;
-        let message = protocol::Message {
-            kind,
-            payload: std::mem::take(&mut payload),
-        };
-        match message.kind {
+        let mut header = [0u8; HEADER_LEN];
+        channel.read_exact(&mut header).map_err(ProtocolError::Io)?;
+        let (kind, len, crc) = protocol::parse_header(&header)?;
+        match kind {
             Kind::Pages if hello.memory_fd => {
                 return Err(ProtocolError::Payload("pages in local mode".into()).into());
             }
             Kind::Pages => {
-                write_pages(&guest, &message.payload)?;
-                status.update(|s| s.bytes_sent += message.payload.len() as u64);
-                payload = message.payload;
+                receive_pages(channel, &guest, len, crc)?;
+                status.update(|s| s.bytes_sent += u64::from(len));
             }
-            Kind::State => break message.payload,
+            Kind::State => break read_payload(channel, len, crc)?,
             Kind::Failed | Kind::Refused => {
-                let reason = protocol::reason_text(&message.payload);
+                let reason = protocol::reason_text(&read_payload(channel, len, crc)?);
                 return Err(ProtocolError::Refused(reason).into());
             }
             got => {
@@ -188,6 +184,63 @@ fn read_hello(channel: &mut Channel) -> Result<(protocol::Hello, Option<File>), 
         return Err(ProtocolError::Checksum.into());
     }
     Ok((protocol::decode_hello(&payload)?, fd))
+}
+
+/// The payload of a message whose header said `len` and `crc`, checked.
+fn read_payload(input: &mut impl Read, len: u32, crc: u32) -> Result<Vec<u8>, MigrationError> {
+    let mut payload = vec![0u8; len as usize];
+    input.read_exact(&mut payload).map_err(ProtocolError::Io)?;
+    if crc32fast::hash(&payload) != crc {
+        return Err(ProtocolError::Checksum.into());
+    }
+    Ok(payload)
+}
+
+/// Takes a pages message of `len` bytes (its header read) straight into guest memory, run by
+/// run: each run's header is checked (its bytes must lie in one region of guest RAM) before
+/// its data is read into place, and the checksum over the whole payload at the end. A bad run
+/// or checksum ends the migration; what was written before it lies in memory that never runs.
+pub fn receive_pages(
+    input: &mut impl Read,
+    guest: &GuestMemoryMmap,
+    len: u32,
+    crc: u32,
+) -> Result<(), MigrationError> {
+    use vm_memory::GuestMemoryBackend;
+    let mut left = len as usize;
+    let mut hasher = crc32fast::Hasher::new();
+    while left > 0 {
+        let mut head = [0u8; protocol::RUN_HEADER_LEN];
+        if left < head.len() {
+            return Err(ProtocolError::Payload("a page run header is cut short".into()).into());
+        }
+        input.read_exact(&mut head).map_err(ProtocolError::Io)?;
+        hasher.update(&head);
+        left -= head.len();
+        let (addr, run) = protocol::parse_run_header(&head);
+        if run == 0 || run > left {
+            return Err(ProtocolError::Payload(format!(
+                "a page run of {run} bytes does not fit its message"
+            ))
+            .into());
+        }
+        let slice = guest.get_slice(GuestAddress(addr), run).map_err(|_| {
+            ProtocolError::Payload(format!(
+                "a page run at {addr:#x} of {run} bytes is outside guest memory"
+            ))
+        })?;
+        let guard = slice.ptr_guard_mut();
+        // SAFETY: `slice` is `run` bytes of guest RAM, mapped while `guest` lives; the VM that
+        // will run on it is not built yet, so nothing else reads or writes these bytes now.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), run) };
+        input.read_exact(bytes).map_err(ProtocolError::Io)?;
+        hasher.update(bytes);
+        left -= run;
+    }
+    if hasher.finalize() != crc {
+        return Err(ProtocolError::Checksum.into());
+    }
+    Ok(())
 }
 
 /// Applies a pages message: every run must lie in guest RAM, or none of it is written.
@@ -268,6 +321,35 @@ mod tests {
         write_pages(&guest, &payload[..16]).unwrap();
         guest.read_slice(&mut first, GuestAddress(0x1000)).unwrap();
         assert_eq!(&first, b"good");
+    }
+
+    #[test]
+    fn pages_stream_into_guest_memory_and_bad_runs_or_checksums_are_refused() {
+        let guest = memory::create_guest_memory(2).unwrap();
+        let mut payload = Vec::new();
+        protocol::push_run_header(&mut payload, 0x2000, 4);
+        payload.extend_from_slice(b"page");
+        let len = u32::try_from(payload.len()).unwrap();
+        let crc = crc32fast::hash(&payload);
+        receive_pages(&mut payload.as_slice(), &guest, len, crc).unwrap();
+        let mut got = [0u8; 4];
+        guest.read_slice(&mut got, GuestAddress(0x2000)).unwrap();
+        assert_eq!(&got, b"page");
+        assert!(matches!(
+            receive_pages(&mut payload.as_slice(), &guest, len, crc ^ 1),
+            Err(MigrationError::Protocol(ProtocolError::Checksum))
+        ));
+        let mut outside = Vec::new();
+        protocol::push_run_header(&mut outside, (2 << 20) - 2, 4);
+        outside.extend_from_slice(b"over");
+        let (len, crc) = (
+            u32::try_from(outside.len()).unwrap(),
+            crc32fast::hash(&outside),
+        );
+        assert!(receive_pages(&mut outside.as_slice(), &guest, len, crc).is_err());
+        // A run longer than its message, and a message cut short.
+        assert!(receive_pages(&mut payload.as_slice(), &guest, 14, crc).is_err());
+        assert!(receive_pages(&mut &payload[..10], &guest, len, crc).is_err());
     }
 
     #[test]

@@ -272,6 +272,15 @@ pub fn push_run_header(payload: &mut Vec<u8>, addr: u64, len: u32) {
     payload.extend_from_slice(&len.to_le_bytes());
 }
 
+/// A run header's guest-physical address and length.
+pub fn parse_run_header(head: &[u8; RUN_HEADER_LEN]) -> (u64, usize) {
+    let mut addr = [0u8; 8];
+    addr.copy_from_slice(&head[0..8]);
+    let mut len = [0u8; 4];
+    len.copy_from_slice(&head[8..12]);
+    (u64::from_le_bytes(addr), u32::from_le_bytes(len) as usize)
+}
+
 /// Splits a pages payload into its runs; a run header that overruns the payload, or an
 /// empty run, makes the whole payload invalid (nothing of it is applied).
 pub fn parse_runs(payload: &[u8]) -> Result<Vec<Run<'_>>, ProtocolError> {
