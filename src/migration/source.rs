@@ -82,6 +82,7 @@ pub(crate) fn start_precopy(
     log: Option<DirtyLog>,
     params: SendParams,
     status: SharedStatus,
+    filter: Option<crate::sandbox::seccomp::ThreadFilter>,
 ) -> std::io::Result<Outgoing> {
     let done = EventFd::new(libc::EFD_NONBLOCK)?;
     let cancel = Arc::new(AtomicBool::new(false));
@@ -94,6 +95,13 @@ pub(crate) fn start_precopy(
     let thread = std::thread::Builder::new()
         .name("ember-migrate".into())
         .spawn(move || {
+            // First thing: what the destination answers is untrusted input.
+            if let Some(filter) = filter {
+                if let Err(e) = crate::sandbox::seccomp::apply(&filter) {
+                    let _ = thread_done.write(1);
+                    return Err(MigrationError::Unsupported(e.to_string()));
+                }
+            }
             let result = match thread_log {
                 Some(log) => precopy(
                     channel,

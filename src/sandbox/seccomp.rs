@@ -12,14 +12,17 @@ use seccompiler::{
 };
 
 use super::sigsys;
-use kvm_numbers::{KVM_GET_REGS, KVM_KVMCLOCK_CTRL, KVM_RUN, KVM_SET_GSI_ROUTING};
+use kvm_numbers::{
+    KVM_GET_DIRTY_LOG, KVM_GET_REGS, KVM_KVMCLOCK_CTRL, KVM_RUN, KVM_SET_GSI_ROUTING,
+};
 
 /// The KVM ioctl numbers the vCPU filter allows (kvm-ioctls keeps its own private).
 mod kvm_numbers {
-    use kvm_bindings::{KVMIO, kvm_irq_routing, kvm_regs};
+    use kvm_bindings::{KVMIO, kvm_dirty_log, kvm_irq_routing, kvm_regs};
     use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
 
     ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+    ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
     ioctl_io_nr!(KVM_KVMCLOCK_CTRL, KVMIO, 0xad);
     ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
     ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
@@ -73,16 +76,20 @@ pub enum ThreadKind {
     /// `ember-api`: the API socket's connections (accept, non-blocking reads and writes,
     /// poll) and the eventfd and channel to the VMM thread. Opens and creates nothing.
     Api,
+    /// `ember-migrate`: a migration's pre-copy: guest memory read and sent on a connection
+    /// already open, KVM's dirty log taken, the VMM thread woken. Opens and creates nothing.
+    Migrate,
 }
 
 impl ThreadKind {
     /// Every kind. build.rs compiles a filter for each at build time; the table it generates
     /// matches on the kind, so a kind missing here fails the build.
-    pub const ALL: [ThreadKind; 4] = [
+    pub const ALL: [ThreadKind; 5] = [
         ThreadKind::Vcpu,
         ThreadKind::Events,
         ThreadKind::Main,
         ThreadKind::Api,
+        ThreadKind::Migrate,
     ];
 }
 
@@ -253,6 +260,15 @@ fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
             // UnixStream::set_nonblocking on each accepted connection.
             rules.push(with_arg(kind, libc::SYS_ioctl, 1, &[libc::FIONBIO])?);
         }
+        ThreadKind::Migrate => {
+            rules.extend(any(&[
+                libc::SYS_read,
+                libc::SYS_recvfrom,
+                // std's streams write with send(MSG_NOSIGNAL).
+                libc::SYS_sendto,
+            ]));
+            rules.push(with_arg(kind, libc::SYS_ioctl, 1, &[KVM_GET_DIRTY_LOG()])?);
+        }
     }
     Ok(rules)
 }
@@ -398,12 +414,7 @@ mod tests {
 
     #[test]
     fn every_filter_compiles() {
-        for kind in [
-            ThreadKind::Vcpu,
-            ThreadKind::Events,
-            ThreadKind::Main,
-            ThreadKind::Api,
-        ] {
+        for kind in ThreadKind::ALL {
             assert!(!filter(kind).unwrap().is_empty(), "{kind:?}");
         }
     }

@@ -11,6 +11,8 @@ use crate::guest_memory::DirtyPages;
 use crate::migration::{
     MigrationError, MigrationState, MigrationStatus, SendParams, SharedStatus, source,
 };
+use crate::sandbox::ThreadKind;
+use crate::sandbox::seccomp::ThreadFilter;
 
 impl VmHandle {
     /// Starts migrating the VM (built from `config`) to `params.url`: connects, has the
@@ -71,9 +73,20 @@ impl VmHandle {
             DirtyPages::clear_vmm_writes(&running.memory);
             Some(running.vm.dirty_log())
         };
-        let outgoing =
-            source::start_precopy(channel, running.memory.clone(), log, params, status.clone())
-                .map_err(|e| fail(&status, MigrationError::Unsupported(e.to_string())));
+        let filter = config
+            .seccomp
+            .then(|| ThreadFilter::new(ThreadKind::Migrate, None))
+            .transpose()
+            .map_err(|e| fail(&status, MigrationError::Unsupported(e.to_string())))?;
+        let outgoing = source::start_precopy(
+            channel,
+            running.memory.clone(),
+            log,
+            params,
+            status.clone(),
+            filter,
+        )
+        .map_err(|e| fail(&status, MigrationError::Unsupported(e.to_string())));
         match outgoing {
             Ok(outgoing) => {
                 self.migration = Some(outgoing);
