@@ -129,6 +129,30 @@ fn poll_in(fd: RawFd) -> libc::pollfd {
     }
 }
 
+/// How long a source keeps answering the API once its VM migrated away.
+const MIGRATED_LINGER: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Serves the API for `how_long` more (the VM has ended).
+fn linger(
+    vmm: &ember::api::VmmEnd,
+    controller: &mut Controller<CliLauncher>,
+    how_long: std::time::Duration,
+) {
+    let deadline = std::time::Instant::now() + how_long;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let mut fd = poll_in(vmm.ready_fd());
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+        // SAFETY: one valid pollfd on a descriptor that lives through the call.
+        if unsafe { libc::poll(&raw mut fd, 1, ms) } > 0 {
+            vmm.serve(|request| controller.handle(request));
+        }
+    }
+}
+
 /// Runs `ember run` with the API; returns the process exit code. Errors are printed here (one
 /// line), since they are not the library's start errors.
 pub fn run(args: &RunArgs, socket: &Path) -> Result<i32, ember::StartError> {
@@ -214,7 +238,12 @@ fn run_inner(args: &RunArgs, socket: &Path) -> Result<i32, String> {
         }
         if fds[2].revents != 0 {
             if let Some(vm) = controller.vm_mut() {
-                break report(&vm.wait(), pvm_host);
+                let reason = vm.wait();
+                if reason == ExitReason::Migrated {
+                    // The one who asked (`ember ctl migrate`) reads how it went.
+                    linger(&vmm, &mut controller, MIGRATED_LINGER);
+                }
+                break report(&reason, pvm_host);
             }
         }
         if fds[1].revents != 0 {

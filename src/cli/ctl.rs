@@ -146,8 +146,14 @@ fn call(args: &CtlArgs) -> Result<Option<String>, String> {
         std::thread::sleep(Duration::from_millis(20));
         let status = match send(args, "GET", "/migration", "") {
             Ok(Some(status)) => status,
-            // The source ember exits once the VM runs at the destination.
-            Err(_) | Ok(None) => return Ok(Some("{\"state\": \"completed\"}".into())),
+            // It answers a while after the VM ran away; gone before that, it died.
+            Err(_) | Ok(None) => {
+                return Err(
+                    "the source ember exited before it reported the migration's end: check the \
+                     destination"
+                        .into(),
+                );
+            }
         };
         let json: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
         match json["state"].as_str() {
