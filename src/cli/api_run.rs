@@ -241,7 +241,7 @@ fn run_inner(args: &RunArgs, socket: &Path) -> Result<i32, String> {
                 let reason = vm.wait();
                 if reason == ExitReason::Migrated {
                     // The one who asked (`ember ctl migrate`) reads how it went.
-                    linger(&vmm, &mut controller, MIGRATED_LINGER);
+                    linger(vmm, &mut controller, MIGRATED_LINGER);
                 }
                 break report(&reason, pvm_host);
             }
