@@ -7,7 +7,8 @@
 //! - a 1 GiB guest that wrote all of its memory and dirties 10 MiB/s (`guest.action=dirty`),
 //!   over TCP and in local mode; its first pass measures TCP throughput.
 //!
-//! `cargo bench --bench migrate [-- --runs N]` (default 10). Release build.
+//! `cargo bench --bench migrate [-- --runs N] [--only TEXT]` (default 10 runs; `--only`: the
+//! scenarios whose name contains TEXT). Release build.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -149,8 +150,13 @@ fn main() {
             transport: Transport::Local,
         },
     ];
+    let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);
     println!("{runs} runs each; ms (p50 / p99); MiB sent (p50); MiB/s = bytes / total time");
-    for scenario in &scenarios {
+    let chosen = scenarios.iter().filter(|s| {
+        only.as_ref()
+            .is_none_or(|text| s.name.contains(text.as_str()))
+    });
+    for scenario in chosen {
         let results: Vec<Run> = (0..runs).map(|run| migrate_once(scenario, run)).collect();
         let ms = |f: &dyn Fn(&Run) -> Duration| {
             let samples: Vec<Duration> = results.iter().map(f).collect();

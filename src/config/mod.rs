@@ -260,6 +260,20 @@ impl VmConfig {
         config
     }
 
+    /// Resets what a configuration that came from outside (a snapshot file, a migration's
+    /// source) must not decide for this process: where the console and the metrics go, the
+    /// KVM device, the seccomp filters (on). The caller then applies its own.
+    pub fn reset_host_settings(&mut self) {
+        self.console = ConsoleConfig::None;
+        self.metrics_path = None;
+        self.kvm_device = default_kvm_device();
+        self.seccomp = true;
+        #[cfg(debug_assertions)]
+        {
+            self.seccomp_selftest = None;
+        }
+    }
+
     /// Puts each interface `id` of `overrides` on its new TAP (a restore's or a migration's
     /// network overrides); the interface keeps its id and MAC.
     pub fn override_taps(&mut self, overrides: &[(String, String)]) -> Result<(), String> {
@@ -468,6 +482,22 @@ fn check_readable_file(what: &'static str, path: &Path) -> Result<(), ConfigErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_configuration_from_outside_chooses_no_host_settings() {
+        let mut config = VmConfig::new("/k");
+        config.console = ConsoleConfig::File("/etc/passwd".into());
+        config.metrics_path = Some("/etc/shadow".into());
+        config.kvm_device = "/dev/sda".into();
+        config.seccomp = false;
+        config.vcpus = 3;
+        config.reset_host_settings();
+        assert_eq!(config.console, ConsoleConfig::None);
+        assert_eq!(config.metrics_path, None);
+        assert_eq!(config.kvm_device, PathBuf::from("/dev/kvm"));
+        assert!(config.seccomp);
+        assert_eq!(config.vcpus, 3, "the shape stays");
+    }
 
     fn config() -> VmConfig {
         // Any readable file passes validation; loading decides whether it is a kernel.

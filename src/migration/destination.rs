@@ -73,6 +73,8 @@ fn take_vm(
         return Err(MigrationError::TokenMismatch);
     }
     let mut config = hello.config;
+    // The source does not choose this process's console, files or filters.
+    config.reset_host_settings();
     adjust(&mut config).map_err(MigrationError::Unsupported)?;
     config
         .validate_shape()

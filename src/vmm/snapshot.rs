@@ -161,6 +161,8 @@ impl VmHandle {
             return Err(persist::PersistError::Unfolded.into());
         }
         let mut config = snapshot.config.clone();
+        // The file is untrusted: it does not choose this process's console, files or filters.
+        config.reset_host_settings();
         // Tracking is the restoring side's choice (Firecracker's load option), not the saved one.
         config.track_dirty_pages = false;
         adjust(&mut config).map_err(RestoreError::Refused)?;
