@@ -108,7 +108,11 @@ fn dirty(boot: &BootInfo) -> ! {
         .find(|r| r.kind == 1 && r.start <= DIRTY_BASE && DIRTY_BASE < r.start + r.size)
         .map(|r| r.start + r.size);
     let Some(end) = end.filter(|&end| end >= DIRTY_BASE + (1 << 20)) else {
-        report!("guest: no RAM at ", Hex(DIRTY_BASE), " for guest.action=dirty");
+        report!(
+            "guest: no RAM at ",
+            Hex(DIRTY_BASE),
+            " for guest.action=dirty"
+        );
         cpu::halt_forever()
     };
     report!("dirty=", crate::serial::Dec(rate));

@@ -51,6 +51,10 @@ fn parse(item: &[u8]) -> Option<Item> {
             port,
             mode: Mode::Sink,
         },
+        b"drain" => Item::Listen {
+            port,
+            mode: Mode::Drain,
+        },
         _ => return None,
     };
     fields.next().is_none().then_some(item)
@@ -102,7 +106,12 @@ pub fn run(boot: &BootInfo, dest: u8, serving: bool) -> Option<Vsock> {
         return None;
     };
     if !boot.is_ram(layout::BASE, layout::END) {
-        report!("vsock=error:no RAM at ", Hex(layout::BASE), "-", Hex(layout::END));
+        report!(
+            "vsock=error:no RAM at ",
+            Hex(layout::BASE),
+            "-",
+            Hex(layout::END)
+        );
         return None;
     }
     let mut vsock = match bring_up(mmio, dest) {
@@ -119,7 +128,11 @@ pub fn run(boot: &BootInfo, dest: u8, serving: bool) -> Option<Vsock> {
                 e.listeners[e.n_listeners] = (port, mode);
                 e.n_listeners += 1;
             } else {
-                report!("guest: more than 8 vsock listeners, port ", Dec(port.into()), " left out");
+                report!(
+                    "guest: more than 8 vsock listeners, port ",
+                    Dec(port.into()),
+                    " left out"
+                );
             }
         }
         Item::Connect { .. } => {}
@@ -242,11 +255,11 @@ impl Vsock {
         let c = *self.engine.conn(i);
         let end = match c.end {
             e if timed_out && e == End::Running as u8 => "timeout",
-            e if e == End::Done as u8 => "done",
-            e if e == End::Closed as u8 => "closed",
-            e if e == End::Refused as u8 => "refused",
-            e if e == End::Reset as u8 => "reset",
-            _ => "running",
+            e if e == End::Done as u8 => End::Done.name(),
+            e if e == End::Closed as u8 => End::Closed.name(),
+            e if e == End::Refused as u8 => End::Refused.name(),
+            e if e == End::Reset as u8 => End::Reset.name(),
+            _ => End::Running.name(),
         };
         self.engine.release(i);
         report!(
@@ -296,11 +309,16 @@ pub fn serve(vsock: Option<Vsock>) -> ! {
         cpu::halt_forever()
     };
     for &(port, mode) in &v.engine.listeners[..v.engine.n_listeners] {
-        let name = if mode == Mode::Echo { "echo" } else { "sink" };
+        let name = match mode {
+            Mode::Echo => "echo",
+            Mode::Sink => "sink",
+            _ => "drain",
+        };
         report!("vsock.listen=", Dec(port.into()), ":", name);
     }
     report!("vsock=ready");
     let mut shown = (Stats::default(), 0);
+    let mut drained = 0;
     loop {
         let mut l = Loop {
             engine: &mut v.engine,
@@ -312,6 +330,21 @@ pub fn serve(vsock: Option<Vsock>) -> ! {
         };
         user::run(serve_slice, &raw mut l as u64);
         let idle = l.idle;
+        while drained < v.engine.drained_count() {
+            if let Some(d) = v.engine.drained(drained) {
+                report!(
+                    "vsock.drain=",
+                    Dec(d.port.into()),
+                    ":",
+                    Dec(d.bytes),
+                    ":",
+                    Hex16(d.hash),
+                    ":",
+                    d.end.name()
+                );
+            }
+            drained += 1;
+        }
         let now = (v.engine.stats, v.engine.open());
         if now != shown {
             report_stats(&now.0, now.1);

@@ -25,6 +25,8 @@ pub enum Mode {
     Sink = 2,
     /// The `connect` op: sends the pattern, hashes what comes back.
     Client = 3,
+    /// Hashes it and sends nothing; the connection's end is logged ([`Engine::drained`]).
+    Drain = 4,
 }
 
 // Connection states.
@@ -53,6 +55,19 @@ pub enum End {
     Refused = 3,
     /// A transport reset dropped it.
     Reset = 4,
+}
+
+impl End {
+    /// The word reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            End::Running => "running",
+            End::Done => "done",
+            End::Closed => "closed",
+            End::Refused => "refused",
+            End::Reset => "reset",
+        }
+    }
 }
 
 /// One connection (all-zero is a free slot).
@@ -140,6 +155,18 @@ pub struct Stats {
     pub transport_resets: u64,
 }
 
+/// A drain connection that ended.
+#[derive(Clone, Copy)]
+pub struct Drained {
+    pub port: u32,
+    pub bytes: u64,
+    pub hash: u64,
+    pub end: End,
+}
+
+/// Drain connections logged for the serving loop's reports.
+const DRAIN_LOG: usize = 32;
+
 /// Most listening ports.
 pub const MAX_LISTENERS: usize = 8;
 /// Resets for packets that match no connection, waiting for a transmit slot.
@@ -160,6 +187,8 @@ pub struct Engine {
     pub n_listeners: usize,
     pub stats: Stats,
     next_port: u32,
+    drained: [Drained; DRAIN_LOG],
+    drained_n: usize,
 }
 
 impl Engine {
@@ -179,13 +208,24 @@ impl Engine {
             tx,
             ev,
             conns,
-            tx_free: if TX_SLOTS == 64 { u64::MAX } else { (1 << TX_SLOTS) - 1 },
+            tx_free: if TX_SLOTS == 64 {
+                u64::MAX
+            } else {
+                (1 << TX_SLOTS) - 1
+            },
             loose: [(0, 0); MAX_LOOSE],
             loose_n: 0,
             listeners: [(0, Mode::Echo); MAX_LISTENERS],
             n_listeners: 0,
             stats: Stats::default(),
             next_port: 49152,
+            drained: [Drained {
+                port: 0,
+                bytes: 0,
+                hash: 0,
+                end: End::Running,
+            }; DRAIN_LOG],
+            drained_n: 0,
         };
         for i in 0..RX_BUFS as u16 {
             // SAFETY: descriptor i of the receive queue's table (RX_BUFS <= its size), its
@@ -319,15 +359,43 @@ impl Engine {
     /// Every connection is gone (the device's side went away, e.g. on a snapshot restore).
     fn transport_reset(&mut self) {
         self.stats.transport_resets += 1;
-        for c in self.conns.iter_mut() {
-            if c.mode == Mode::Client as u8 && c.state != FREE {
-                c.state = FREE;
-                c.end = End::Reset as u8;
-            } else {
-                *c = FREE_CONN;
+        for i in 0..MAX_CONNS {
+            if self.conns[i].state != FREE {
+                self.finish(i, End::Reset);
             }
         }
         self.loose_n = 0;
+    }
+
+    /// Connection `i` is over: a client keeps its result, a drain connection is logged, any
+    /// other slot is freed.
+    fn finish(&mut self, i: usize, end: End) {
+        let c = &mut self.conns[i];
+        if c.mode == Mode::Client as u8 {
+            c.state = FREE;
+            c.end = end as u8;
+            return;
+        }
+        if c.mode == Mode::Drain as u8 {
+            self.drained[self.drained_n % DRAIN_LOG] = Drained {
+                port: c.local,
+                bytes: c.received,
+                hash: c.hash,
+                end,
+            };
+            self.drained_n += 1;
+        }
+        self.conns[i] = FREE_CONN;
+    }
+
+    /// The `k`-th drain connection that ended (the last [`DRAIN_LOG`] are kept).
+    pub fn drained(&self, k: usize) -> Option<Drained> {
+        (k < self.drained_n && k + DRAIN_LOG >= self.drained_n).then(|| self.drained[k % DRAIN_LOG])
+    }
+
+    /// Drain connections ended so far.
+    pub fn drained_count(&self) -> usize {
+        self.drained_n
     }
 
     fn find(&self, local: u32, peer: u32) -> Option<usize> {
@@ -372,13 +440,8 @@ impl Engine {
                 c.end = End::Refused as u8;
             }
             (hdr::OP_RST, _) => {
-                if client {
-                    c.state = FREE;
-                    let done = c.we_shut && c.received >= c.to_send;
-                    c.end = if done { End::Done } else { End::Closed } as u8;
-                } else {
-                    *c = FREE_CONN;
-                }
+                let done = c.we_shut && c.received >= c.to_send;
+                self.finish(i, if done { End::Done } else { End::Closed });
             }
             (hdr::OP_RESPONSE, CONNECTING) => c.state = OPEN,
             (hdr::OP_RW, OPEN) => self.data(i, buf + hdr::LEN as u64, h.len),
@@ -446,7 +509,7 @@ impl Engine {
                 }
                 c.len += n;
             }
-            m if m == Mode::Client as u8 => {
+            m if m == Mode::Client as u8 || m == Mode::Drain as u8 => {
                 let mut hash = c.hash;
                 for k in 0..n as u64 {
                     // SAFETY: as above.
@@ -494,12 +557,11 @@ impl Engine {
     fn service(&mut self, i: usize) -> bool {
         let mut sent = false;
         let c = &mut self.conns[i];
-        // Echo: once the peer is done sending and everything was echoed, we are done too.
-        if c.mode == Mode::Echo as u8 && c.peer_shut & hdr::SHUTDOWN_SEND != 0 && c.len == 0 {
-            if !c.we_shut {
-                c.we_shut = true;
-                c.owed |= OWE_SHUTDOWN;
-            }
+        // Echo, drain: once the peer is done sending and everything was echoed, we are done too.
+        let server = c.mode == Mode::Echo as u8 || c.mode == Mode::Drain as u8;
+        if server && c.peer_shut & hdr::SHUTDOWN_SEND != 0 && c.len == 0 && !c.we_shut {
+            c.we_shut = true;
+            c.owed |= OWE_SHUTDOWN;
         }
         // Client: everything sent and echoed back.
         if c.mode == Mode::Client as u8
@@ -536,15 +598,10 @@ impl Engine {
             if op == hdr::OP_SHUTDOWN {
                 h.flags = hdr::SHUTDOWN_RCV | hdr::SHUTDOWN_SEND;
             }
-            if op == hdr::OP_RST {
-                if c.mode == Mode::Client as u8 {
-                    c.state = FREE;
-                    c.end = End::Closed as u8;
-                } else {
-                    *c = FREE_CONN;
-                }
-            }
             self.transmit(&h, 0, 0);
+            if op == hdr::OP_RST {
+                self.finish(i, End::Closed);
+            }
             sent = true;
             if op == hdr::OP_RST {
                 return sent;

@@ -41,7 +41,8 @@ const _: () = assert!(STRIDE >= (hdr::LEN + MAX_PAYLOAD) as u64);
 const _: () = assert!(RX + RX_BUFS as u64 * STRIDE <= TX);
 const _: () = assert!(TX + TX_SLOTS as u64 * STRIDE <= CONN_BUFS);
 const _: () = assert!(PATTERN + MAX_PAYLOAD as u64 + PATTERN_PERIOD <= RX);
-const _: () = assert!(CONNS + (MAX_CONNS * core::mem::size_of::<super::engine::Conn>()) as u64 <= PATTERN);
+const _: () =
+    assert!(CONNS + (MAX_CONNS * core::mem::size_of::<super::engine::Conn>()) as u64 <= PATTERN);
 const _: () = assert!(EVENT_BUFS + 8 * EVENTS as u64 <= CONNS);
 const _: () = assert!(END <= 0x0800_0000);
 const _: () = assert!(TX_SLOTS <= 64 && RX_BUFS <= QUEUE as usize);
