@@ -21,7 +21,8 @@ use engine::{End, Engine, MAX_LISTENERS, Mode, Stats};
 const DEVICE_ID_VSOCK: u32 = 19;
 /// A client connection with no progress for this long ends as `timeout`.
 const CLIENT_TIMEOUT_US: u64 = 10_000_000;
-/// The serving loop's ring-3 slice: at most this long, and it ends after this much idleness.
+/// The serving loop's ring-3 slice: at most this long, and by default it ends after this much
+/// idleness (`guest.vsock.idle=US`).
 const SLICE_US: u64 = 500_000;
 const IDLE_US: u64 = 50_000;
 /// How long the idle server halts before it polls again (an interrupt wakes it sooner).
@@ -55,6 +56,10 @@ fn parse(item: &[u8]) -> Option<Item> {
             port,
             mode: Mode::Drain,
         },
+        b"discard" => Item::Listen {
+            port,
+            mode: Mode::Discard,
+        },
         _ => return None,
     };
     fields.next().is_none().then_some(item)
@@ -79,6 +84,8 @@ fn for_each_item(cmdline: &[u8], mut f: impl FnMut(Item)) {
 pub struct Vsock {
     engine: Engine,
     hz: u64,
+    /// Microseconds without traffic after which the server halts.
+    idle_us: u64,
 }
 
 /// Brings the device up when `guest.vsock` is given or the action is `vsock`, then runs the
@@ -114,7 +121,10 @@ pub fn run(boot: &BootInfo, dest: u8, serving: bool) -> Option<Vsock> {
         );
         return None;
     }
-    let mut vsock = match bring_up(mmio, dest) {
+    let idle_us = cmdline::value(cmdline, b"guest.vsock.idle")
+        .and_then(number)
+        .unwrap_or(IDLE_US);
+    let mut vsock = match bring_up(mmio, dest, idle_us) {
         Ok(v) => v,
         Err(why) => {
             report!("vsock=error:", why);
@@ -145,7 +155,7 @@ pub fn run(boot: &BootInfo, dest: u8, serving: bool) -> Option<Vsock> {
     Some(vsock)
 }
 
-fn bring_up(mmio: Mmio, dest: u8) -> Result<Vsock, &'static str> {
+fn bring_up(mmio: Mmio, dest: u8, idle_us: u64) -> Result<Vsock, &'static str> {
     let features = mmio.negotiate(F_EVENT_IDX)?;
     // SAFETY: the queue areas are RAM of the layout (checked by `run`), 8 KiB each, more than
     // `Queue::area_len(QUEUE)`.
@@ -167,7 +177,11 @@ fn bring_up(mmio: Mmio, dest: u8) -> Result<Vsock, &'static str> {
     cpu::disable_interrupts();
     // SAFETY: the layout is RAM (checked by `run`) that only this driver uses.
     let engine = unsafe { Engine::new(cid, rx, tx, ev) };
-    Ok(Vsock { engine, hz })
+    Ok(Vsock {
+        engine,
+        hz,
+        idle_us,
+    })
 }
 
 /// A ring-3 loop's state (shared with ring 0 through a pointer).
@@ -179,6 +193,7 @@ struct Loop<'a> {
     start: u64,
     end: u64,
     idle: bool,
+    idle_us: u64,
 }
 
 impl Loop<'_> {
@@ -215,7 +230,7 @@ extern "C" fn client_loop(arg: u64) -> u64 {
 extern "C" fn serve_slice(arg: u64) -> u64 {
     // SAFETY: `serve` passes its `Loop`, untouched until `user::run` returns.
     let l = unsafe { &mut *(arg as *mut Loop) };
-    let (slice, idle) = (l.ticks(SLICE_US), l.ticks(IDLE_US));
+    let (slice, idle) = (l.ticks(SLICE_US), l.ticks(l.idle_us));
     let start = cpu::rdtsc();
     let mut last = start;
     l.idle = false;
@@ -248,6 +263,7 @@ impl Vsock {
             start: 0,
             end: 0,
             idle: false,
+            idle_us: 0,
         };
         user::run(client_loop, &raw mut l as u64);
         let (ticks, timed_out) = (l.end - l.start, l.idle);
@@ -312,6 +328,7 @@ pub fn serve(vsock: Option<Vsock>) -> ! {
         let name = match mode {
             Mode::Echo => "echo",
             Mode::Sink => "sink",
+            Mode::Discard => "discard",
             _ => "drain",
         };
         report!("vsock.listen=", Dec(port.into()), ":", name);
@@ -327,6 +344,7 @@ pub fn serve(vsock: Option<Vsock>) -> ! {
             start: 0,
             end: 0,
             idle: false,
+            idle_us: v.idle_us,
         };
         user::run(serve_slice, &raw mut l as u64);
         let idle = l.idle;

@@ -27,6 +27,8 @@ pub enum Mode {
     Client = 3,
     /// Hashes it and sends nothing; the connection's end is logged ([`Engine::drained`]).
     Drain = 4,
+    /// As `Drain`, without the hash (for throughput: FNV-1a costs a few cycles a byte).
+    Discard = 5,
 }
 
 // Connection states.
@@ -376,7 +378,7 @@ impl Engine {
             c.end = end as u8;
             return;
         }
-        if c.mode == Mode::Drain as u8 {
+        if c.mode == Mode::Drain as u8 || c.mode == Mode::Discard as u8 {
             self.drained[self.drained_n % DRAIN_LOG] = Drained {
                 port: c.local,
                 bytes: c.received,
@@ -509,14 +511,16 @@ impl Engine {
                 }
                 c.len += n;
             }
-            m if m == Mode::Client as u8 || m == Mode::Drain as u8 => {
-                let mut hash = c.hash;
-                for k in 0..n as u64 {
-                    // SAFETY: as above.
-                    let b = unsafe { crate::virtio::get::<u8>(data + k) };
-                    hash = (hash ^ b as u64).wrapping_mul(FNV_PRIME);
+            m if m == Mode::Client as u8 || m == Mode::Drain as u8 || m == Mode::Discard as u8 => {
+                if m != Mode::Discard as u8 {
+                    let mut hash = c.hash;
+                    for k in 0..n as u64 {
+                        // SAFETY: as above.
+                        let b = unsafe { crate::virtio::get::<u8>(data + k) };
+                        hash = (hash ^ b as u64).wrapping_mul(FNV_PRIME);
+                    }
+                    c.hash = hash;
                 }
-                c.hash = hash;
                 c.received += n as u64;
                 c.fwd_cnt = c.fwd_cnt.wrapping_add(n);
                 if c.fwd_cnt.wrapping_sub(c.told_fwd) >= BUF / 2 {
@@ -558,7 +562,9 @@ impl Engine {
         let mut sent = false;
         let c = &mut self.conns[i];
         // Echo, drain: once the peer is done sending and everything was echoed, we are done too.
-        let server = c.mode == Mode::Echo as u8 || c.mode == Mode::Drain as u8;
+        let server = c.mode == Mode::Echo as u8
+            || c.mode == Mode::Drain as u8
+            || c.mode == Mode::Discard as u8;
         if server && c.peer_shut & hdr::SHUTDOWN_SEND != 0 && c.len == 0 && !c.we_shut {
             c.we_shut = true;
             c.owed |= OWE_SHUTDOWN;
