@@ -1,7 +1,8 @@
 //! What the guest does after its reports: the port/MMIO operations of the command line, then the
 //! final action (reset, triple fault, halt, the interrupt-driven serial echo, the network
 //! responder, the hostile mode followed by a reset, an ACPI power-off, waiting for
-//! Ctrl-Alt-Del and then powering off, or reporting the VM's identity as it changes).
+//! Ctrl-Alt-Del and then powering off, reporting the VM's identity as it changes, or serving
+//! vsock connections).
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -9,7 +10,7 @@ use crate::bootinfo::BootInfo;
 use crate::cmdline::{self, Action, Op};
 use crate::net::{self, Nets};
 use crate::serial::{self, Hex};
-use crate::{apic, cpu, hostile, identity, idt, report, shutdown};
+use crate::{apic, cpu, hostile, identity, idt, report, shutdown, vsock};
 
 /// Where `guest.action=count` keeps its counter: a u64 in low RAM the VMM does not use, read by
 /// the host through the embedding API.
@@ -50,6 +51,7 @@ pub fn run(
     bsp_id: u8,
     mut nets: Nets,
     rng: Option<identity::Rng>,
+    vsock: Option<vsock::Vsock>,
     boot: &BootInfo,
 ) -> ! {
     report!("action=", action.name());
@@ -68,6 +70,7 @@ pub fn run(
         Action::PowerOff => shutdown::poweroff(),
         Action::CtrlAltDel => shutdown::wait_then_poweroff(),
         Action::Identity => identity::run(boot, bsp_id, rng),
+        Action::Vsock => vsock::serve(vsock),
     }
 }
 
@@ -105,7 +108,11 @@ fn dirty(boot: &BootInfo) -> ! {
         .find(|r| r.kind == 1 && r.start <= DIRTY_BASE && DIRTY_BASE < r.start + r.size)
         .map(|r| r.start + r.size);
     let Some(end) = end.filter(|&end| end >= DIRTY_BASE + (1 << 20)) else {
-        report!("guest: no RAM at ", Hex(DIRTY_BASE), " for guest.action=dirty");
+        report!(
+            "guest: no RAM at ",
+            Hex(DIRTY_BASE),
+            " for guest.action=dirty"
+        );
         cpu::halt_forever()
     };
     report!("dirty=", crate::serial::Dec(rate));

@@ -24,6 +24,8 @@ pub enum Action {
     CtrlAltDel,
     /// Report the VM generation ID, then wait for its change notifications (`identity.rs`).
     Identity,
+    /// Serve the `guest.vsock` listeners (`vsock.rs`).
+    Vsock,
 }
 
 impl Action {
@@ -41,6 +43,7 @@ impl Action {
             Action::PowerOff => "poweroff",
             Action::CtrlAltDel => "ctrl-alt-del",
             Action::Identity => "identity",
+            Action::Vsock => "vsock",
         }
     }
 
@@ -57,6 +60,7 @@ impl Action {
             Action::PowerOff,
             Action::CtrlAltDel,
             Action::Identity,
+            Action::Vsock,
         ]
         .into_iter()
         .find(|a| a.name().as_bytes() == word)

@@ -8,7 +8,7 @@
 //! where PVM hosts run guest code natively), `actions` (ops and final action), `virtio`
 //! (virtio-mmio transport; `virtio/queue` the split queue), `blk` (virtio-blk driver,
 //! `guest.blk`), `data` (its transfer buffer), `net` (virtio-net driver, `guest.net`, the `net`
-//! responder), `hostile` (`guest.action=hostile`: attacks every device ember exposes),
+//! responder), `vsock` (virtio-vsock driver, `guest.vsock`, the `vsock` echo service), `hostile` (`guest.action=hostile`: attacks every device ember exposes),
 //! `serial` (COM1 and report lines), `cpu` (port/MMIO/halt primitives), `mem` (memcpy and
 //! friends), `minimal` (`guest.minimal`: boot timer, marker, reset, nothing else).
 
@@ -36,6 +36,7 @@ mod shutdown;
 mod smp;
 mod user;
 mod virtio;
+mod vsock;
 
 use bootinfo::BootInfo;
 use serial::{Dec, Hex};
@@ -99,12 +100,13 @@ extern "C" fn rust_main(protocol: u32, info: u64) -> ! {
     actions::run_ops(boot.cmdline());
     blk::run(&boot, bsp_id);
     let nets = net::run(&boot, bsp_id, action == Ok(cmdline::Action::Net));
+    let vsock = vsock::run(&boot, bsp_id, action == Ok(cmdline::Action::Vsock));
     let rng = identity::setup(&boot, bsp_id, action.ok());
     let action = action.unwrap_or_else(|bad| {
         report!("guest: bad guest.action ", bad, ", using reset");
         cmdline::Action::Reset
     });
-    actions::run(action, bsp_id, nets, rng, &boot)
+    actions::run(action, bsp_id, nets, rng, vsock, &boot)
 }
 
 #[panic_handler]

@@ -116,12 +116,12 @@ impl Connection {
         self.peer_buf_alloc.saturating_sub(in_flight)
     }
 
-    /// Payload may go to the guest now, or will once the host has written some.
+    /// Payload may go to the guest now, or will once the host has written some. A host that
+    /// hung up may still have left data in its socket: it is read (and delivered) until EOF.
     fn may_send_data(&self) -> bool {
         self.state == State::Established
             && !self.host_eof
             && !self.guest_shut_rcv
-            && !self.hung_up
             && self.owed & owed::RST == 0
     }
 

@@ -308,6 +308,41 @@ fn the_host_is_read_only_as_far_as_the_guest_has_room() {
 }
 
 #[test]
+fn what_a_host_wrote_before_it_hung_up_is_delivered_then_reset() {
+    let mem = mem();
+    let mut d = Driver::new(&mem, "hangup");
+    let listener = UnixListener::bind(d.port_path(9)).unwrap();
+    d.give_rx(8);
+    let mut req = pkt(2000, 9, OP_REQUEST);
+    req.buf_alloc = 10_000;
+    d.send(&req);
+    assert_eq!(d.received()[0].op, OP_RESPONSE);
+    let (mut host, _) = listener.accept().unwrap();
+    host.write_all(&[5u8; 30_000]).unwrap();
+    d.pump();
+    let mut got: usize = d.received().iter().map(|p| p.data.len()).sum();
+    assert_eq!(got, 10_000, "one window of credit");
+    // The host closes entirely while 20 000 bytes wait in its socket.
+    drop(host);
+    d.pump();
+    let mut ops = Vec::new();
+    for fwd in [10_000, 20_000, 30_000] {
+        let mut update = pkt(2000, 9, OP_CREDIT_UPDATE);
+        update.buf_alloc = 10_000;
+        update.fwd_cnt = fwd;
+        d.send(&update);
+        d.give_rx(8);
+        for p in d.received() {
+            got += p.data.len();
+            ops.push(p.op);
+        }
+    }
+    assert_eq!(got, 30_000, "bytes left behind by the hang-up: {ops:?}");
+    assert_eq!(ops.last(), Some(&OP_RST), "{ops:?}");
+    assert_eq!(d.dev.muxer.connections(), 0);
+}
+
+#[test]
 fn a_guest_sending_past_its_credit_is_reset_and_nothing_grows() {
     let mem = mem();
     let mut d = Driver::new(&mem, "overrun");
