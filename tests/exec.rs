@@ -1,7 +1,8 @@
 //! `ember exec` and `ember cp` against real Linux (the PVM-quirks kernel with vsock) and
-//! ember-agent in its initramfs: exit status and output, stdin, a 10 MB file in and out, a
-//! timeout, a refused port, and several commands at once. One boot serves every check: Linux
-//! runs under instruction emulation on PVM hosts, and a boot takes minutes.
+//! ember-agent in its initramfs: exit status and output, the VM named by its API socket, stdin,
+//! a 10 MB file in and out, a timeout, a refused port, and several commands at once. One boot
+//! serves every check: Linux runs under instruction emulation on PVM hosts, and a boot takes
+//! minutes.
 //!
 //! The kernel is the cached one (`~/.cache/ember/guest/pvm/vmlinux`, from
 //! `resources/build-kernel.sh pvm`, which this test does not run: it must have been built with
@@ -80,7 +81,6 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 }
 
 #[test]
-#[ignore = "on this PVM host the agent does not answer ember exec within 30 s (issue 15 stays open)"]
 fn ember_exec_runs_commands_and_copies_files_in_a_linux_guest() {
     if !kvm_available() {
         return;
@@ -95,6 +95,8 @@ fn ember_exec_runs_commands_and_copies_files_in_a_linux_guest() {
         std::fs::read_to_string(cmdline_file).unwrap().trim()
     );
     let vsock = format!("cid=3,uds={}", uds.display());
+    let api = std::env::temp_dir().join(format!("ember-exec-{}.api", std::process::id()));
+    let _ = std::fs::remove_file(&api);
     let mut vm = Ember::spawn(&[
         "run".as_ref(),
         "--kernel".as_ref(),
@@ -107,12 +109,15 @@ fn ember_exec_runs_commands_and_copies_files_in_a_linux_guest() {
         cmdline.as_ref(),
         "--vsock".as_ref(),
         vsock.as_ref(),
+        "--api-sock".as_ref(),
+        api.as_os_str(),
     ]);
     vm.expect_line(BOOT_TIMEOUT, |l| l.contains("EMBER-GUEST-READY"));
 
-    // The agent starts right after the ready marker: wait until it answers.
+    // The agent starts right after the ready marker: wait until it answers. The initramfs has
+    // busybox and its shell only (no `true` to exec): commands go through `sh -c`.
     let ready = ExecRequest {
-        argv: vec!["true".into()],
+        argv: vec!["sh".into(), "-c".into(), "true".into()],
         timeout_ms: 60_000,
         ..Default::default()
     };
@@ -133,6 +138,20 @@ fn ember_exec_runs_commands_and_copies_files_in_a_linux_guest() {
     // Exit status and output.
     let (code, out) = ember_exec(&uds, &["--", "sh", "-c", "echo hi; exit 3"], b"");
     assert_eq!((code, out.as_slice()), (3, &b"hi\n"[..]));
+
+    // The API socket alone names the VM: ember exec asks it for the vsock socket.
+    let by_api = Command::new(common::ember())
+        .arg("exec")
+        .arg("--api-sock")
+        .arg(&api)
+        .args(["--no-stdin", "--", "sh", "-c", "echo via api"])
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert_eq!(
+        (by_api.status.code(), by_api.stdout.as_slice()),
+        (Some(0), &b"via api\n"[..])
+    );
 
     // Stdin reaches the command.
     let (code, out) = ember_exec(&uds, &["--", "sh", "-c", "read x; echo got $x"], b"abc\n");
@@ -155,7 +174,13 @@ fn ember_exec_runs_commands_and_copies_files_in_a_linux_guest() {
         1 << 20,
     )
     .unwrap();
-    assert_eq!(String::from_utf8_lossy(&sum.stdout).trim(), "10000000");
+    assert_eq!(
+        String::from_utf8_lossy(&sum.stdout).trim(),
+        "10000000",
+        "{:?}: {}",
+        sum.status,
+        String::from_utf8_lossy(&sum.stderr)
+    );
     let got = agent::get_file(&uds, "/tmp/big", &host_out, 1 << 30).unwrap();
     assert_eq!(got, 10_000_000);
     assert_eq!(fnv(&std::fs::read(&host_out).unwrap()), fnv(&data));
@@ -196,4 +221,5 @@ fn ember_exec_runs_commands_and_copies_files_in_a_linux_guest() {
     }
     vm.stop(Duration::from_secs(60));
     assert!(!uds.exists(), "the vsock socket outlived the VM");
+    let _ = std::fs::remove_file(&api);
 }

@@ -328,6 +328,58 @@ fn a_jailed_guest_writes_its_disk_and_resets_and_the_jail_is_removed() {
     assert!(!base.jail_dir("disk").exists(), "the jail is removed");
 }
 
+/// The VMM makes its vsock and API sockets inside the jail, in a directory the jailer gave its
+/// uid; host programs reach them under the jail's root, and the API reports the VMM's own view.
+#[test]
+fn a_jailed_vms_vsock_and_api_sockets_live_inside_the_jail() {
+    use std::os::unix::fs::FileTypeExt;
+    if !kvm_available() {
+        return;
+    }
+    let base = Base::new("vsock");
+    let vm = Ember::spawn_command(jail_command(
+        &base,
+        "vsock",
+        &[],
+        &[
+            "--cmdline",
+            "guest.action=halt",
+            "--vsock",
+            "cid=3,uds=/run/vm/v.sock",
+            "--api-sock",
+            "/run/vm/api.sock",
+        ],
+    ));
+    let root = base.jail_dir("vsock").join("root");
+    let (uds, api) = (root.join("run/vm/v.sock"), root.join("run/vm/api.sock"));
+    let config = common::api_client::wait_for_socket(&api, "/vm/config").json();
+    assert_eq!(config["vsock"]["uds_path"], "/run/vm/v.sock", "{config}");
+    let meta = std::fs::symlink_metadata(&uds).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.uid(), UID, "made by the VMM");
+    let dir = std::fs::metadata(root.join("run/vm")).unwrap();
+    assert_eq!(
+        (dir.uid(), dir.gid(), dir.mode() & 0o777),
+        (UID, GID, 0o750)
+    );
+    assert_eq!(
+        std::fs::metadata(&root).unwrap().uid(),
+        0,
+        "the root stays root's"
+    );
+    let mut stream = std::os::unix::net::UnixStream::connect(&uds).unwrap();
+    std::io::Write::write_all(&mut stream, b"CONNECT 52\n").unwrap();
+    vm.stop(TIMEOUT);
+    assert!(!base.jail_dir("vsock").exists(), "the jail is removed");
+    refused(
+        &base,
+        "vsockroot",
+        &[],
+        &["--vsock", "cid=3,uds=/v.sock"],
+        "must be an absolute path inside the jail",
+    );
+}
+
 #[test]
 fn a_jailed_vmm_joins_the_given_network_namespace_and_its_tap_works() {
     if !kvm_available() {

@@ -20,14 +20,15 @@ pub trait Launcher {
     /// Applies a `PUT /logger`.
     fn configure_logger(&mut self, logger: &model::Logger) -> Result<(), String>;
     /// Restores a snapshot (`PUT /snapshot/load`): `base` supplies what belongs to this process
-    /// (console, seccomp), `overrides` give interfaces (by id) other TAPs. Returns the VM and the
-    /// configuration it was built from.
+    /// (console, seccomp), `overrides` give interfaces (by id) other TAPs, `vsock_uds` the vsock
+    /// device another socket. Returns the VM and the configuration it was built from.
     fn restore(
         &mut self,
         base: &VmConfig,
         state: &std::path::Path,
         memory: &std::path::Path,
         overrides: &[(String, String)],
+        vsock_uds: Option<&std::path::Path>,
         resume: bool,
     ) -> Result<(Self::Vm, VmConfig), String>;
     /// Waits at `url` for a migrating VM and runs it (`PUT /migration/receive`): `base` and
@@ -452,6 +453,7 @@ impl<L: Launcher> Controller<L> {
                 &load.snapshot_path,
                 &memory,
                 &overrides,
+                load.vsock_override.as_ref().map(|v| v.uds_path.as_path()),
                 load.resume_vm,
             )
             .map_err(|e| ApiResponse::bad_request(format!("cannot load the snapshot: {e}")))?;

@@ -87,6 +87,7 @@ impl Launcher for MockLauncher {
         _state: &Path,
         _memory: &Path,
         _overrides: &[(String, String)],
+        _vsock_uds: Option<&Path>,
         resume: bool,
     ) -> Result<(MockVm, VmConfig), String> {
         let vm = MockVm {

@@ -59,6 +59,14 @@ pub struct NetworkOverride {
     pub host_dev_name: String,
 }
 
+/// `vsock_override` of a load: the restored VM's vsock device on another host socket.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The socket the restored VM listens on (it must not exist).
+    pub uds_path: PathBuf,
+}
+
 /// `PUT /snapshot/load`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +91,9 @@ pub struct SnapshotLoad {
     /// Interfaces that use other TAPs now.
     #[serde(default)]
     pub network_overrides: Vec<NetworkOverride>,
+    /// The vsock device on another socket (the snapshot's may be taken by the VM it came from).
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
 }
 
 impl SnapshotLoad {
@@ -121,6 +132,18 @@ mod tests {
         assert_eq!(load.memory_file().unwrap(), PathBuf::from("/m"));
         assert!(load.resume_vm);
         assert!(!load.tracks_dirty_pages());
+        assert_eq!(load.vsock_override, None);
+        let vsock: SnapshotLoad = serde_json::from_str(
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "vsock_override": {"uds_path": "/v"}}"#,
+        )
+        .unwrap();
+        assert_eq!(vsock.vsock_override.unwrap().uds_path, PathBuf::from("/v"));
+        assert!(
+            serde_json::from_str::<SnapshotLoad>(
+                r#"{"snapshot_path": "/s", "vsock_override": {"uds_path": "/v", "cid": 4}}"#
+            )
+            .is_err()
+        );
         let older: SnapshotLoad = serde_json::from_str(
             r#"{"snapshot_path": "/s", "mem_file_path": "/m", "enable_diff_snapshots": true}"#,
         )

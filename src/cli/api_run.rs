@@ -54,14 +54,21 @@ impl Launcher for CliLauncher {
         state: &Path,
         memory: &Path,
         overrides: &[(String, String)],
+        vsock_uds: Option<&Path>,
         resume: bool,
     ) -> Result<(VmHandle, VmConfig), String> {
         let paths = ember::vmm::persist::SnapshotPaths {
             state: state.to_owned(),
             memory: memory.to_owned(),
         };
-        Vm::restore(&paths, |config| adopt(config, base, overrides), resume)
-            .map_err(|e| error_chain(&e))
+        let adjust = |config: &mut VmConfig| {
+            adopt(config, base, overrides)?;
+            match vsock_uds {
+                Some(uds) => config.override_vsock(uds),
+                None => Ok(()),
+            }
+        };
+        Vm::restore(&paths, adjust, resume).map_err(|e| error_chain(&e))
     }
 
     fn receive_migration(

@@ -2,7 +2,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
@@ -137,14 +137,14 @@ pub fn run(args: &CtlArgs) -> i32 {
 
 fn call(args: &CtlArgs) -> Result<Option<String>, String> {
     let (method, target, body) = args.command.request();
-    let answer = send(args, method, target, &body)?;
+    let answer = send(&args.api_sock, method, target, &body)?;
     if !matches!(args.command, CtlCommand::Migrate { .. }) {
         return Ok(answer);
     }
     // Followed to its end: the VM runs at the destination, or here again.
     loop {
         std::thread::sleep(Duration::from_millis(20));
-        let status = match send(args, "GET", "/migration", "") {
+        let status = match send(&args.api_sock, "GET", "/migration", "") {
             Ok(Some(status)) => status,
             // It answers a while after the VM ran away; gone before that, it died.
             Err(_) | Ok(None) => {
@@ -167,9 +167,16 @@ fn call(args: &CtlArgs) -> Result<Option<String>, String> {
     }
 }
 
-fn send(args: &CtlArgs, method: &str, target: &str, body: &str) -> Result<Option<String>, String> {
-    let path = args.api_sock.display();
-    let mut stream = UnixStream::connect(&args.api_sock).map_err(|e| {
+/// One request to the API socket `socket`; the answer's body (pretty-printed when JSON), or the
+/// fault message of an error status. Also `ember exec --api-sock`'s way to find the VM.
+pub(super) fn send(
+    socket: &Path,
+    method: &str,
+    target: &str,
+    body: &str,
+) -> Result<Option<String>, String> {
+    let path = socket.display();
+    let mut stream = UnixStream::connect(socket).map_err(|e| {
         format!("cannot connect to the API socket {path} ({e}): is ember running with --api-sock?")
     })?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));

@@ -1,7 +1,7 @@
 //! `ember exec` and `ember cp`: run a command in a running VM, copy files in and out, through
 //! ember-agent on the VM's hybrid-vsock socket.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
@@ -13,13 +13,56 @@ pub const EXEC_FAILED: i32 = 125;
 /// Largest file `ember cp` takes from the guest.
 const MAX_GET: u64 = 64 << 30;
 
-/// Where the VM is.
+/// Where the VM is: its vsock socket, or its API socket to ask for it.
 #[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
 pub struct Target {
     /// The VM's vsock socket (the uds=PATH of its --vsock).
-    // The API variant (--api-sock S, asking the API for the vsock socket) comes with src/api.
     #[arg(long, value_name = "PATH")]
-    pub vsock_uds: PathBuf,
+    pub vsock_uds: Option<PathBuf>,
+
+    /// The VM's API socket (its --api-sock): the vsock socket is the one `GET /vm/config`
+    /// names, looked up under the API socket's directories first (a jailed VM reports the
+    /// path it sees inside its jail).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+}
+
+impl Target {
+    /// The vsock socket to connect to.
+    pub fn uds(&self) -> Result<PathBuf, ExecError> {
+        if let Some(uds) = &self.vsock_uds {
+            return Ok(uds.clone());
+        }
+        let Some(api) = &self.api_sock else {
+            return Err(ExecError::NoTarget);
+        };
+        let config = super::ctl::send(api, "GET", "/vm/config", "").map_err(ExecError::Api)?;
+        let reported = config
+            .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .and_then(|json| json["vsock"]["uds_path"].as_str().map(PathBuf::from))
+            .filter(|path| !path.as_os_str().is_empty())
+            .ok_or_else(|| ExecError::NoVsock(api.clone()))?;
+        Ok(locate(api, &reported))
+    }
+}
+
+/// Where the socket a VMM reported as `reported` is on this host. A jailed VMM sees its jail's
+/// root as `/`, so the path is tried under each directory above the API socket (which lives in
+/// the same jail), nearest first, and last as given.
+fn locate(api: &Path, reported: &Path) -> PathBuf {
+    use std::os::unix::fs::FileTypeExt;
+    let api = std::path::absolute(api).unwrap_or_else(|_| api.to_owned());
+    let relative = reported.strip_prefix("/").unwrap_or(reported);
+    api.ancestors()
+        .skip(1)
+        .map(|dir| dir.join(relative))
+        .find(|candidate| {
+            candidate
+                .symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_socket())
+        })
+        .unwrap_or_else(|| reported.to_owned())
 }
 
 /// `ember exec` options.
@@ -81,6 +124,15 @@ pub enum ExecError {
     /// A mode that is not octal.
     #[error("--mode {0} is not an octal file mode")]
     BadMode(String),
+    /// Neither socket given (clap requires one).
+    #[error("give --vsock-uds or --api-sock")]
+    NoTarget,
+    /// The API did not answer.
+    #[error("cannot ask the API for the vsock socket: {0}")]
+    Api(String),
+    /// The VM has no vsock device.
+    #[error("the VM behind {} has no vsock device (GET /vm/config names none): start it with --vsock or PUT /vsock", .0.display())]
+    NoVsock(PathBuf),
 }
 
 /// Runs the command; returns its exit code (124 for a timeout, 128 + N for signal N).
@@ -101,13 +153,8 @@ pub fn run(args: &ExecArgs) -> Result<i32, ExecError> {
         (!args.no_stdin).then(|| Box::new(std::io::stdin()) as _);
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
-    let status = agent::exec(
-        &args.target.vsock_uds,
-        &request,
-        stdin,
-        &mut stdout,
-        &mut stderr,
-    )?;
+    let uds = args.target.uds()?;
+    let status = agent::exec(&uds, &request, stdin, &mut stdout, &mut stderr)?;
     if status == agent::ExitStatus::TimedOut {
         eprintln!(
             "ember: the command ran out of its {:?} and was killed",
@@ -119,7 +166,7 @@ pub fn run(args: &ExecArgs) -> Result<i32, ExecError> {
 
 /// Copies a file in or out.
 pub fn copy(args: &CpArgs) -> Result<(), ExecError> {
-    let uds = &args.target.vsock_uds;
+    let uds = &args.target.uds()?;
     match (args.src.strip_prefix("vm:"), args.dst.strip_prefix("vm:")) {
         (None, Some(remote)) => {
             let mode = u32::from_str_radix(&args.mode, 8)
@@ -134,4 +181,31 @@ pub fn copy(args: &CpArgs) -> Result<(), ExecError> {
         _ => return Err(ExecError::CpDirection),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reported_socket_is_found_under_the_api_sockets_directories_first() {
+        let dir = std::env::temp_dir().join(format!("ember-locate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let jail_run = dir.join("root/run");
+        std::fs::create_dir_all(&jail_run).unwrap();
+        let api = jail_run.join("api.sock");
+        // A jailed VMM reports the path it sees: /run/v.sock inside its root.
+        let inside = jail_run.join("v.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&inside).unwrap();
+        assert_eq!(locate(&api, Path::new("/run/v.sock")), inside);
+        // An unjailed one reports the host's path, found as given.
+        assert_eq!(locate(&api, &inside), inside);
+        // A path that is no socket anywhere is left as reported (the connect then says why).
+        std::fs::write(jail_run.join("plain"), b"").unwrap();
+        assert_eq!(
+            locate(&api, Path::new("/run/plain")),
+            PathBuf::from("/run/plain")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

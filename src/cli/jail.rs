@@ -129,6 +129,15 @@ pub fn run(args: &JailArgs) -> Result<i32, JailCliError> {
         };
         disk.path = jail.add_file(&disk.path, access)?;
     }
+    // Sockets are made by the VMM inside the jail: host programs find them under its root.
+    if let Some(vsock) = &run_args.vsock {
+        let host = jail.add_socket(&vsock.uds)?;
+        log::info!("vsock socket on the host: {}", host.display());
+    }
+    if let Some(api) = &run_args.api_sock {
+        let host = jail.add_socket(api)?;
+        log::info!("API socket on the host: {}", host.display());
+    }
     log::info!("jail {} ready", jail.dir().display());
     let outcome = jail.run(|| {
         run::run(&run_args).unwrap_or_else(|e| {

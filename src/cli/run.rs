@@ -11,7 +11,7 @@ use super::exit_code;
 use super::signals::SignalGuard;
 use super::terminal::RawTerminal;
 use ember::StartError;
-use ember::config::{RateLimiterConfig, parse_bucket};
+use ember::config::{RateLimiterConfig, VsockConfig, parse_bucket};
 use ember::sandbox::{ThreadKind, seccomp};
 use ember::{
     BootProtocol, ConfigError, ConsoleConfig, DEFAULT_CMDLINE, DiskConfig, ExitReason, NetConfig,
@@ -116,9 +116,10 @@ pub struct RunArgs {
     pub nets: Vec<NetSpec>,
 
     /// virtio-vsock (Firecracker's hybrid vsock): cid=N,uds=PATH. Host programs connect to PATH
-    /// and write `CONNECT <port>\n`; guest connections to CID 2 port P reach PATH_P.
+    /// and write `CONNECT <port>\n`; guest connections to CID 2 port P reach PATH_P. With
+    /// --restore, uds=PATH puts the restored VM's device on another socket (it keeps its CID).
     #[arg(long, value_parser = parse_vsock, value_name = "SPEC")]
-    pub vsock: Option<ember::config::VsockConfig>,
+    pub vsock: Option<VsockSpec>,
 
     /// A virtio-rng device: random bytes from the host for the guest's generator (Linux's
     /// virtio-rng driver). `--entropy` is unlimited; `--entropy=bw=SIZE/MS[/BURST],ops=..`
@@ -213,8 +214,30 @@ fn parse_serial(value: &str) -> Result<ConsoleConfig, String> {
     }
 }
 
-fn parse_vsock(value: &str) -> Result<ember::config::VsockConfig, String> {
-    value.parse()
+/// `--vsock`: `cid=N,uds=PATH`, or `uds=PATH` alone for a restore (the CID is the snapshot's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockSpec {
+    /// The guest's CID.
+    pub cid: Option<u64>,
+    /// The host socket.
+    pub uds: PathBuf,
+}
+
+fn parse_vsock(value: &str) -> Result<VsockSpec, String> {
+    if let Some(uds) = value.strip_prefix("uds=").filter(|p| !p.contains(',')) {
+        if uds.is_empty() {
+            return Err("missing uds=PATH".into());
+        }
+        return Ok(VsockSpec {
+            cid: None,
+            uds: PathBuf::from(uds),
+        });
+    }
+    let config: ember::config::VsockConfig = value.parse()?;
+    Ok(VsockSpec {
+        cid: Some(config.guest_cid),
+        uds: config.uds_path,
+    })
 }
 
 fn parse_entropy(value: &str) -> Result<ember::config::EntropyConfig, String> {
@@ -329,7 +352,14 @@ impl RunArgs {
             .iter()
             .map(NetSpec::to_config)
             .collect::<Result<_, _>>()?;
-        config.vsock = self.vsock.clone();
+        config.vsock = match &self.vsock {
+            Some(VsockSpec {
+                cid: Some(cid),
+                uds,
+            }) => Some(VsockConfig::new(*cid, uds)),
+            Some(VsockSpec { cid: None, .. }) => return Err(ConfigError::VsockNeedsCid),
+            None => None,
+        };
         config.entropy = self.entropy.clone();
         config.boot_timer = self.boot_timer;
         config.track_dirty_pages = self.track_dirty_pages;
@@ -470,7 +500,18 @@ fn restore(args: &RunArgs, dir: &std::path::Path) -> Result<(Vm, VmConfig), RunE
             config.console = console;
             config.seccomp = seccomp;
             config.metrics_path = metrics_path;
-            config.override_taps(&overrides)
+            config.override_taps(&overrides)?;
+            let Some(spec) = &args.vsock else {
+                return Ok(());
+            };
+            let saved = config.vsock.as_ref().map(|v| v.guest_cid);
+            if spec.cid.is_some() && spec.cid != saved {
+                return Err(format!(
+                    "--vsock cid= must be the snapshot's ({}) or left out: a restored guest keeps its CID",
+                    saved.map_or_else(|| "none".to_owned(), |c| c.to_string())
+                ));
+            }
+            config.override_vsock(&spec.uds)
         },
         true,
     )
@@ -619,6 +660,17 @@ mod tests {
         let tx = net.tx_rate_limiter.unwrap();
         assert_eq!(tx.ops.map(|b| b.refill_time), Some(100));
         assert!(parse_net("tap=tap0,rx_bw=").is_err());
+    }
+
+    #[test]
+    fn vsock_specs_take_the_cid_or_only_a_socket() {
+        let both = parse_vsock("cid=3,uds=/a").unwrap();
+        assert_eq!((both.cid, both.uds), (Some(3), PathBuf::from("/a")));
+        let uds = parse_vsock("uds=/b").unwrap();
+        assert_eq!((uds.cid, uds.uds), (None, PathBuf::from("/b")));
+        assert!(parse_vsock("uds=").is_err());
+        assert!(parse_vsock("uds=/b,port=3").is_err());
+        assert!(parse_vsock("cid=3").is_err());
     }
 
     #[test]

@@ -288,6 +288,19 @@ impl VmConfig {
         Ok(())
     }
 
+    /// Puts the vsock device on another host socket (a restore's `vsock_override`, a clone's
+    /// own socket); the guest keeps its CID.
+    pub fn override_vsock(&mut self, uds_path: &Path) -> Result<(), String> {
+        let Some(vsock) = &mut self.vsock else {
+            return Err(format!(
+                "the VM has no vsock device to put on {}: give no vsock override",
+                uds_path.display()
+            ));
+        };
+        vsock.uds_path = uds_path.to_owned();
+        vsock.validate().map_err(|e| e.to_string())
+    }
+
     /// Checks everything that can be checked before touching KVM.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_shape()?;
@@ -420,6 +433,9 @@ pub enum ConfigError {
     /// A vsock CID that is reserved or too large.
     #[error("vsock CID {0} is reserved or too large: use 3 to 4294967294")]
     BadGuestCid(u64),
+    /// A vsock device without a CID (`--vsock uds=PATH` outside a restore).
+    #[error("a vsock device needs the guest's CID: cid=N,uds=PATH")]
+    VsockNeedsCid,
     /// A vsock socket path a Unix socket cannot have.
     #[error("vsock socket path {} must be 1 to {} bytes", .0.display(), vsock::MAX_UDS_PATH_LEN)]
     BadVsockPath(PathBuf),

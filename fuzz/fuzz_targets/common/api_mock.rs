@@ -82,6 +82,7 @@ impl Launcher for MockLauncher {
         _state: &Path,
         _memory: &Path,
         _overrides: &[(String, String)],
+        _vsock_uds: Option<&Path>,
         _resume: bool,
     ) -> Result<(MockVm, VmConfig), String> {
         // Nothing is read: the paths come from the fuzzer.

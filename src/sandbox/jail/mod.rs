@@ -141,6 +141,11 @@ pub enum JailError {
     /// Not a regular file.
     #[error("{0} is not a regular file")]
     NotAFile(PathBuf),
+    /// A socket path the jail cannot give the VMM.
+    #[error(
+        "socket {0} must be an absolute path inside the jail, in a directory of its own (e.g. /run/vm.sock): not in / or /dev, without '.' or '..', and not where a file is placed"
+    )]
+    SocketPath(PathBuf),
     /// The VMM's ids may not use a file; ember changes no owner or mode.
     #[error(
         "uid {uid} and gid {gid} cannot {} {}: ember changes no file's owner or mode, so give them access (e.g. chown, chgrp or chmod)",
@@ -251,6 +256,14 @@ impl Jail {
     /// writable), which the VMM checks before running.
     pub fn add_file(&mut self, file: &Path, access: Access) -> Result<PathBuf, JailError> {
         self.tree.add_file(file, access)
+    }
+
+    /// Makes room for a Unix socket the VMM creates at `socket`, a path inside the jail (its
+    /// vsock or API socket): its directory, owned by the VMM's uid and gid. Returns where host
+    /// programs find the socket, `<jail dir>/root/<socket>`.
+    pub fn add_socket(&mut self, socket: &Path) -> Result<PathBuf, JailError> {
+        self.tree
+            .add_socket(socket, self.config.uid, self.config.gid)
     }
 
     /// Forks the VMM into the jail and runs `vmm` there (its result is the exit status); waits

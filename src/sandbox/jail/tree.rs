@@ -11,7 +11,7 @@ use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use super::JailError;
 use super::files::{Access, JailFile};
@@ -28,6 +28,8 @@ pub struct JailTree {
     pub root: PathBuf,
     /// The files placed, bound by the VMM.
     pub files: Vec<JailFile>,
+    /// Directories made for the VMM's sockets (owned by its uid).
+    socket_dirs: Vec<PathBuf>,
     /// `dir`, opened and locked while this jail lives.
     lock: Option<fs::File>,
 }
@@ -75,6 +77,7 @@ impl JailTree {
             root: dir.join("root"),
             dir,
             files: Vec::new(),
+            socket_dirs: Vec::new(),
             lock: Some(lock),
         };
         let made = fs::create_dir(&tree.root)
@@ -137,6 +140,53 @@ impl JailTree {
         let path = placed.inside.clone();
         self.files.push(placed);
         Ok(path)
+    }
+
+    /// Makes the directory for a socket the VMM will create at `socket` (absolute, as the VMM
+    /// sees it): owned by `uid`:`gid`, mode 0750, since the root and `/dev` stay root's and the
+    /// VMM may not add to them; directories above it are root's (0755). Returns the socket's
+    /// path on the host. Two sockets may share a directory; anything else in the way, a socket
+    /// in `/` or `/dev`, and `.` or `..` are refused.
+    pub fn add_socket(&mut self, socket: &Path, uid: u32, gid: u32) -> Result<PathBuf, JailError> {
+        let bad = || JailError::SocketPath(socket.to_owned());
+        let relative = socket.strip_prefix("/").map_err(|_| bad())?;
+        let parts = relative
+            .components()
+            .map(|c| match c {
+                Component::Normal(part) => Ok(part),
+                _ => Err(bad()),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some((name, dirs)) = parts.split_last() else {
+            return Err(bad());
+        };
+        if dirs.first().is_none_or(|top| *top == "dev") {
+            return Err(bad());
+        }
+        let mut dir = self.root.clone();
+        for (i, part) in dirs.iter().enumerate() {
+            dir.push(part);
+            let own = i + 1 == dirs.len();
+            match fs::symlink_metadata(&dir) {
+                Ok(meta) if meta.is_dir() && (!own || self.socket_dirs.contains(&dir)) => {}
+                Ok(_) => return Err(bad()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let made = fs::create_dir(&dir).map_err(|source| JailError::Tree {
+                        path: dir.clone(),
+                        source,
+                    });
+                    made?;
+                    let mode = if own { 0o750 } else { 0o755 };
+                    let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(mode));
+                    if own {
+                        chown(&dir, uid, gid)?;
+                        self.socket_dirs.push(dir.clone());
+                    }
+                }
+                Err(source) => return Err(JailError::Tree { path: dir, source }),
+            }
+        }
+        Ok(dir.join(name))
     }
 
     /// Deletes the jail directory and everything in it (placeholders only: the originals are
@@ -270,6 +320,46 @@ mod tests {
             "the stale tree is replaced"
         );
         second.remove();
+        fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn socket_directories_are_the_vmms_and_bad_places_are_refused() {
+        let base = scratch("sockets");
+        fs::write(base.join("disk.img"), b"").unwrap();
+        let (uid, gid) = own_ids();
+        let mut tree = JailTree::create(&base, "s", uid, gid).unwrap();
+        tree.add_file(&base.join("disk.img"), Access::ReadOnly)
+            .unwrap();
+        let vsock = tree
+            .add_socket(Path::new("/run/ember/v.sock"), uid, gid)
+            .unwrap();
+        assert_eq!(vsock, tree.root.join("run/ember/v.sock"));
+        let api = tree
+            .add_socket(Path::new("/run/ember/api.sock"), uid, gid)
+            .unwrap();
+        assert_eq!(api.parent(), vsock.parent(), "a shared directory");
+        let own = fs::metadata(tree.root.join("run/ember")).unwrap();
+        assert_eq!((own.uid(), own.mode() & 0o777), (uid, 0o750));
+        let above = fs::metadata(tree.root.join("run")).unwrap();
+        assert_eq!(above.mode() & 0o777, 0o755);
+        for bad in [
+            "/v.sock",
+            "run/v.sock",
+            "/dev/v.sock",
+            "/run/../v.sock",
+            "/disk.img/v.sock",
+            "/run/v.sock",
+        ] {
+            assert!(
+                matches!(
+                    tree.add_socket(Path::new(bad), uid, gid),
+                    Err(JailError::SocketPath(_))
+                ),
+                "{bad}"
+            );
+        }
+        tree.remove();
         fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -14,7 +14,9 @@ use vm_memory::Bytes;
 use super::muxer::{Filled, Muxer};
 use super::packet::EVENT_TRANSPORT_RESET;
 use super::{MAX_PKT_LEN, VsockCounters};
+use crate::devices::StateError;
 use crate::devices::virtio::drain::{Pass, drain};
+use crate::devices::virtio::state::VirtioDeviceState;
 use crate::devices::virtio::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
     return_chain,
@@ -278,6 +280,25 @@ impl VirtioDevice for Vsock {
         self.active = false;
         self.rx_backlog = false;
         self.tx_backlog_pending = false;
+        // A driver starting afresh has no connections to drop.
+        self.event_owed = false;
+    }
+
+    /// A snapshot holds no connections (Firecracker's rule): the restored guest's are gone, and
+    /// it learns so from a transport reset, delivered once the transport has re-activated the
+    /// device and serves its queues. A guest whose driver never bound resets the device
+    /// first, which withdraws the event.
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), StateError> {
+        match state {
+            VirtioDeviceState::None => {
+                self.transport_reset();
+                Ok(())
+            }
+            other => Err(StateError::mismatch(
+                "virtio-vsock",
+                format!("state of {}", other.kind()),
+            )),
+        }
     }
 
     fn take_backlog(&mut self) -> u32 {

@@ -410,3 +410,37 @@ fn the_socket_file_goes_with_the_device_and_an_existing_one_is_refused() {
     drop(d);
     assert!(!path.exists());
 }
+
+#[test]
+fn a_restored_device_owes_the_guest_a_transport_reset_unless_its_driver_restarts() {
+    let mem = mem();
+    let mut d = Driver::new(&mem, "restored");
+    let ev = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 256);
+    d.dev.restore_state(&VirtioDeviceState::None).unwrap();
+    assert_ne!(
+        d.dev.take_backlog() & (1 << EVENT),
+        0,
+        "the event queue is served"
+    );
+    ev.add_desc_chains(
+        &[RawDescriptor::from(Descriptor::new(0x30_0000, 8, 2, 0))],
+        0,
+    )
+    .unwrap();
+    assert!(d.dev.process_queue(EVENT, &mut d.queues[EVENT], &mem));
+    let mut id = [0u8; 4];
+    mem.read_slice(&mut id, GuestAddress(0x30_0000)).unwrap();
+    assert_eq!(u32::from_le_bytes(id), EVENT_TRANSPORT_RESET);
+    assert!(
+        !d.dev.process_queue(EVENT, &mut d.queues[EVENT], &mem),
+        "one event per restore"
+    );
+    // Another device's state is refused.
+    let rng = VirtioDeviceState::Rng(crate::devices::virtio::state::RngState { features: 0 });
+    assert!(d.dev.restore_state(&rng).is_err());
+    // A driver that starts over (the device reset) is owed nothing.
+    d.dev.restore_state(&VirtioDeviceState::None).unwrap();
+    d.dev.reset();
+    d.dev.activate(VIRTIO_F_VERSION_1);
+    assert!(!d.dev.process_queue(EVENT, &mut d.queues[EVENT], &mem));
+}
