@@ -3,7 +3,7 @@
 //! responder, the hostile mode followed by a reset, an ACPI power-off, waiting for
 //! Ctrl-Alt-Del and then powering off, or reporting the VM's identity as it changes).
 
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::bootinfo::BootInfo;
 use crate::cmdline::{self, Action, Op};
@@ -16,7 +16,7 @@ use crate::{apic, cpu, hostile, identity, idt, report, shutdown};
 pub const COUNTER_ADDR: u64 = 0x4000;
 
 /// COM1's line on the I/O APIC.
-const SERIAL_IOAPIC_PIN: u8 = 4;
+pub const SERIAL_IOAPIC_PIN: u8 = 4;
 
 /// Performs every `guest.outb`/`inb`/`write32`/`read32` item in command-line order.
 pub fn run_ops(cmdline: &[u8]) {
@@ -68,6 +68,24 @@ pub fn run(
         Action::PowerOff => shutdown::poweroff(),
         Action::CtrlAltDel => shutdown::wait_then_poweroff(),
         Action::Identity => identity::run(boot, bsp_id, rng),
+        Action::Timer => timer(),
+    }
+}
+
+/// Halts between ticks of the LAPIC timer (periodic, every 16 ms or so) and reports each one as
+/// `timer=N`: a guest whose only wake-up is its local APIC's timer, as an idle kernel's is.
+fn timer() -> ! {
+    apic::start_tick(idt::TICK_VECTOR);
+    let mut shown = 0;
+    loop {
+        cpu::disable_interrupts();
+        let now = idt::TICKS.load(Ordering::Relaxed);
+        if now == shown {
+            cpu::wait_for_interrupt();
+            continue;
+        }
+        shown = now;
+        report!("timer=", crate::serial::Dec(now));
     }
 }
 
@@ -105,7 +123,11 @@ fn dirty(boot: &BootInfo) -> ! {
         .find(|r| r.kind == 1 && r.start <= DIRTY_BASE && DIRTY_BASE < r.start + r.size)
         .map(|r| r.start + r.size);
     let Some(end) = end.filter(|&end| end >= DIRTY_BASE + (1 << 20)) else {
-        report!("guest: no RAM at ", Hex(DIRTY_BASE), " for guest.action=dirty");
+        report!(
+            "guest: no RAM at ",
+            Hex(DIRTY_BASE),
+            " for guest.action=dirty"
+        );
         cpu::halt_forever()
     };
     report!("dirty=", crate::serial::Dec(rate));
@@ -155,11 +177,15 @@ const RESET_WORD: &[u8] = b"reset";
 /// How much of [`RESET_WORD`] the current input line matches; `usize::MAX` once it cannot.
 static LINE_MATCH: AtomicUsize = AtomicUsize::new(0);
 
+/// Lines COM1 has received so far (the `read-on-line` disk operation waits for them).
+pub static LINES: AtomicU64 = AtomicU64::new(0);
+
 /// Feeds one received byte to the line matcher; true when it ends a line that is exactly `reset`.
 fn ends_reset_line(b: u8) -> bool {
     let matched = LINE_MATCH.load(Ordering::Relaxed);
     let next = match b {
         b'\n' => {
+            LINES.fetch_add(1, Ordering::Relaxed);
             LINE_MATCH.store(0, Ordering::Relaxed);
             return matched == RESET_WORD.len();
         }

@@ -24,6 +24,9 @@ pub enum Action {
     CtrlAltDel,
     /// Report the VM generation ID, then wait for its change notifications (`identity.rs`).
     Identity,
+    /// Halt between LAPIC timer ticks, reporting each (`timer=N`): an idle guest that a
+    /// restore must keep waking.
+    Timer,
 }
 
 impl Action {
@@ -41,6 +44,7 @@ impl Action {
             Action::PowerOff => "poweroff",
             Action::CtrlAltDel => "ctrl-alt-del",
             Action::Identity => "identity",
+            Action::Timer => "timer",
         }
     }
 
@@ -57,6 +61,7 @@ impl Action {
             Action::PowerOff,
             Action::CtrlAltDel,
             Action::Identity,
+            Action::Timer,
         ]
         .into_iter()
         .find(|a| a.name().as_bytes() == word)
@@ -300,6 +305,12 @@ pub enum BlkOp {
         qd: u64,
     },
     FlushedHalt,
+    /// Forever: on every line COM1 receives, read `count` sectors from `sector` and report it as
+    /// `read` does (a disk read issued by a guest restored from a snapshot).
+    ReadOnLine {
+        sector: u64,
+        count: u64,
+    },
     /// Forever: write tick `i` (from 1) to sector `i % sectors` with seed `i`, then report
     /// `tick=i` (a guest that writes its disk and console while it migrates).
     Ticks {
@@ -354,6 +365,10 @@ fn blk_op(item: &[u8]) -> Option<(usize, BlkOp)> {
             indirect: name[0] == b'i',
         },
         (b"ticks", 1) if a > 0 => BlkOp::Ticks { sectors: a },
+        (b"read-on-line", 2) => BlkOp::ReadOnLine {
+            sector: a,
+            count: b,
+        },
         (b"discard", 2) => BlkOp::Discard {
             sector: a,
             count: b,
