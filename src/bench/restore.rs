@@ -266,7 +266,9 @@ impl RestoreBench {
         let start = Instant::now();
         let mut child = self.spawn(&args)?;
         let mut output = BufReader::new(child.stdout.take().expect("piped"));
-        read_until(&mut output, "echo=ready")?;
+        if let Err(e) = read_until(&mut output, "echo=ready") {
+            return Err(killed(child, e));
+        }
         let took = start.elapsed();
         finish(child);
         Ok(took)
@@ -331,8 +333,16 @@ impl RestoreBench {
                 })
                 .collect();
             walls.samples.push(start.elapsed());
+            // End every clone that answered before reporting one that did not.
+            let mut failed = None;
             for child in done {
-                finish(child?);
+                match child {
+                    Ok(child) => finish(child),
+                    Err(e) => failed = failed.or(Some(e)),
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e);
             }
         }
         Ok(walls)
@@ -395,8 +405,17 @@ fn echoed(mut child: Child, word: &str) -> Result<Child, RestoreBenchError> {
     let _ = writeln!(input, "{word}");
     child.stdin = Some(input);
     let mut output = BufReader::new(child.stdout.take().expect("piped"));
-    read_until(&mut output, word)?;
-    Ok(child)
+    match read_until(&mut output, word) {
+        Ok(()) => Ok(child),
+        Err(e) => Err(killed(child, e)),
+    }
+}
+
+/// Kills and reaps a VMM whose guest did not answer, and gives back `error`.
+fn killed(mut child: Child, error: RestoreBenchError) -> RestoreBenchError {
+    let _ = child.kill();
+    let _ = child.wait();
+    error
 }
 
 /// Ends the guest (`reset` to the echo) and reaps its VMM.
