@@ -183,3 +183,56 @@ fn bench_boot_compares_with_least_vmm_on_its_null_guest_with_cpu_times_and_ratio
         assert!(ratio.is_some_and(|r| r > 0.0), "{phase}: {json}");
     }
 }
+
+#[test]
+fn bench_restore_json_measures_restores_boots_clones_and_creation() {
+    if !kvm_available() {
+        return;
+    }
+    let out = Command::new(ember())
+        .args(["bench", "restore", "--json", "-n", "2", "--guest"])
+        .arg(test_guest())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("well-formed JSON");
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert_eq!(json["network_interface"], root, "{json}");
+    let measured = json["measurements"].as_array().unwrap();
+    let find = |name: &str| {
+        measured
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("no {name:?} in {json}"))
+    };
+    for name in [
+        "128 MiB restore -> guest echoes",
+        "2048 MiB restore -> guest echoes",
+        "128 MiB cold boot -> echo=ready",
+        "2048 MiB cold boot -> echo=ready",
+        "10 clones at once, all echoing",
+        "128 MiB Full (idle guest)",
+        "128 MiB Diff, 1 MiB written",
+    ] {
+        let m = find(name);
+        assert_eq!(m["runs"], 2, "{m}");
+        let (min, p50, max) = (
+            m["min_us"].as_u64(),
+            m["p50_us"].as_u64(),
+            m["max_us"].as_u64(),
+        );
+        assert!(min > Some(0) && min <= p50 && p50 <= max, "{m}");
+    }
+    assert!(
+        std::fs::read_dir("/dev/shm").unwrap().flatten().all(|e| !e
+            .file_name()
+            .to_string_lossy()
+            .contains("ember-bench-restore")),
+        "the scratch directory is left behind"
+    );
+}

@@ -197,64 +197,253 @@ fn a_new_ember_process_restores_the_snapshot_and_the_guest_answers() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `state` with its JSON payload changed by `edit` and sealed again (magic, version, length and
+/// checksum right): what a hostile writer of snapshots can make.
+fn rewritten(state: &[u8], edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
+    let mut value: serde_json::Value = ember::snapshot::decode(state).unwrap();
+    edit(&mut value);
+    ember::snapshot::encode(&value).unwrap()
+}
+
+/// The echo guest with a disk (so that the state names a virtio device), snapshotted.
+fn echo_snapshot_with_disk(tag: &str) -> PathBuf {
+    let dir = snapshot_dir(tag);
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut config = config("guest.action=echo", 1);
+    config.disks.push(ember::DiskConfig::new(&image));
+    let mut vm = Vm::start(&config).unwrap();
+    let output = lines(vm.take_console().unwrap().output);
+    wait_for(&output, "echo=ready");
+    vm.pause().unwrap();
+    vm.snapshot(&config, &SnapshotPaths::in_dir(&dir)).unwrap();
+    vm.stop();
+    dir
+}
+
+/// One way to damage a snapshot: what is done to the directory, and a word of the one line
+/// the restore must fail with.
+struct Damage<'a> {
+    case: &'a str,
+    damage: Box<dyn Fn(&std::path::Path) + 'a>,
+    expected: &'a str,
+}
+
+fn case<'a>(
+    case: &'a str,
+    damage: Box<dyn Fn(&std::path::Path) + 'a>,
+    expected: &'a str,
+) -> Damage<'a> {
+    Damage {
+        case,
+        damage,
+        expected,
+    }
+}
+
 #[test]
 fn damaged_snapshots_are_refused_with_one_line_and_exit_1() {
     if !kvm_available() {
         return;
     }
-    let dir = echo_snapshot("damaged");
+    let dir = echo_snapshot_with_disk("damaged");
     let state = std::fs::read(dir.join("vmstate")).unwrap();
     let memory_len = std::fs::metadata(dir.join("memory")).unwrap().len();
-    type Damage<'a> = Box<dyn Fn(&std::path::Path) + 'a>;
-    let cases: Vec<(&str, Damage, &str)> = vec![
-        (
+    let write_state = |d: &std::path::Path, bytes: &[u8]| {
+        std::fs::write(d.join("vmstate"), bytes).unwrap();
+    };
+    let patched = |at: usize, value: &[u8]| {
+        let mut bad = state.clone();
+        bad[at..at + value.len()].copy_from_slice(value);
+        bad
+    };
+    let hostile = |edit: fn(&mut serde_json::Value)| rewritten(&state, edit);
+    let resize_memory = |d: &std::path::Path, len: u64| {
+        let memory = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("memory"))
+            .unwrap();
+        memory.set_len(len).unwrap();
+    };
+    let cases: Vec<Damage> = vec![
+        case(
             "truncated",
-            Box::new(|d| std::fs::write(d.join("vmstate"), &state[..state.len() / 2]).unwrap()),
+            Box::new(|d| write_state(d, &state[..state.len() / 2])),
             "truncated",
         ),
-        (
+        case("empty", Box::new(|d| write_state(d, b"")), "truncated"),
+        case(
+            "trailing bytes",
+            Box::new(|d| write_state(d, &[state.as_slice(), b"more"].concat())),
+            "trailing bytes",
+        ),
+        case(
             "flipped byte",
             Box::new(|d| {
                 let mut bad = state.clone();
                 bad[40] ^= 1;
-                std::fs::write(d.join("vmstate"), bad).unwrap()
+                write_state(d, &bad)
             }),
             "corrupted",
         ),
-        (
-            "not a snapshot",
-            Box::new(|d| std::fs::write(d.join("vmstate"), b"hello, this is not one").unwrap()),
-            "not an ember snapshot",
-        ),
-        (
-            "future version",
+        case(
+            "flipped checksum",
             Box::new(|d| {
                 let mut bad = state.clone();
-                bad[8] = 9;
-                std::fs::write(d.join("vmstate"), bad).unwrap()
+                *bad.last_mut().unwrap() ^= 0x80;
+                write_state(d, &bad)
             }),
+            "corrupted",
+        ),
+        case(
+            "not a snapshot",
+            Box::new(|d| write_state(d, b"hello, this is not one")),
+            "not an ember snapshot",
+        ),
+        case(
+            "bad magic",
+            Box::new(|d| write_state(d, &patched(0, b"EMBERSNQ"))),
+            "not an ember snapshot",
+        ),
+        case(
+            "future version",
+            Box::new(|d| write_state(d, &patched(8, &9u32.to_le_bytes()))),
             "version 9",
         ),
-        (
+        case(
+            "version 0",
+            Box::new(|d| write_state(d, &patched(8, &0u32.to_le_bytes()))),
+            "version 0",
+        ),
+        case(
+            "unknown flags",
+            Box::new(|d| write_state(d, &patched(12, &4u32.to_le_bytes()))),
+            "unknown flags",
+        ),
+        case(
+            "huge payload length",
+            Box::new(|d| write_state(d, &patched(16, &u64::MAX.to_le_bytes()))),
+            "more than",
+        ),
+        case(
+            "payload not JSON",
+            Box::new(|d| {
+                let bad = ember::snapshot::encode(&"just a string").unwrap();
+                write_state(d, &bad)
+            }),
+            "expected struct VmSnapshot",
+        ),
+        case(
+            "unknown field",
+            Box::new(|d| write_state(d, &hostile(|v| v["surprise"] = 1.into()))),
+            "unknown field `surprise`",
+        ),
+        case(
+            "a vCPU missing",
+            Box::new(|d| {
+                let bad = hostile(|v| v["vcpus"].as_array_mut().unwrap().clear());
+                write_state(d, &bad)
+            }),
+            "0 vCPU states for 1",
+        ),
+        case(
+            "more vCPUs than saved",
+            Box::new(|d| write_state(d, &hostile(|v| v["config"]["vcpus"] = 2.into()))),
+            "1 vCPU states for 2",
+        ),
+        case(
+            "255 vCPUs",
+            Box::new(|d| write_state(d, &hostile(|v| v["config"]["vcpus"] = 255.into()))),
+            "more than this host allows",
+        ),
+        case(
+            "unknown device id",
+            Box::new(|d| {
+                let bad = hostile(|v| v["virtio"][0][0] = "no-such-disk".into());
+                write_state(d, &bad)
+            }),
+            "no-such-disk",
+        ),
+        case(
+            "a device missing",
+            Box::new(|d| {
+                let bad = hostile(|v| v["virtio"].as_array_mut().unwrap().clear());
+                write_state(d, &bad)
+            }),
+            "devices [] saved",
+        ),
+        case(
+            "huge guest memory",
+            Box::new(|d| {
+                let bad = hostile(|v| v["config"]["memory_mib"] = (1u64 << 44).into());
+                write_state(d, &bad)
+            }),
+            "too large",
+        ),
+        case(
+            "huge queue size",
+            Box::new(|d| write_state(d, &hostile(|v| set_all(v, "size", 65535.into())))),
+            "size 65535",
+        ),
+        case(
+            "ready queue outside guest memory",
+            Box::new(|d| {
+                let bad = hostile(|v| {
+                    set_all(v, "ready", true.into());
+                    set_all(v, "desc_table", (u64::MAX - 4095).into());
+                });
+                write_state(d, &bad)
+            }),
+            "rings outside guest memory",
+        ),
+        case(
+            "I/O APIC selector out of range",
+            Box::new(|d| write_state(d, &hostile(|v| v["ioapic"]["select"] = u32::MAX.into()))),
+            "select register",
+        ),
+        case(
+            "I/O APIC entry with every bit set",
+            Box::new(|d| write_state(d, &hostile(|v| v["ioapic"]["entries"][4] = u64::MAX.into()))),
+            "read-only bits",
+        ),
+        case(
+            "serial input of a megabyte",
+            Box::new(|d| {
+                let bad = hostile(|v| v["serial"]["in_buffer"] = vec![b'x'; 1 << 20].into());
+                write_state(d, &bad)
+            }),
+            "64-byte FIFO",
+        ),
+        case(
             "memory file too short",
             Box::new(|d| {
-                std::fs::write(d.join("vmstate"), &state).unwrap();
-                let memory = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(d.join("memory"))
-                    .unwrap();
-                memory.set_len(memory_len / 2).unwrap();
+                write_state(d, &state);
+                resize_memory(d, memory_len / 2);
             }),
-            "memory file",
+            "but the VM's memory is",
         ),
-        (
+        case(
+            "memory file too long",
+            Box::new(|d| resize_memory(d, memory_len + 4096)),
+            "134221824 bytes",
+        ),
+        case(
             "memory file missing",
             Box::new(|d| std::fs::remove_file(d.join("memory")).unwrap()),
-            "memory file",
+            "cannot open the memory file",
         ),
     ];
-    for (case, damage, expected) in cases {
+    for Damage {
+        case,
+        damage,
+        expected,
+    } in cases
+    {
         damage(&dir);
+
         let out = common::Ember::spawn(&["run", "--restore", dir.to_str().unwrap()])
             .finish(common::GUEST_TIMEOUT);
         assert_eq!(out.status.code(), Some(1), "{case}: {}", out.stderr);
@@ -262,8 +451,34 @@ fn damaged_snapshots_are_refused_with_one_line_and_exit_1() {
         assert_eq!(lines.len(), 1, "{case}: one line, got {lines:?}");
         assert!(lines[0].contains(expected), "{case}: {}", lines[0]);
         assert!(!out.stderr.contains("panicked"), "{case}");
+        assert!(
+            out.stdout.is_empty(),
+            "{case}: the guest ran: {:?}",
+            out.stdout
+        );
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Sets every field named `key` anywhere in `value` (e.g. each queue's size) to `new`.
+fn set_all(value: &mut serde_json::Value, key: &str, new: serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                if k == key {
+                    *v = new.clone();
+                } else {
+                    set_all(v, key, new.clone());
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for v in items {
+                set_all(v, key, new.clone());
+            }
+        }
+        _ => {}
+    }
 }
 
 /// `ip link show` of `tap` in `ns`: its MAC address.

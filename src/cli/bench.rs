@@ -1,4 +1,5 @@
-//! `ember bench boot`: boot a kernel N times and print each phase's distribution.
+//! `ember bench boot`: boot a kernel N times and print each phase's distribution
+//! (`ember bench restore` is in bench_restore.rs).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use ember::bench::stats::Summary;
 use ember::bench::yardstick::{self, YardstickError};
 
 /// Where `cargo build --release` in tests/guest puts the test guest.
-const TEST_GUEST: &str = "tests/guest/target/release/ember-test-guest";
+pub const TEST_GUEST: &str = "tests/guest/target/release/ember-test-guest";
 /// The test guest's minimal boot (tests/guest/src/minimal.rs): straight from its entry point it
 /// writes the boot timer, prints the marker and ends the VM (port 0xf4 ends QEMU through
 /// isa-debug-exit and is ignored by ember, which ends at the i8042 reset that follows). What is
@@ -27,6 +28,9 @@ const TEST_GUEST_IDLE_MARKER: &str = "action=halt";
 pub enum BenchCommand {
     /// Boot a kernel repeatedly and time every phase from the spawn.
     Boot(BootArgs),
+    /// Restore the test guest's snapshots in fresh processes (beside cold boots, 128 MiB and
+    /// 2 GiB, 10 clones at once) and time snapshot creation.
+    Restore(super::bench_restore::RestoreArgs),
 }
 
 /// `ember bench boot` options.
@@ -120,11 +124,17 @@ pub enum BenchCliError {
     /// The yardstick of `--compare least-vmm`.
     #[error(transparent)]
     Yardstick(#[from] YardstickError),
+    /// `ember bench restore`.
+    #[error(transparent)]
+    Restore(ember::bench::restore::RestoreBenchError),
 }
 
 /// Runs the benchmark and prints its result.
 pub fn run(command: &BenchCommand) -> Result<(), BenchCliError> {
-    let BenchCommand::Boot(args) = command;
+    let args = match command {
+        BenchCommand::Boot(args) => args,
+        BenchCommand::Restore(args) => return super::bench_restore::run(args),
+    };
     if args.runs == 0 || args.concurrency == 0 {
         return Err(BenchCliError::NoRuns);
     }

@@ -2,6 +2,7 @@
 
 mod api_run;
 pub mod bench;
+pub mod bench_restore;
 pub mod ctl;
 pub mod exec;
 mod incoming;
@@ -47,7 +48,7 @@ pub enum Command {
     /// Work on snapshot files offline: `ember snapshot fold --base DIR --diff DIR`.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
-    /// Measure ember: `ember bench boot`.
+    /// Measure ember: `ember bench boot`, `ember bench restore`.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }

@@ -4,7 +4,7 @@
 //! Ctrl-Alt-Del and then powering off, reporting the VM's identity as it changes, or serving
 //! vsock connections).
 
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::bootinfo::BootInfo;
 use crate::cmdline::{self, Action, Op};
@@ -17,7 +17,7 @@ use crate::{apic, cpu, hostile, identity, idt, report, shutdown, vsock};
 pub const COUNTER_ADDR: u64 = 0x4000;
 
 /// COM1's line on the I/O APIC.
-const SERIAL_IOAPIC_PIN: u8 = 4;
+pub const SERIAL_IOAPIC_PIN: u8 = 4;
 
 /// Performs every `guest.outb`/`inb`/`write32`/`read32` item in command-line order.
 pub fn run_ops(cmdline: &[u8]) {
@@ -71,6 +71,24 @@ pub fn run(
         Action::CtrlAltDel => shutdown::wait_then_poweroff(),
         Action::Identity => identity::run(boot, bsp_id, rng),
         Action::Vsock => vsock::serve(vsock),
+        Action::Timer => timer(),
+    }
+}
+
+/// Halts between ticks of the LAPIC timer (periodic, every 16 ms or so) and reports each one as
+/// `timer=N`: a guest whose only wake-up is its local APIC's timer, as an idle kernel's is.
+fn timer() -> ! {
+    apic::start_tick(idt::TICK_VECTOR);
+    let mut shown = 0;
+    loop {
+        cpu::disable_interrupts();
+        let now = idt::TICKS.load(Ordering::Relaxed);
+        if now == shown {
+            cpu::wait_for_interrupt();
+            continue;
+        }
+        shown = now;
+        report!("timer=", crate::serial::Dec(now));
     }
 }
 
@@ -162,11 +180,15 @@ const RESET_WORD: &[u8] = b"reset";
 /// How much of [`RESET_WORD`] the current input line matches; `usize::MAX` once it cannot.
 static LINE_MATCH: AtomicUsize = AtomicUsize::new(0);
 
+/// Lines COM1 has received so far (the `read-on-line` disk operation waits for them).
+pub static LINES: AtomicU64 = AtomicU64::new(0);
+
 /// Feeds one received byte to the line matcher; true when it ends a line that is exactly `reset`.
 fn ends_reset_line(b: u8) -> bool {
     let matched = LINE_MATCH.load(Ordering::Relaxed);
     let next = match b {
         b'\n' => {
+            LINES.fetch_add(1, Ordering::Relaxed);
             LINE_MATCH.store(0, Ordering::Relaxed);
             return matched == RESET_WORD.len();
         }

@@ -337,6 +337,30 @@ impl Blk {
                     report!("tick=", Dec(tick));
                 }
             }
+            BlkOp::ReadOnLine { sector, count } => {
+                // The echo mode's serial interrupt, which counts the lines it echoes.
+                crate::apic::route_irq(
+                    crate::actions::SERIAL_IOAPIC_PIN,
+                    crate::idt::SERIAL_VECTOR,
+                    self.dest,
+                );
+                crate::serial::enable_rx_interrupt();
+                report!("blk", n, ".read-on-line=ready");
+                let lines = &crate::actions::LINES;
+                let mut served = lines.load(core::sync::atomic::Ordering::Relaxed);
+                loop {
+                    cpu::disable_interrupts();
+                    if lines.load(core::sync::atomic::Ordering::Relaxed) == served {
+                        cpu::wait_for_interrupt();
+                        continue;
+                    }
+                    served += 1;
+                    zero(count * SECTOR);
+                    let status = self.transfer(T_IN, sector, count, Layout::Direct);
+                    let hash = Hex16(fnv1a64(count * SECTOR));
+                    report!("blk", n, ".read=", Range(sector, count), status, ":", hash);
+                }
+            }
             BlkOp::FlushedHalt => {
                 report!("blk", n, ".flushed-halt=ready");
                 cpu::halt_forever();
@@ -348,7 +372,9 @@ impl Blk {
 /// Too many sectors for the data buffer?
 fn too_big(op: &BlkOp) -> bool {
     match *op {
-        BlkOp::Read { count, .. } | BlkOp::Write { count, .. } => count > DATA_MAX / SECTOR,
+        BlkOp::Read { count, .. }
+        | BlkOp::Write { count, .. }
+        | BlkOp::ReadOnLine { count, .. } => count > DATA_MAX / SECTOR,
         _ => false,
     }
 }

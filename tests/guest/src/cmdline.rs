@@ -26,6 +26,9 @@ pub enum Action {
     Identity,
     /// Serve the `guest.vsock` listeners (`vsock.rs`).
     Vsock,
+    /// Halt between LAPIC timer ticks, reporting each (`timer=N`): an idle guest that a
+    /// restore must keep waking.
+    Timer,
 }
 
 impl Action {
@@ -44,6 +47,7 @@ impl Action {
             Action::CtrlAltDel => "ctrl-alt-del",
             Action::Identity => "identity",
             Action::Vsock => "vsock",
+            Action::Timer => "timer",
         }
     }
 
@@ -61,6 +65,7 @@ impl Action {
             Action::CtrlAltDel,
             Action::Identity,
             Action::Vsock,
+            Action::Timer,
         ]
         .into_iter()
         .find(|a| a.name().as_bytes() == word)
@@ -304,6 +309,12 @@ pub enum BlkOp {
         qd: u64,
     },
     FlushedHalt,
+    /// Forever: on every line COM1 receives, read `count` sectors from `sector` and report it as
+    /// `read` does (a disk read issued by a guest restored from a snapshot).
+    ReadOnLine {
+        sector: u64,
+        count: u64,
+    },
     /// Forever: write tick `i` (from 1) to sector `i % sectors` with seed `i`, then report
     /// `tick=i` (a guest that writes its disk and console while it migrates).
     Ticks {
@@ -358,6 +369,10 @@ fn blk_op(item: &[u8]) -> Option<(usize, BlkOp)> {
             indirect: name[0] == b'i',
         },
         (b"ticks", 1) if a > 0 => BlkOp::Ticks { sectors: a },
+        (b"read-on-line", 2) => BlkOp::ReadOnLine {
+            sector: a,
+            count: b,
+        },
         (b"discard", 2) => BlkOp::Discard {
             sector: a,
             count: b,

@@ -5,6 +5,7 @@
 //! vector. Every other vector is not present, so raising it ends up as a reported `#GP`/`#NP`.
 
 use core::arch::{asm, global_asm};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::report;
 use crate::serial::{Dec, Hex};
@@ -150,8 +151,12 @@ pub fn load() {
     unsafe { asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) }
 }
 
-/// LAPIC timer tick: only wakes the CPU from `hlt`.
+/// LAPIC timer ticks taken so far (`guest.action=timer` reports them).
+pub static TICKS: AtomicU64 = AtomicU64::new(0);
+
+/// LAPIC timer tick: wakes the CPU from `hlt`, and is counted.
 extern "C" fn on_tick() {
+    TICKS.fetch_add(1, Ordering::Relaxed);
     crate::apic::eoi();
 }
 
