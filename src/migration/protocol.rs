@@ -273,7 +273,7 @@ pub fn push_run_header(payload: &mut Vec<u8>, addr: u64, len: u32) {
 }
 
 /// A run header's guest-physical address and length.
-pub fn parse_run_header(head: &[u8; RUN_HEADER_LEN]) -> (u64, usize) {
+fn parse_run_header(head: &[u8; RUN_HEADER_LEN]) -> (u64, usize) {
     let mut addr = [0u8; 8];
     addr.copy_from_slice(&head[0..8]);
     let mut len = [0u8; 4];
@@ -293,21 +293,16 @@ pub fn parse_runs(payload: &[u8]) -> Result<Vec<Run<'_>>, ProtocolError> {
             ));
         }
         let (head, tail) = rest.split_at(RUN_HEADER_LEN);
-        let mut addr = [0u8; 8];
-        addr.copy_from_slice(&head[0..8]);
-        let mut len = [0u8; 4];
-        len.copy_from_slice(&head[8..12]);
-        let len = u32::from_le_bytes(len) as usize;
+        let mut header = [0u8; RUN_HEADER_LEN];
+        header.copy_from_slice(head);
+        let (addr, len) = parse_run_header(&header);
         if len == 0 || len > tail.len() {
             return Err(ProtocolError::Payload(format!(
                 "a page run of {len} bytes does not fit its message"
             )));
         }
         let (data, after) = tail.split_at(len);
-        runs.push(Run {
-            addr: u64::from_le_bytes(addr),
-            data,
-        });
+        runs.push(Run { addr, data });
         rest = after;
     }
     Ok(runs)
