@@ -1,6 +1,8 @@
 //! Pause and resume latency through the embedding API, at 1 and 4 vCPUs, and ember's CPU time
 //! while a VM stays paused. The guest counts in ring 3 (`guest.action=count`), so every vCPU
 //! thread is in KVM_RUN when the pause comes (the AP threads halted in KVM, the BSP running).
+//! `resume` is the call's latency (it releases the vCPU threads without waiting for them);
+//! `counting` is from the call until the guest's counter moves again, the BSP back in the guest.
 //!
 //! `cargo bench --bench pause [-- --cycles N]` (default 500 per vCPU count).
 
@@ -32,6 +34,15 @@ fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1e3)
 }
 
+/// Where `guest.action=count` keeps its counter (tests/guest/src/actions.rs).
+const COUNTER_ADDR: u64 = 0x4000;
+
+fn counter(vm: &Vm) -> u64 {
+    let mut bytes = [0u8; 8];
+    vm.read_memory(COUNTER_ADDR, &mut bytes).unwrap();
+    u64::from_le_bytes(bytes)
+}
+
 fn bench(vcpus: u8, cycles: usize) {
     let mut config = VmConfig::new(test_guest());
     config.cmdline = "guest.action=count".into();
@@ -39,14 +50,23 @@ fn bench(vcpus: u8, cycles: usize) {
     config.vcpus = vcpus;
     let mut vm = Vm::start(&config).expect("the test guest starts");
     std::thread::sleep(Duration::from_millis(300)); // boot and start counting
-    let (mut pauses, mut resumes) = (Vec::new(), Vec::new());
+    let (mut pauses, mut resumes, mut counting) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..cycles {
         let t = Instant::now();
         vm.pause().unwrap();
         pauses.push(t.elapsed());
+        let paused_at = counter(&vm);
         let t = Instant::now();
         vm.resume().unwrap();
         resumes.push(t.elapsed());
+        while counter(&vm) == paused_at {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the guest never ran again"
+            );
+            std::thread::yield_now();
+        }
+        counting.push(t.elapsed());
         std::thread::sleep(Duration::from_millis(1));
     }
     vm.pause().unwrap();
@@ -54,10 +74,14 @@ fn bench(vcpus: u8, cycles: usize) {
     std::thread::sleep(Duration::from_secs(2));
     let paused_cpu = cpu_time() - before;
     vm.stop();
-    for (what, samples) in [("pause", &pauses), ("resume", &resumes)] {
+    for (what, samples) in [
+        ("pause", &pauses),
+        ("resume", &resumes),
+        ("counting", &counting),
+    ] {
         let s = Summary::of(samples).unwrap();
         println!(
-            "{vcpus} vCPU {what:<6}  p50 {} ms  p99 {} ms  max {} ms  ({cycles} cycles)",
+            "{vcpus} vCPU {what:<8}  p50 {} ms  p99 {} ms  max {} ms  ({cycles} cycles)",
             ms(s.p50),
             ms(s.p99),
             ms(s.max)

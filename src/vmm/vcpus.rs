@@ -182,16 +182,17 @@ impl VcpuControl {
         rx.recv().ok()
     }
 
-    /// Lets parked threads run again; returns once none is parked.
+    /// Lets parked threads run again. Returns without waiting for them to leave `park`: each
+    /// re-enters the guest as soon as the scheduler runs it, and a pause that comes first finds
+    /// it still parked (it never left), so nothing needs the handshake. Waiting for every thread
+    /// cost 1-2 ms at 4 vCPUs on 2 busy cores, all of it scheduling.
     pub fn resume(&self) {
         self.set_target(Target::Run);
-        let mut census = self.census();
-        while census.parked > 0 && self.target() == Target::Run {
-            census = self
-                .changed
-                .wait(census)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
+    }
+
+    /// Threads parked right now (the pause benchmark and tests watch them leave).
+    pub fn parked(&self) -> usize {
+        self.census().parked
     }
 
     /// Tells every thread to end, parked ones included, and kicks them out of KVM_RUN.
@@ -249,11 +250,19 @@ mod tests {
         crate::vstate::vcpu::install_kick_handler().unwrap();
         let control = Arc::new(VcpuControl::new(3));
         let threads = spawn_loops(&control, 3);
+        // Each pause follows the resume at once, often before any thread has left `park`.
         for _ in 0..100 {
             control.pause(&threads);
             assert_eq!(control.census().parked, 3);
             control.resume();
-            assert_eq!(control.census().parked, 0);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while control.parked() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "resumed threads stayed parked"
+            );
+            std::thread::yield_now();
         }
         control.exit(&threads);
         for thread in threads {
