@@ -62,7 +62,7 @@ fn test_vm_with(kvm: &KvmContext, memory: bool) -> TestVm {
     cap.args[0] = 24;
     vm.enable_cap(&cap).unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
-    let mut cpuid = kvm.supported_cpuid().clone();
+    let mut cpuid = kvm.supported_cpuid().unwrap().clone();
     cpuid::normalize(&mut cpuid, 0, 1);
     vcpu.set_cpuid2(&cpuid).unwrap();
     vcpu.set_msrs(&msr::boot_msrs().unwrap()).unwrap();

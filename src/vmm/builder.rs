@@ -195,10 +195,11 @@ pub fn shape(config: &VmConfig, ram: GuestRam<'_>) -> Result<Shaped, StartError>
     let devices = platform.with_virtio(entries);
 
     vcpu::install_kick_handler()?;
+    let supported_cpuid = kvm.supported_cpuid()?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for index in 0..config.vcpus {
         let vcpu = Vcpu::new(index, vm.create_vcpu(index)?);
-        vcpu.set_cpuid(&kvm, config.vcpus)?;
+        vcpu.set_cpuid(supported_cpuid, config.vcpus)?;
         vcpus.push(vcpu);
     }
     timeline.mark(Phase::DevicesReady);

@@ -318,7 +318,8 @@ mod tests {
     }
 
     fn tempfile(len: u64) -> std::fs::File {
-        let path = std::env::temp_dir().join(format!("ember-memfile-{}", std::process::id()));
+        // Each test's own name: tests of one process run in parallel.
+        let path = std::env::temp_dir().join(format!("ember-memfile-tmp-{}", std::process::id()));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -344,7 +345,7 @@ mod tests {
         mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
             .unwrap();
         mem.write_obj(7u8, GuestAddress(0x7f_ffff)).unwrap();
-        let path = std::env::temp_dir().join(format!("ember-memfile-{}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("ember-memfile-rt-{}", std::process::id()));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

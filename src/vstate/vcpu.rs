@@ -20,12 +20,12 @@ use libc::{c_int, c_void, siginfo_t};
 use vm_memory::GuestAddress;
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
-use super::kvm::KvmContext;
 use crate::arch::x86_64::regs::EntryMode;
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::devices::GuestErrors;
 use crate::devices::bus::Buses;
 use crate::exit::ExitReason;
+use kvm_bindings::CpuId;
 
 /// Setting up a vCPU failed.
 #[derive(Debug, thiserror::Error)]
@@ -176,8 +176,8 @@ impl Vcpu {
 
     /// Sets the CPUID this vCPU shows the guest: part of the VM's shape, for a boot and a restore
     /// alike.
-    pub fn set_cpuid(&self, kvm: &KvmContext, cpus: u8) -> Result<(), VcpuError> {
-        let mut cpuid = kvm.supported_cpuid().clone();
+    pub fn set_cpuid(&self, supported: &CpuId, cpus: u8) -> Result<(), VcpuError> {
+        let mut cpuid = supported.clone();
         cpuid::normalize(&mut cpuid, self.index, cpus);
         self.fd
             .set_cpuid2(&cpuid)
