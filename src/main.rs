@@ -5,16 +5,14 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
-use cli::{Cli, Command, exit_code};
+use cli::{Command, exit_code};
 use ember::error_chain;
 
 fn main() -> ExitCode {
     ember::timing::mark_process_start();
     reserve_standard_fds();
     cli::panic_report::install();
-    let cli = Cli::parse();
+    let cli = cli::parse();
     env_logger::Builder::new()
         .filter_level(cli.log_level)
         .format_timestamp_micros()
