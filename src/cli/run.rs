@@ -441,8 +441,6 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
     #[cfg(debug_assertions)]
     ember::devices::legacy::serial::PANIC_SELFTEST
         .store(args.panic_selftest, std::sync::atomic::Ordering::Relaxed);
-    // Looked up now: the main thread's filter refuses it later.
-    let pvm_host = ember::exit::host_is_pvm();
     let (mut vm, config) = match (&args.restore, &args.incoming) {
         (Some(dir), _) => restore(args, dir)?,
         (None, Some(url)) => super::incoming::incoming(args, url)?,
@@ -451,6 +449,8 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
             (Vm::start(&config)?, config)
         }
     };
+    // Looked up while the guest already runs, before the main thread's filter refuses it.
+    let pvm_host = ember::exit::host_is_pvm();
     let signal_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(ember::StartError::Eventfd)?;
     let signals = signal_evt.try_clone().and_then(SignalGuard::install);
     if let Err(e) = &signals {
