@@ -10,6 +10,7 @@ use ember::error_chain;
 
 fn main() -> ExitCode {
     ember::timing::mark_process_start();
+    one_malloc_arena();
     reserve_standard_fds();
     cli::panic_report::install();
     let cli = cli::parse();
@@ -57,6 +58,18 @@ fn main() -> ExitCode {
         },
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// Keeps every thread on glibc's main malloc arena. By default each thread's first allocation
+/// creates an arena of its own (a 64 MiB reservation, trimmed, and its first pages faulted in):
+/// three of them in every VM start (CPUID query, vCPU, event loop), for threads that allocate
+/// little; their small allocations stay lock-free in glibc's per-thread cache.
+fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator tunable; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
 }
 
 /// Points any closed standard descriptor at /dev/null, so that no file ember opens later (the
