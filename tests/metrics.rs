@@ -50,3 +50,36 @@ fn block_and_uart_counters_match_what_the_guest_did() {
     assert_eq!(json["uart"]["missed_write_count"], 0);
     assert!(json["vcpu"]["exit_io_out"].as_u64().unwrap() >= printed as u64);
 }
+
+/// Once the guest has reset the machine it runs no further: the vCPU does not enter the guest
+/// again, so nothing the guest does after its reset write reaches the VMM, and teardown has no
+/// KVM_RUN to interrupt.
+#[test]
+fn no_guest_code_runs_after_the_reset_write() {
+    if !kvm_available() {
+        return;
+    }
+    let metrics =
+        std::env::temp_dir().join(format!("ember-after-reset-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&metrics);
+    let out = run_guest(&[
+        "--metrics-path",
+        metrics.to_str().unwrap(),
+        "--cmdline",
+        "guest.outb=0x80:0x41,0x64:0xfe,0x80:0x42 guest.action=halt",
+    ]);
+    out.assert_success();
+    let json = last_line(&metrics);
+    let _ = std::fs::remove_file(&metrics);
+    assert!(
+        out.stdout.iter().any(|l| l == "outb=0x80:0x41"),
+        "{:?}",
+        out.stdout
+    );
+    assert!(
+        !out.stdout.iter().any(|l| l.starts_with("outb=0x64")),
+        "guest output after its reset: {:?}",
+        out.stdout
+    );
+    assert_eq!(json["vcpu"]["exit_interrupted"], 0, "{json}");
+}

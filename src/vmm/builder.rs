@@ -416,9 +416,14 @@ fn spawn_vcpu(
                 timeline.mark(Phase::FirstKvmRun);
             }
             // The target is read again after every wake-up: a pause may follow a resume
-            // before this thread has even left `park`.
+            // before this thread has even left `park`. Once the VM has ended (a reset, a power
+            // off from this or another thread) the guest runs no further: no more guest code
+            // after its reset write, and no kick needed at teardown.
             let reason = vcpu.run(&buses, |vcpu| {
                 loop {
+                    if exit.ended() {
+                        return false;
+                    }
                     match control.target() {
                         Target::Run => return true,
                         Target::Exit => return false,

@@ -1,6 +1,7 @@
 //! Where the first exit reason is recorded and the waiter woken.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -12,6 +13,8 @@ use crate::timing::{Phase, Timeline};
 /// The first reason reported wins; later ones (another vCPU, the stop) are only logged.
 pub struct ExitState {
     reason: Mutex<Option<ExitReason>>,
+    /// Set with the first reason: what a vCPU checks before each KVM_RUN.
+    ended: AtomicBool,
     evt: EventFd,
     timeline: Arc<Timeline>,
 }
@@ -21,6 +24,7 @@ impl ExitState {
     pub fn new(timeline: Arc<Timeline>) -> std::io::Result<Self> {
         Ok(ExitState {
             reason: Mutex::new(None),
+            ended: AtomicBool::new(false),
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
             timeline,
         })
@@ -34,7 +38,13 @@ impl ExitState {
             None => *slot = Some(reason),
             Some(first) => log::debug!("exit after {first}: {reason}"),
         }
+        self.ended.store(true, Ordering::Release);
         let _ = self.evt.write(1);
+    }
+
+    /// True once a reason is recorded: the VM is over, whatever the waiter has done yet.
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
     }
 
     /// The recorded reason, if any.
