@@ -518,6 +518,10 @@ impl VmHandle {
                 .lock()
                 .map(|c| c.clone())
                 .unwrap_or_default();
+            // The devices hold the VM fd too (the I/O APIC installs its routes through it):
+            // with them gone KVM destroys the VM at the close, and unmapping guest memory then
+            // no longer makes KVM zap its shadow pages first (measured: a tenth of teardown).
+            drop(running.devices);
             drop(running.vm);
             drop(running.memory);
             running.timeline.mark(Phase::TeardownDone);
